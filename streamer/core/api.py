@@ -1,0 +1,294 @@
+"""Base classes that plugins implement: exchange adapters, stream types and sinks.
+
+The data path is plain method calls on these objects inside one process; pluggy hooks are
+only used to discover the classes (see :mod:`streamer.core.hookspecs`).
+
+Flow inside a collector worker::
+
+    ExchangeAdapter.stream(subscriptions, inbox)  --inbox.on_record-->  StreamType.on_record
+                                                                        |  ctx.emit(record)
+                                                                        v
+                                                  batches of records --> sink writer process
+                                                                        Sink.write(batch)
+
+Each component class declares an ``Options`` msgspec Struct; the config loader validates
+the component's section of the YAML file against it, so bad options fail at start-up with
+the exact path of the offending key.
+"""
+
+from __future__ import annotations
+
+import logging
+from abc import ABC, abstractmethod
+from collections.abc import AsyncIterator, Callable, Sequence
+from typing import ClassVar, Literal, Protocol
+
+import msgspec
+
+from .metrics import Counters
+from .records import BookSnapshot, Kline, Record, Trade
+
+Channel = Literal["trade", "depth", "kline"]
+
+
+class NoOptions(msgspec.Struct, forbid_unknown_fields=True):
+    """Options of a component that takes none."""
+
+
+class Subscription(msgspec.Struct, frozen=True, order=True):
+    """One market-data channel for one symbol, as requested by a stream type.
+
+    ``param`` refines the channel: the kline interval (``"1m"``) or the depth update
+    speed (``"100ms"``); empty for the adapter's default.
+    """
+
+    symbol: str
+    channel: Channel
+    param: str = ""
+
+
+class SymbolInfo(msgspec.Struct, frozen=True):
+    """A tradable instrument as listed by an exchange."""
+
+    symbol: str
+    status: str
+    base_asset: str
+    quote_asset: str
+
+    @property
+    def trading(self) -> bool:
+        """True when the exchange reports the symbol as trading normally."""
+        return self.status == "TRADING"
+
+
+class StreamKey(msgspec.Struct, frozen=True, order=True):
+    """Identifies one output stream of one symbol, e.g. ``(binance, spot, BTCUSDT, kline_1m)``.
+
+    Sinks report their holdings by this key so the collector can resume after a restart.
+    """
+
+    exchange: str
+    market: str
+    symbol: str
+    stream: str
+
+
+class SequenceRule(msgspec.Struct, frozen=True):
+    """How an exchange's depth updates chain together (see ``binance-protocol.md`` §4).
+
+    ``style="spot"``: drop buffered events with ``u <= L``; the first applied event has
+    ``U <= L + 1 <= u``; afterwards ``U == prev_u + 1`` (a gap when ``U > local + 1``).
+    ``style="futures"``: drop ``u < L``; the first applied event has ``U <= L <= u``;
+    afterwards ``pu == prev_u``.
+    ``max_snapshot_limit`` is the deepest REST snapshot the exchange serves;
+    ``snapshot_limits`` the values its REST API accepts (empty: any up to the maximum).
+    """
+
+    style: Literal["spot", "futures"]
+    max_snapshot_limit: int
+    snapshot_limits: tuple[int, ...] = ()
+
+
+class Inbox(Protocol):
+    """Where an exchange adapter delivers what it receives (implemented by the runtime)."""
+
+    def on_record(self, record: Record) -> None:
+        """Called for every normalised record, in the order received; must not block."""
+
+    def on_reconnect(self, symbols: Sequence[str], reason: str) -> None:
+        """Called after a connection carrying ``symbols`` was replaced; data may be missing."""
+
+
+class ExchangeContext(msgspec.Struct, kw_only=True):
+    """What the runtime hands an exchange adapter.
+
+    ``http_client`` lets tests inject an ``httpx.AsyncClient`` (for example with a mock
+    transport); when ``None`` the adapter creates its own.
+    """
+
+    pipeline: str
+    counters: Counters
+    logger: logging.Logger
+    http_client: object | None = None
+
+
+class ExchangeAdapter(ABC):
+    """Connects to one exchange market; registered by name via ``register_exchanges``.
+
+    Contract:
+
+    * ``__init__`` must not do I/O. Options arrive already validated against ``Options``.
+    * :meth:`stream` runs until cancelled. It owns every connection, reconnects forever with
+      capped backoff, and calls ``inbox.on_reconnect`` whenever data may have been missed.
+    * REST methods share one rate-limit budget per adapter and never burst.
+    * Prices and quantities in the records it produces are the exchange's exact strings.
+    """
+
+    Options: ClassVar[type[msgspec.Struct]] = NoOptions
+    #: Short market name used in records and output paths (``"spot"``, ``"usdm"``).
+    market: str
+    #: Exchange name used in records and output paths (``"binance"``).
+    exchange: str
+
+    def __init__(self, options: msgspec.Struct, context: ExchangeContext) -> None:
+        self.options = options
+        self.context = context
+
+    @abstractmethod
+    async def list_symbols(self) -> list[SymbolInfo]:
+        """Every instrument of the configured market, trading or not."""
+
+    async def resolve_symbols(self, requested: Sequence[str]) -> list[str]:
+        """Validate ``requested`` against :meth:`list_symbols` and return what to collect.
+
+        ``["all"]`` means every trading symbol. Symbols that exist but are not trading are
+        skipped with a warning; an unknown symbol raises ``ValueError`` naming it.
+        """
+        listed = {info.symbol: info for info in await self.list_symbols()}
+        if list(requested) == ["all"]:
+            return sorted(s for s, info in listed.items() if info.trading)
+        unknown = [s for s in requested if s not in listed]
+        if unknown:
+            raise ValueError(
+                f"unknown symbol(s) on {self.exchange} {self.market}: {', '.join(unknown)}"
+            )
+        chosen = []
+        for symbol in requested:
+            if listed[symbol].trading:
+                chosen.append(symbol)
+            else:
+                self.context.logger.warning(
+                    "skipping %s: status %s is not TRADING", symbol, listed[symbol].status
+                )
+        return chosen
+
+    @abstractmethod
+    async def stream(self, subscriptions: Sequence[Subscription], inbox: Inbox) -> None:
+        """Receive ``subscriptions`` forever, delivering records to ``inbox``."""
+
+    @property
+    def sequence_rule(self) -> SequenceRule:
+        """How depth updates chain; adapters that serve depth must override this."""
+        raise NotImplementedError(f"{type(self).__name__} does not serve order books")
+
+    async def fetch_book_snapshot(self, symbol: str, limit: int) -> BookSnapshot:
+        """A REST order-book snapshot of ``limit`` levels per side, paced by the budget."""
+        raise NotImplementedError(f"{type(self).__name__} does not serve book snapshots")
+
+    def backfill_trades(
+        self, symbol: str, from_id: int, to_id: int | None = None
+    ) -> AsyncIterator[list[Trade]]:
+        """Yield trades with ids ``from_id..to_id`` (inclusive; open-ended when ``None``).
+
+        Pages come in id order. The iterator stops at ``to_id`` or at the newest trade.
+        """
+        raise NotImplementedError(f"{type(self).__name__} cannot backfill trades")
+
+    def backfill_klines(
+        self, symbol: str, interval: str, start_time: int, end_time: int
+    ) -> AsyncIterator[list[Kline]]:
+        """Yield closed klines with ``start_time <= open_time <= end_time``, oldest first."""
+        raise NotImplementedError(f"{type(self).__name__} cannot backfill klines")
+
+    async def aclose(self) -> None:  # noqa: B027 - optional hook, no-op by default
+        """Release connections and clients. Called once, even after errors."""
+
+
+class StreamContext(msgspec.Struct, kw_only=True):
+    """What the runtime hands a stream type.
+
+    ``emit`` queues a record for the pipeline's sinks (never blocks; the runtime batches).
+    ``resume`` maps the streams this worker owns to the last key the sinks hold
+    (aggTrade id, kline open time, book update id), so a restart continues from there.
+    """
+
+    pipeline: str
+    exchange: ExchangeAdapter
+    symbols: list[str]
+    emit: Callable[[Record], None]
+    counters: Counters
+    logger: logging.Logger
+    resume: dict[StreamKey, int] = msgspec.field(default_factory=dict)
+
+
+class StreamType(ABC):
+    """Turns what an exchange delivers into output records; registered via ``register_streams``.
+
+    Contract:
+
+    * :meth:`subscriptions` says which channels it needs for each symbol.
+    * :meth:`on_record` is the hot path: synchronous, no I/O, no logging per call. It sees
+      every record of the channels it subscribed to (other stream types may share them).
+    * :meth:`run` holds its background work (snapshots, backfills) and runs until cancelled.
+    * It de-duplicates by the record's key, since connections may overlap during rotation.
+    """
+
+    Options: ClassVar[type[msgspec.Struct]] = NoOptions
+    #: Channels whose records :meth:`on_record` wants.
+    channels: ClassVar[frozenset[Channel]] = frozenset()
+
+    def __init__(self, options: msgspec.Struct, context: StreamContext) -> None:
+        self.options = options
+        self.context = context
+
+    @abstractmethod
+    def subscriptions(self) -> list[Subscription]:
+        """Channels to subscribe for ``context.symbols``."""
+
+    @abstractmethod
+    def on_record(self, record: Record) -> None:
+        """Process one record from a subscribed channel, emitting output via ``context.emit``."""
+
+    def on_reconnect(self, symbols: Sequence[str], reason: str) -> None:  # noqa: B027
+        """Data for ``symbols`` may have been missed; schedule whatever repairs it."""
+
+    async def run(self) -> None:  # noqa: B027 - optional background work
+        """Background work, started once the adapter is streaming; runs until cancelled."""
+
+
+class SinkContext(msgspec.Struct, kw_only=True):
+    """What the runtime hands a sink (in its own writer process)."""
+
+    name: str
+    counters: Counters
+    logger: logging.Logger
+
+
+class Sink(ABC):
+    """Durable storage for records; registered via ``register_sinks``.
+
+    Contract:
+
+    * One instance per configured sink, living in its own writer process.
+    * :meth:`write` takes one batch and may buffer; :meth:`flush` makes everything written
+      so far durable (to the sink's fsync policy) and is when the runtime counts rows as
+      flushed. A failing write must not lose rows silently: keep them, retry, and report
+      what overflows as a gap marker.
+    * :meth:`holdings` reports the last key held per stream so a restart never writes a
+      duplicate and backfills exactly what is missing.
+    """
+
+    Options: ClassVar[type[msgspec.Struct]] = NoOptions
+
+    def __init__(self, options: msgspec.Struct, context: SinkContext) -> None:
+        self.options = options
+        self.context = context
+
+    async def open(self) -> None:  # noqa: B027 - optional
+        """Prepare storage (create directories, repair torn files). Called once."""
+
+    @abstractmethod
+    async def write(self, batch: Sequence[Record]) -> None:
+        """Accept one batch of records, in order."""
+
+    @abstractmethod
+    async def flush(self) -> None:
+        """Make everything accepted so far durable."""
+
+    async def close(self) -> None:
+        """Flush and release resources. Called once on shutdown."""
+        await self.flush()
+
+    async def holdings(self) -> dict[StreamKey, int]:
+        """Last key held per stream (aggTrade id, kline open time, book update id)."""
+        return {}

@@ -1,0 +1,151 @@
+"""Normalised market-data records shared by every plugin.
+
+Every record is an array-like msgspec Struct tagged with a short name so that a
+batch of mixed records round-trips through MessagePack without pickling. Prices and
+quantities are the exact strings the exchange sent: never parse them into floats or
+Decimals for output. Times are integers in the exchange's unit (Binance: milliseconds),
+``receive_time`` is local wall-clock time in milliseconds since the epoch.
+
+Records carry their ``exchange``, ``market`` and ``symbol`` so that a sink can route them
+without extra context.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import msgspec
+
+#: One price level: ``(price, quantity)`` as the exact strings sent by the exchange.
+Level = tuple[str, str]
+
+_STRUCT = {"array_like": True, "omit_defaults": False, "tag_field": "k"}
+
+
+class Trade(msgspec.Struct, tag="trade", **_STRUCT):
+    """An aggregated trade (Binance ``aggTrade``), keyed by ``trade_id``.
+
+    ``trade_id`` is consecutive per symbol on Binance, which is what gap detection uses.
+    ``is_best_match`` is ``None`` where the exchange does not send it (USD-M futures).
+    """
+
+    exchange: str
+    market: str
+    symbol: str
+    trade_id: int
+    price: str
+    quantity: str
+    first_trade_id: int
+    last_trade_id: int
+    transact_time: int
+    is_buyer_maker: bool
+    is_best_match: bool | None
+    event_time: int
+    receive_time: int
+
+
+class DepthUpdate(msgspec.Struct, tag="depth", **_STRUCT):
+    """A diff-depth event: absolute quantities for changed levels (``"0"`` removes).
+
+    ``first_update_id``/``last_update_id`` are Binance's ``U``/``u``; ``prev_update_id``
+    is ``pu`` on futures and ``None`` on spot. ``transact_time`` is ``T`` (futures only).
+    """
+
+    exchange: str
+    market: str
+    symbol: str
+    event_time: int
+    transact_time: int | None
+    first_update_id: int
+    last_update_id: int
+    prev_update_id: int | None
+    bids: list[Level]
+    asks: list[Level]
+    receive_time: int
+
+
+class Kline(msgspec.Struct, tag="kline", **_STRUCT):
+    """A candlestick, keyed by ``(symbol, interval, open_time)``.
+
+    ``closed`` is true only on the final update of the bar (Binance ``k.x``). Records from
+    REST backfill are closed and carry ``event_time`` equal to ``close_time``.
+    """
+
+    exchange: str
+    market: str
+    symbol: str
+    interval: str
+    open_time: int
+    close_time: int
+    open: str
+    high: str
+    low: str
+    close: str
+    volume: str
+    quote_volume: str
+    count: int
+    taker_buy_volume: str
+    taker_buy_quote_volume: str
+    closed: bool
+    event_time: int
+    receive_time: int
+
+
+class BookSnapshot(msgspec.Struct, tag="book", **_STRUCT):
+    """An order book (or its top N levels) as of update id ``last_update_id``.
+
+    ``bids`` are best (highest) first, ``asks`` best (lowest) first. Used both for REST
+    snapshots fetched by an exchange adapter and for the ``orderbook`` stream's output.
+    ``event_time`` is the exchange time of the last applied event (0 when unknown).
+    """
+
+    exchange: str
+    market: str
+    symbol: str
+    last_update_id: int
+    event_time: int
+    receive_time: int
+    bids: list[Level]
+    asks: list[Level]
+
+
+MarkerKind = Literal["gap", "filled", "unfillable", "resync", "overflow", "verify_mismatch"]
+
+
+class Marker(msgspec.Struct, tag="marker", **_STRUCT):
+    """A gap or resync marker: something a reader of the data must know about.
+
+    ``stream`` names the stream type (``aggtrade``, ``kline_1m``, ``orderbook``...);
+    ``first_key``/``last_key`` bound the affected range in that stream's key (aggTrade
+    ids, kline open times, update ids), inclusive, 0 where unknown. ``reason`` is a short
+    human-readable cause (``"reconnect"``, ``"sequence break"``, ``"disk full"``...).
+    """
+
+    exchange: str
+    market: str
+    symbol: str
+    stream: str
+    kind: MarkerKind
+    first_key: int
+    last_key: int
+    time: int
+    reason: str
+
+
+Record = Trade | DepthUpdate | Kline | BookSnapshot | Marker
+"""Any record that can travel from a collector worker to a sink."""
+
+RECORD_TYPES: tuple[type[msgspec.Struct], ...] = (Trade, DepthUpdate, Kline, BookSnapshot, Marker)
+
+_encoder = msgspec.msgpack.Encoder()
+_batch_decoder = msgspec.msgpack.Decoder(list[Record])
+
+
+def encode_batch(records: list[Record]) -> bytes:
+    """Encode a batch of records as MessagePack bytes for crossing a process boundary."""
+    return _encoder.encode(records)
+
+
+def decode_batch(data: bytes) -> list[Record]:
+    """Decode bytes made by :func:`encode_batch`; raises ``msgspec.DecodeError`` if corrupt."""
+    return _batch_decoder.decode(data)
