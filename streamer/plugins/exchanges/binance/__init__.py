@@ -1,1 +1,15 @@
-"""Placeholder: implemented by its own issue."""
+"""Binance spot and USD-M futures exchange plugin (registered as ``binance``)."""
+
+from __future__ import annotations
+
+from streamer.core.hookspecs import hookimpl
+
+from .adapter import BinanceAdapter, BinanceOptions
+
+__all__ = ["BinanceAdapter", "BinanceOptions"]
+
+
+@hookimpl
+def register_exchanges(register):
+    """Register the ``binance`` exchange adapter."""
+    register("binance", BinanceAdapter)

@@ -1,0 +1,381 @@
+"""The Binance exchange adapter: spot and USD-M futures market data.
+
+WebSocket data comes from :mod:`.connections` (combined streams, rotation, reconnects),
+REST from :mod:`.rest` (one weight budget for every call). Records are normalised by
+:mod:`.decode`.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import AsyncIterator, Sequence
+from typing import ClassVar, Literal
+
+import anyio
+import httpx
+import msgspec
+
+from streamer.core.api import (
+    ExchangeAdapter,
+    ExchangeContext,
+    Inbox,
+    SequenceRule,
+    Subscription,
+    SymbolInfo,
+)
+from streamer.core.records import BookSnapshot, Kline, Trade
+from streamer.core.units import parse_duration
+
+from .connections import (
+    ConnectionManager,
+    ConnectionRateLimiter,
+    ConnectionSettings,
+    StreamGroup,
+    build_groups,
+)
+from .decode import decode_agg_trades, decode_depth_snapshot, decode_exchange_info, decode_klines
+from .rest import RestClient, WeightBudget
+
+#: Every kline interval Binance serves; ``1s`` exists on spot only.
+KLINE_INTERVALS: tuple[str, ...] = (
+    "1s", "1m", "3m", "5m", "15m", "30m", "1h", "2h", "4h", "6h", "8h", "12h", "1d", "3d",
+    "1w", "1M",
+)  # fmt: skip
+DEPTH_SPEEDS = {"spot": ("100ms", "1000ms"), "usdm": ("0ms", "100ms", "250ms", "500ms")}
+#: The speed Binance uses for a bare ``@depth`` stream (no suffix).
+_DEFAULT_SPEED = {"spot": "1000ms", "usdm": "250ms"}
+_DEFAULTS = {
+    "spot": ("https://api.binance.com", "wss://stream.binance.com:9443", 6000),
+    "usdm": ("https://fapi.binance.com", "wss://fstream.binance.com", 2400),
+}
+_FUTURES_DEPTH_LIMITS = (5, 10, 20, 50, 100, 500, 1000)
+_AGG_PAGE = 1000
+_TIME_OF_DAY = re.compile(r"^(\d{1,2}):(\d{2})(?::(\d{2}))?$")
+
+
+def valid_intervals(market: str) -> tuple[str, ...]:
+    """The kline intervals ``market`` serves."""
+    return KLINE_INTERVALS if market == "spot" else KLINE_INTERVALS[1:]
+
+
+class BinanceOptions(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """Options of the ``binance`` exchange (the ``options:`` of a pipeline)."""
+
+    #: ``spot`` or ``usdm`` (USD-M futures).
+    market: Literal["spot", "usdm"] = "spot"
+    #: REST base URL; production for the market when empty.
+    rest_url: str = ""
+    #: WebSocket base URL (without ``/stream``; USD-M routes are appended); production when empty.
+    ws_url: str = ""
+    #: Diff-depth speed when a stream type does not ask for one: spot 100ms|1000ms,
+    #: usdm 0ms|100ms|250ms|500ms. Empty: 100ms.
+    depth_speed: str = ""
+    #: Streams per WebSocket connection (Binance's hard maximum is 1024).
+    max_streams_per_connection: int = 200
+    #: New connections allowed per rolling 5 minutes (Binance: 300 per IP; divide it
+    #: between worker processes sharing one IP).
+    max_new_connections_per_5m: int = 300
+    #: Replace each connection after this age (Binance disconnects at 24 h); "0" disables.
+    rotate_after: str = "23h"
+    #: Also replace every connection daily at this UTC time ("HH:MM"); empty disables.
+    rotate_at: str = ""
+    #: Reconnect a connection that delivered nothing for this long.
+    no_data_timeout: str = "60s"
+    #: Longest pause between reconnect attempts.
+    reconnect_backoff_max: str = "30s"
+    #: REST request weight per minute; 0 = from exchangeInfo (6000 spot / 2400 futures).
+    rest_weight_limit: int = 0
+    #: Fraction of the weight limit the adapter plans to use (the rest is headroom).
+    rest_weight_safety: float = 0.8
+    #: REST timeout per request.
+    rest_timeout: str = "10s"
+    #: For ``symbols: [all]``: keep only these quote assets (empty: every quote asset).
+    quote_assets: list[str] = msgspec.field(default_factory=list)
+    #: For ``symbols: [all]``: statuses to collect.
+    statuses: list[str] = msgspec.field(default_factory=lambda: ["TRADING"])
+    #: Never backfill trades or klines older than this.
+    backfill_max_age: str = "24h"
+
+    def __post_init__(self) -> None:
+        # Validation errors become msgspec.ValidationError, which the config loader turns
+        # into "pipelines[0].options: ..." messages.
+        try:
+            for name in ("rotate_after", "no_data_timeout", "reconnect_backoff_max",
+                         "rest_timeout", "backfill_max_age"):  # fmt: skip
+                parse_duration(getattr(self, name))
+        except ValueError as exc:
+            raise msgspec.ValidationError(str(exc)) from None
+        if not 1 <= self.max_streams_per_connection <= 1024:
+            raise msgspec.ValidationError(
+                "max_streams_per_connection must be between 1 and 1024 (Binance's limit)"
+            )
+        if not 1 <= self.max_new_connections_per_5m <= 300:
+            raise msgspec.ValidationError("max_new_connections_per_5m must be between 1 and 300")
+        if self.depth_speed and self.depth_speed not in DEPTH_SPEEDS[self.market]:
+            raise msgspec.ValidationError(
+                f"depth_speed {self.depth_speed!r} is not served on {self.market}; "
+                f"use one of {', '.join(DEPTH_SPEEDS[self.market])}"
+            )
+        if self.rotate_at and _rotate_at_second(self.rotate_at) is None:
+            raise msgspec.ValidationError(f"rotate_at {self.rotate_at!r}: use 'HH:MM' (UTC)")
+        if not 0.05 <= self.rest_weight_safety <= 1.0:
+            raise msgspec.ValidationError("rest_weight_safety must be between 0.05 and 1")
+
+
+def _rotate_at_second(text: str) -> int | None:
+    match = _TIME_OF_DAY.match(text.strip())
+    if not match:
+        return None
+    h, m, s = int(match[1]), int(match[2]), int(match[3] or 0)
+    if h > 23 or m > 59 or s > 59:
+        return None
+    return h * 3600 + m * 60 + s
+
+
+def _now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+class BinanceAdapter(ExchangeAdapter):
+    """Binance spot or USD-M futures market data (see ``docs/binance.md``)."""
+
+    Options: ClassVar[type[msgspec.Struct]] = BinanceOptions
+    exchange = "binance"
+
+    def __init__(self, options: msgspec.Struct, context: ExchangeContext) -> None:
+        super().__init__(options, context)
+        assert isinstance(options, BinanceOptions)
+        self.opts = options
+        self.market = options.market
+        rest_default, ws_default, weight = _DEFAULTS[self.market]
+        self.rest_url = (options.rest_url or rest_default).rstrip("/")
+        self.ws_url = (options.ws_url or ws_default).rstrip("/")
+        self._prefix = "/api/v3" if self.market == "spot" else "/fapi/v1"
+        self._max_age_ms = int(parse_duration(options.backfill_max_age) * 1000)
+        self.budget = WeightBudget(
+            options.rest_weight_limit or weight, safety=options.rest_weight_safety
+        )
+        client = context.http_client
+        if client is not None and not isinstance(client, httpx.AsyncClient):
+            raise TypeError("ExchangeContext.http_client must be an httpx.AsyncClient")
+        self.rest = RestClient(
+            self.rest_url,
+            self.budget,
+            counters=context.counters,
+            logger=context.logger,
+            client=client,
+            timeout=parse_duration(options.rest_timeout),
+        )
+        self.connection_limiter = ConnectionRateLimiter(options.max_new_connections_per_5m)
+        #: The running connection manager (None until :meth:`stream` starts).
+        self.connections: ConnectionManager | None = None
+        self._symbols_cache: list[SymbolInfo] | None = None
+
+    # ------------------------------------------------------------------ symbols
+
+    async def list_symbols(self) -> list[SymbolInfo]:
+        """Every instrument of the market from exchangeInfo (also adopts its weight limit)."""
+        weight = 20 if self.market == "spot" else 1
+        body = await self.rest.get(f"{self._prefix}/exchangeInfo", {}, weight)
+        info = decode_exchange_info(body)
+        limit = info.request_weight_per_minute()
+        if limit and not self.opts.rest_weight_limit:
+            self.budget.set_limit(limit)
+        symbols = [
+            SymbolInfo(s.symbol, s.status or s.contractStatus or "", s.baseAsset, s.quoteAsset)
+            for s in info.symbols
+        ]
+        self._symbols_cache = symbols
+        return symbols
+
+    async def resolve_symbols(self, requested: Sequence[str]) -> list[str]:
+        """Like the base class, plus ``quote_assets``/``statuses`` filters for ``[all]``.
+
+        Symbols are matched case-insensitively (Binance symbols are uppercase).
+        """
+        if [s.lower() for s in requested] == ["all"]:
+            quotes = {q.upper() for q in self.opts.quote_assets}
+            statuses = set(self.opts.statuses)
+            return sorted(
+                info.symbol
+                for info in await self.list_symbols()
+                if info.status in statuses and (not quotes or info.quote_asset in quotes)
+            )
+        return await super().resolve_symbols([s.upper() for s in requested])
+
+    # ------------------------------------------------------------------ streaming
+
+    def stream_name(self, sub: Subscription) -> str:
+        """The Binance stream name of one subscription (lowercase symbol)."""
+        symbol = sub.symbol.lower()
+        if sub.channel == "trade":
+            return f"{symbol}@aggTrade"
+        if sub.channel == "kline":
+            if sub.param not in valid_intervals(self.market):
+                raise ValueError(
+                    f"kline interval {sub.param!r} is not served on Binance {self.market}; "
+                    f"use one of {', '.join(valid_intervals(self.market))}"
+                )
+            return f"{symbol}@kline_{sub.param}"
+        if sub.channel == "depth":
+            speed = sub.param or self.opts.depth_speed or "100ms"
+            if speed not in DEPTH_SPEEDS[self.market]:
+                raise ValueError(
+                    f"depth speed {speed!r} is not served on Binance {self.market}; "
+                    f"use one of {', '.join(DEPTH_SPEEDS[self.market])}"
+                )
+            if speed == _DEFAULT_SPEED[self.market]:
+                return f"{symbol}@depth"
+            return f"{symbol}@depth@{speed}"
+        raise ValueError(f"unknown channel {sub.channel!r}")
+
+    def stream_groups(self, subscriptions: Sequence[Subscription]) -> list[StreamGroup]:
+        """The connections :meth:`stream` opens for ``subscriptions``.
+
+        Spot: ``<ws_url>/stream?streams=...``. USD-M: aggTrade and kline on the ``/market``
+        route and depth on ``/public`` (unrouted URLs no longer carry aggTrade).
+        """
+        names = [(sub.channel, self.stream_name(sub)) for sub in subscriptions]
+        size = self.opts.max_streams_per_connection
+        if self.market == "spot":
+            return build_groups(self.ws_url, [n for _, n in names], size)
+        market = [n for channel, n in names if channel != "depth"]
+        public = [n for channel, n in names if channel == "depth"]
+        groups = []
+        if market:
+            groups += build_groups(f"{self.ws_url}/market", market, size)
+        if public:
+            groups += build_groups(f"{self.ws_url}/public", public, size)
+        return groups
+
+    async def stream(self, subscriptions: Sequence[Subscription], inbox: Inbox) -> None:
+        """Receive ``subscriptions`` forever; see :mod:`.connections` for the guarantees."""
+        groups = self.stream_groups(subscriptions)
+        if not groups:
+            await anyio.sleep_forever()
+        opts = self.opts
+        settings = ConnectionSettings(
+            market=self.market,
+            max_streams=opts.max_streams_per_connection,
+            no_data_timeout=parse_duration(opts.no_data_timeout),
+            backoff_max=parse_duration(opts.reconnect_backoff_max),
+            rotate_after=parse_duration(opts.rotate_after),
+            rotate_at_second=_rotate_at_second(opts.rotate_at) if opts.rotate_at else None,
+        )
+        self.connections = ConnectionManager(
+            groups,
+            settings,
+            on_record=inbox.on_record,
+            on_reconnect=inbox.on_reconnect,
+            counters=self.context.counters,
+            logger=self.context.logger,
+            limiter=self.connection_limiter,
+        )
+        await self.connections.run()
+
+    # ------------------------------------------------------------------ REST
+
+    @property
+    def sequence_rule(self) -> SequenceRule:
+        """Spot: ``U == prev_u + 1``, snapshots up to 5000; USD-M: ``pu == prev_u``, <= 1000."""
+        if self.market == "spot":
+            return SequenceRule(style="spot", max_snapshot_limit=5000)
+        return SequenceRule(
+            style="futures", max_snapshot_limit=1000, snapshot_limits=_FUTURES_DEPTH_LIMITS
+        )
+
+    def snapshot_limit(self, limit: int) -> int:
+        """The ``limit`` actually requested for a snapshot of ``limit`` levels."""
+        if self.market == "spot":
+            return min(max(limit, 1), 5000)
+        for allowed in _FUTURES_DEPTH_LIMITS:
+            if allowed >= limit:
+                return allowed
+        return 1000
+
+    def snapshot_weight(self, limit: int) -> int:
+        """REST weight of a depth snapshot of ``limit`` (after :meth:`snapshot_limit`)."""
+        if self.market == "spot":
+            return 5 if limit <= 100 else 25 if limit <= 500 else 50 if limit <= 1000 else 250
+        return 2 if limit <= 50 else 5 if limit <= 100 else 10 if limit <= 500 else 20
+
+    async def fetch_book_snapshot(self, symbol: str, limit: int) -> BookSnapshot:
+        """A REST depth snapshot, queued behind the shared weight budget."""
+        limit = self.snapshot_limit(limit)
+        body = await self.rest.get(
+            f"{self._prefix}/depth", {"symbol": symbol, "limit": limit},
+            self.snapshot_weight(limit),
+        )  # fmt: skip
+        self.context.counters.incr("rest_snapshots", symbol)
+        return decode_depth_snapshot(body, symbol, self.market, _now_ms())
+
+    async def _agg_page(self, params: dict[str, object]) -> list[Trade]:
+        weight = 4 if self.market == "spot" else 20
+        body = await self.rest.get(f"{self._prefix}/aggTrades", params, weight)
+        return decode_agg_trades(body, params["symbol"], self.market, _now_ms())  # type: ignore[arg-type]
+
+    async def backfill_trades(
+        self, symbol: str, from_id: int, to_id: int | None = None
+    ) -> AsyncIterator[list[Trade]]:
+        """Pages of ``aggTrades?fromId=&limit=1000`` in id order (never with a time range).
+
+        Trades older than ``backfill_max_age`` are skipped: the first page then starts
+        above ``from_id`` and the caller sees (and reports) the unfillable part.
+        """
+        next_id = from_id
+        first = True
+        while to_id is None or next_id <= to_id:
+            page = await self._agg_page({"symbol": symbol, "fromId": next_id, "limit": _AGG_PAGE})
+            if first and page and page[0].transact_time < _now_ms() - self._max_age_ms:
+                first = False
+                newest_allowed = await self._agg_page(
+                    {"symbol": symbol, "startTime": _now_ms() - self._max_age_ms, "limit": 1}
+                )
+                if not newest_allowed:
+                    return
+                if newest_allowed[0].trade_id > next_id:
+                    next_id = newest_allowed[0].trade_id
+                    continue
+            first = False
+            if to_id is not None:
+                page = [t for t in page if t.trade_id <= to_id]
+            if page:
+                self.context.counters.incr("backfilled_trades", symbol, n=len(page))
+                yield page
+                next_id = page[-1].trade_id + 1
+            if len(page) < _AGG_PAGE:
+                return
+
+    async def backfill_klines(
+        self, symbol: str, interval: str, start_time: int, end_time: int
+    ) -> AsyncIterator[list[Kline]]:
+        """Closed klines with ``start_time <= open_time <= end_time``, oldest first.
+
+        Pages of at most 1000 (spot) / 1500 (USD-M); bars still open are left out and the
+        start is clamped to ``backfill_max_age``.
+        """
+        if interval not in valid_intervals(self.market):
+            raise ValueError(f"kline interval {interval!r} is not served on {self.market}")
+        page_size = 1000 if self.market == "spot" else 1500
+        weight = 2 if self.market == "spot" else 10
+        start = max(start_time, _now_ms() - self._max_age_ms)
+        while start <= end_time:
+            params = {
+                "symbol": symbol, "interval": interval, "startTime": start,
+                "endTime": end_time, "limit": page_size,
+            }  # fmt: skip
+            body = await self.rest.get(f"{self._prefix}/klines", params, weight)
+            rows = decode_klines(body, symbol, interval, self.market, _now_ms())
+            now = _now_ms()
+            closed = [k for k in rows if k.close_time < now and start <= k.open_time <= end_time]
+            if closed:
+                self.context.counters.incr("backfilled_klines", symbol, n=len(closed))
+                yield closed
+            if len(rows) < page_size or not rows:
+                return
+            start = rows[-1].open_time + 1
+
+    async def aclose(self) -> None:
+        """Close the REST client (if the adapter created it)."""
+        await self.rest.aclose()

@@ -1,0 +1,363 @@
+"""WebSocket connection management for Binance combined streams.
+
+A :class:`ConnectionManager` splits stream names into groups of at most
+``max_streams`` (Binance allows 1024 per connection) and keeps one connection per group
+alive forever:
+
+* reconnect with capped, jittered exponential backoff and unlimited retries (the first
+  retry after a drop is immediate);
+* at most ``max_new_connections`` new connections per rolling 5 minutes (Binance: 300 per
+  IP), shared by every group of the manager;
+* a no-data watchdog closes a connection that stays silent for ``no_data_timeout``;
+* ``serverShutdown`` and the age limit (``rotate_after`` and/or a time of day) trigger a
+  make-before-break replacement: the new connection is receiving before the old one is
+  closed, and the stream types drop the duplicates of the overlap by id;
+* ``on_reconnect(symbols, reason)`` is called whenever a connection was replaced after
+  the old one had already stopped, i.e. whenever data may have been missed.
+
+The server's pings are answered by ``websockets`` with a pong echoing the payload; no
+other frames are sent (streams are named in the URL, never SUBSCRIBEd), so the control
+message rate limit (5/s spot, 10/s futures) is never approached.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import anyio
+from websockets.asyncio.client import ClientConnection, connect
+
+from streamer.core.logs import RateLimitedLog
+from streamer.core.metrics import Counters
+from streamer.core.records import Record
+
+from .decode import ControlError, FrameDecoder, FrameError, ServerShutdown
+
+OnRecord = Callable[[Record], None]
+OnReconnect = Callable[[Sequence[str], str], None]
+
+
+@dataclass(frozen=True)
+class StreamGroup:
+    """One connection's worth of streams: the URL to open and the symbols it carries."""
+
+    url: str
+    streams: tuple[str, ...]
+    symbols: tuple[str, ...]
+
+
+def build_groups(base: str, streams: Sequence[str], max_streams: int) -> list[StreamGroup]:
+    """Split lowercase ``streams`` into combined-stream URLs under ``base``.
+
+    ``base`` is the WebSocket base including any route (``wss://host:9443`` for spot,
+    ``wss://fstream.binance.com/market`` for USD-M). Streams of one symbol stay together
+    where the group size allows, so one reconnect touches as few symbols as possible.
+    """
+    if not 1 <= max_streams <= 1024:
+        raise ValueError(f"max_streams_per_connection must be 1..1024, got {max_streams}")
+    ordered = sorted(dict.fromkeys(streams), key=lambda s: (s.partition("@")[0], s))
+    groups = []
+    for i in range(0, len(ordered), max_streams):
+        chunk = tuple(ordered[i : i + max_streams])
+        symbols = tuple(sorted({s.partition("@")[0].upper() for s in chunk}))
+        url = f"{base.rstrip('/')}/stream?streams={'/'.join(chunk)}"
+        groups.append(StreamGroup(url, chunk, symbols))
+    return groups
+
+
+class ConnectionRateLimiter:
+    """At most ``limit`` new connections per rolling ``window`` seconds."""
+
+    def __init__(self, limit: int = 300, window: float = 300.0) -> None:
+        self.limit = limit
+        self.window = window
+        self._opened: deque[float] = deque()
+        self._lock = anyio.Lock()
+
+    async def acquire(self) -> None:
+        """Wait for a free slot in the window and take it."""
+        async with self._lock:
+            while True:
+                now = time.monotonic()
+                while self._opened and now - self._opened[0] >= self.window:
+                    self._opened.popleft()
+                if len(self._opened) < self.limit:
+                    self._opened.append(now)
+                    return
+                await anyio.sleep(self.window - (now - self._opened[0]) + 0.01)
+
+
+@dataclass
+class ConnectionSettings:
+    """Tunables of a :class:`ConnectionManager` (the adapter fills them from its options)."""
+
+    market: str
+    max_streams: int = 200
+    no_data_timeout: float = 60.0
+    backoff_base: float = 0.5
+    backoff_max: float = 30.0
+    #: Replace a connection after this many seconds (0 disables); Binance cuts at 24 h.
+    rotate_after: float = 23 * 3600.0
+    #: Also replace connections daily at this UTC second of day (None disables).
+    rotate_at_second: int | None = None
+    #: Seconds the old connection stays open after its replacement delivered data.
+    overlap: float = 2.0
+    open_timeout: float = 10.0
+    ping_interval: float | None = 20.0
+    ping_timeout: float | None = 20.0
+    rng: random.Random = field(default_factory=random.Random)
+
+
+class _Live:
+    """One open WebSocket and its reader state."""
+
+    __slots__ = ("data_seen", "ended", "last_data", "opened", "reason", "ws")
+
+    def __init__(self, ws: ClientConnection) -> None:
+        self.ws = ws
+        self.opened = time.monotonic()
+        self.last_data = self.opened
+        self.data_seen = anyio.Event()
+        self.ended = anyio.Event()
+        self.reason = ""
+
+
+class ConnectionManager:
+    """Keeps every :class:`StreamGroup` connected and feeds decoded records to ``on_record``."""
+
+    def __init__(
+        self,
+        groups: Sequence[StreamGroup],
+        settings: ConnectionSettings,
+        *,
+        on_record: OnRecord,
+        on_reconnect: OnReconnect,
+        counters: Counters,
+        logger: logging.Logger,
+        limiter: ConnectionRateLimiter,
+    ) -> None:
+        self.groups = list(groups)
+        self.settings = settings
+        self._on_record = on_record
+        self._on_reconnect = on_reconnect
+        self._counters = counters
+        self._logger = logger
+        self._log = RateLimitedLog(logger, 60.0)
+        self._limiter = limiter
+        self._messages = 0
+        #: Live connections by group index (tests use it to inject faults).
+        self.live: dict[int, _Live] = {}
+        self._rotate_now: set[int] = set()
+        self._wake: dict[int, anyio.Event] = {}
+
+    async def run(self) -> None:
+        """Run every group's connection until cancelled."""
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(self._publish_counters)
+            for index, group in enumerate(self.groups):
+                tg.start_soon(self._run_group, index, group)
+
+    def request_rotation(self, index: int | None = None) -> None:
+        """Replace group ``index``'s connection (every group when None), make-before-break."""
+        targets = range(len(self.groups)) if index is None else [index]
+        for i in targets:
+            self._rotate_now.add(i)
+            event = self._wake.get(i)
+            if event is not None:
+                event.set()
+
+    # ------------------------------------------------------------------ internals
+
+    async def _publish_counters(self) -> None:
+        # The message count is kept in a plain int on the hot path and published here.
+        while True:
+            await anyio.sleep(1.0)
+            self._flush_message_count()
+
+    def _flush_message_count(self) -> None:
+        if self._messages:
+            self._counters.incr("ws_messages", n=self._messages)
+            self._messages = 0
+
+    def _backoff(self, failures: int) -> float:
+        if failures <= 1:
+            return 0.0
+        s = self.settings
+        delay = min(s.backoff_max, s.backoff_base * 2 ** (failures - 2))
+        return delay * (0.5 + s.rng.random() / 2)
+
+    def _rotation_delay(self, opened_wall: float) -> float:
+        s = self.settings
+        delays = []
+        if s.rotate_after > 0:
+            delays.append(s.rotate_after)
+        if s.rotate_at_second is not None:
+            since_midnight = opened_wall % 86400
+            delay = (s.rotate_at_second - since_midnight) % 86400
+            delays.append(delay if delay > 60 else delay + 86400)
+        return min(delays) if delays else float("inf")
+
+    async def _open(self, group: StreamGroup, failures: int) -> tuple[ClientConnection, int]:
+        """Connect, retrying forever; returns the socket and the updated failure count."""
+        s = self.settings
+        while True:
+            delay = self._backoff(failures)
+            if delay:
+                await anyio.sleep(delay)
+            await self._limiter.acquire()
+            self._counters.incr("ws_connects")
+            try:
+                ws = await connect(
+                    group.url,
+                    open_timeout=s.open_timeout,
+                    ping_interval=s.ping_interval,
+                    ping_timeout=s.ping_timeout,
+                    close_timeout=2.0,
+                    compression=None,
+                    max_size=2**22,
+                )
+                return ws, failures
+            except Exception as exc:  # any failure to connect is retried forever
+                failures += 1
+                self._counters.incr("ws_connect_failures")
+                self._log.warning(
+                    "ws_connect_failed",
+                    "cannot connect (%d failures, retrying): %s: %s",
+                    failures, type(exc).__name__, exc,
+                )  # fmt: skip
+
+    async def _run_group(self, index: int, group: StreamGroup) -> None:
+        failures = 0
+        current: _Live | None = None
+        reason = ""
+        async with anyio.create_task_group() as tg:
+            while True:
+                ws, failures = await self._open(group, failures)
+                new = _Live(ws)
+                tg.start_soon(self._read, new, group)
+                tg.start_soon(self._watchdog, new)
+                old, current = current, new
+                self.live[index] = new
+                if old is not None:
+                    lost = old.ended.is_set()
+                    if not lost:
+                        # Make-before-break: keep the old one until the new one delivers.
+                        with anyio.move_on_after(self.settings.overlap + 10):
+                            await new.data_seen.wait()
+                        lost = old.ended.is_set()
+                        if not lost:
+                            with anyio.move_on_after(self.settings.overlap):
+                                await old.ended.wait()
+                        await self._close(old, "replaced")
+                    if lost:
+                        # The old connection stopped before this one delivered: data may
+                        # be missing, so the stream types must check.
+                        self._counters.incr("ws_reconnects")
+                        self._on_reconnect(group.symbols, old.reason or reason or "disconnect")
+                    else:
+                        self._counters.incr("ws_rotations")
+                # Wait until this connection ends or must be rotated.
+                wake = anyio.Event()
+                self._wake[index] = wake
+                if index in self._rotate_now:
+                    wake.set()
+                rotate_in = self._rotation_delay(time.time())
+                with anyio.move_on_after(rotate_in):
+                    async with anyio.create_task_group() as waiters:
+
+                        async def _ended(live: _Live = new, scope=waiters.cancel_scope) -> None:
+                            await live.ended.wait()
+                            scope.cancel()
+
+                        async def _woken(event: anyio.Event = wake, scope=waiters.cancel_scope):
+                            await event.wait()
+                            scope.cancel()
+
+                        waiters.start_soon(_ended)
+                        waiters.start_soon(_woken)
+                if new.ended.is_set():
+                    reason = new.reason or "disconnect"
+                    lived = time.monotonic() - new.opened
+                    # A connection that died young (or never delivered) keeps backing off.
+                    failures = 1 if lived > 30 and new.data_seen.is_set() else failures + 1
+                    if reason == "server shutdown":
+                        failures = 0
+                    continue
+                self._rotate_now.discard(index)
+                failures = 0
+                reason = "rotation"
+                self._logger.info("rotating connection %d (%d streams)", index, len(group.streams))
+
+    async def _close(self, live: _Live, reason: str) -> None:
+        if not live.reason:
+            live.reason = reason
+        with anyio.move_on_after(3):
+            await live.ws.close()
+
+    async def _watchdog(self, live: _Live) -> None:
+        timeout = self.settings.no_data_timeout
+        if timeout <= 0:
+            return
+        tick = min(1.0, timeout / 4)
+        while not live.ended.is_set():
+            await anyio.sleep(tick)
+            if time.monotonic() - live.last_data > timeout and not live.ended.is_set():
+                self._counters.incr("ws_stalls")
+                self._log.warning("ws_stall", "no data for %.1f s: reconnecting", timeout)
+                await self._close(live, "stall")
+                return
+
+    async def _read(self, live: _Live, group: StreamGroup) -> None:
+        decoder = FrameDecoder(self.settings.market)
+        decode = decoder.decode
+        on_record = self._on_record
+        clock = time.monotonic
+        time_ns = time.time_ns
+        seen = False
+        try:
+            async for raw in live.ws:
+                live.last_data = clock()
+                self._messages += 1
+                try:
+                    record = decode(raw, time_ns() // 1_000_000)
+                except FrameError as exc:
+                    self._counters.incr("malformed_frames", stream=exc.kind)
+                    self._log.warning(
+                        f"malformed_{exc.kind}", "dropped a malformed frame: %s", str(exc)[:300]
+                    )
+                    continue
+                if record is not None:
+                    if not seen:
+                        seen = True
+                        live.data_seen.set()
+                    on_record(record)
+                    continue
+                event = decoder.event
+                if isinstance(event, ServerShutdown):
+                    self._counters.incr("ws_server_shutdowns")
+                    live.reason = "server shutdown"
+                    # Open the replacement now; this connection keeps reading meanwhile.
+                    for i, g in enumerate(self.groups):
+                        if g is group:
+                            self.request_rotation(i)
+                elif isinstance(event, ControlError):
+                    self._counters.incr("ws_control_errors")
+                    self._log.error(
+                        "ws_control_error", "control request %r failed: %s %s",
+                        event.id, event.code, event.msg,
+                    )  # fmt: skip
+        except Exception as exc:  # a closed or broken socket ends this connection only
+            if not live.reason:
+                live.reason = f"disconnect ({type(exc).__name__})"
+        finally:
+            if not live.reason:
+                code = live.ws.close_code
+                live.reason = "disconnect" if code in (None, 1000, 1001) else f"close {code}"
+            self._counters.incr("ws_disconnects")
+            live.ended.set()
+            self._flush_message_count()

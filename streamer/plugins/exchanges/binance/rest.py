@@ -1,0 +1,251 @@
+"""Binance REST access: one shared request-weight budget, pacing, and polite retries.
+
+Every REST call of an adapter goes through one :class:`RestClient`, so snapshot requests,
+trade and kline backfills and exchangeInfo all queue behind the same budget:
+
+* a token bucket refilled at ``limit * safety / 60`` weight per second (bursts are capped
+  at ``burst`` weight), so hundreds of snapshot requests after a reconnect are spread out
+  instead of fired at once;
+* the server's own count, ``X-MBX-USED-WEIGHT-1M`` (which includes other processes on the
+  same IP), read on every response: when it reaches ``limit * safety`` no call is sent until
+  the next minute window;
+* 429 and 418 block the whole host until ``Retry-After`` has passed (exponential backoff
+  when the header is absent); 403 (WAF) and 5xx back off exponentially; timeouts and
+  connection errors are retried the same way. Other 4xx answers are not retried.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections.abc import Awaitable, Callable, Mapping
+
+import anyio
+import httpx
+
+from streamer.core.logs import RateLimitedLog
+from streamer.core.metrics import Counters
+
+from .decode import decode_rest_error
+
+
+class RestError(Exception):
+    """A REST call failed for good (a non-retryable 4xx, or retries exhausted).
+
+    ``status`` is the HTTP status (0 for a transport failure); ``code`` is Binance's error
+    code from the body when there was one.
+    """
+
+    def __init__(self, message: str, status: int = 0, code: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+
+
+class WeightBudget:
+    """Request-weight accounting for one host, shared by every call of an adapter.
+
+    ``limit`` is the exchange's REQUEST_WEIGHT per minute; the budget never plans past
+    ``limit * safety``. ``clock`` returns wall-clock seconds (Binance's minute windows are
+    calendar minutes); ``sleep`` is awaited for every wait, which tests replace.
+    """
+
+    def __init__(
+        self,
+        limit: int,
+        *,
+        safety: float = 0.8,
+        burst: int | None = None,
+        clock: Callable[[], float] = time.time,
+        sleep: Callable[[float], Awaitable[None]] = anyio.sleep,
+    ) -> None:
+        self._lock = anyio.Lock()
+        self._clock = clock
+        self._sleep = sleep
+        self.safety = safety
+        self._burst_override = burst
+        self.set_limit(limit)
+        self._tokens = float(self.burst)
+        self._last_refill = clock()
+        self._window = int(clock() // 60)
+        #: Weight used in the current minute: the larger of our own count and the server's.
+        self.used = 0
+        #: Wall-clock time before which no request may be sent (429/418/403 backoff).
+        self.blocked_until = 0.0
+
+    def set_limit(self, limit: int) -> None:
+        """Change the per-minute limit (e.g. from exchangeInfo ``rateLimits``)."""
+        self.limit = max(int(limit), 1)
+        self.ceiling = max(int(self.limit * self.safety), 1)
+        self.burst = self._burst_override or max(self.ceiling // 5, 1)
+        self.rate = self.ceiling / 60.0
+
+    async def acquire(self, weight: int) -> None:
+        """Wait until ``weight`` may be spent without approaching the limit, then spend it."""
+        weight = min(max(int(weight), 1), self.burst)
+        async with self._lock:  # one waiter at a time keeps requests in arrival order
+            while True:
+                now = self._clock()
+                wait = self._wait_for(weight, now)
+                if wait <= 0:
+                    self._tokens -= weight
+                    self.used += weight
+                    return
+                await self._sleep(wait)
+
+    def _wait_for(self, weight: int, now: float) -> float:
+        if now < self.blocked_until:
+            return self.blocked_until - now
+        window = int(now // 60)
+        if window != self._window:
+            self._window = window
+            self.used = 0
+        if self.used + weight > self.ceiling:
+            return (window + 1) * 60 - now + 0.05
+        self._tokens = min(self.burst, self._tokens + (now - self._last_refill) * self.rate)
+        self._last_refill = now
+        if self._tokens < weight:
+            return (weight - self._tokens) / self.rate
+        return 0.0
+
+    def observe_used(self, used: int) -> None:
+        """Record the server's ``X-MBX-USED-WEIGHT-1M`` for the current window."""
+        if int(self._clock() // 60) == self._window:
+            self.used = max(self.used, used)
+        else:  # the response belongs to a window we have not seen yet
+            self._window = int(self._clock() // 60)
+            self.used = used
+
+    def block(self, seconds: float) -> None:
+        """Send nothing to this host for ``seconds`` (extends, never shortens, a block)."""
+        self.blocked_until = max(self.blocked_until, self._clock() + seconds)
+
+
+class RestClient:
+    """GET requests against one Binance REST host through a :class:`WeightBudget`.
+
+    ``client`` is the ``httpx.AsyncClient`` to use (one per adapter; injected in tests);
+    when ``None`` one is created and closed by :meth:`aclose`. ``max_attempts`` bounds the
+    retries of one call (429/418 waits do not count as attempts, so a long ban is waited
+    out); ``backoff_max`` caps the exponential backoff in seconds.
+    """
+
+    def __init__(
+        self,
+        base_url: str,
+        budget: WeightBudget,
+        *,
+        counters: Counters,
+        logger: logging.Logger,
+        client: httpx.AsyncClient | None = None,
+        timeout: float = 10.0,
+        max_attempts: int = 8,
+        backoff_max: float = 60.0,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.budget = budget
+        self._counters = counters
+        self._log = RateLimitedLog(logger, 30.0)
+        self._own_client = client is None
+        self._client = client or httpx.AsyncClient(timeout=timeout)
+        self._timeout = timeout
+        self.max_attempts = max_attempts
+        self.backoff_max = backoff_max
+        self._rng = rng or random.Random()
+
+    async def aclose(self) -> None:
+        """Close the HTTP client if this object created it."""
+        if self._own_client:
+            await self._client.aclose()
+
+    def _backoff(self, attempt: int, base: float) -> float:
+        return min(self.backoff_max, base * 2 ** (attempt - 1)) * (0.5 + self._rng.random() / 2)
+
+    async def get(self, path: str, params: Mapping[str, object], weight: int) -> bytes:
+        """The body of ``GET base_url + path?params`` once it succeeds.
+
+        Raises :class:`RestError` for a non-retryable answer or when retries run out.
+        """
+        url = self.base_url + path
+        attempt = 0
+        bans = 0
+        while True:
+            await self.budget.acquire(weight)
+            self._counters.incr("rest_requests")
+            try:
+                response = await self._client.get(url, params=params, timeout=self._timeout)
+            except httpx.TimeoutException as exc:
+                self._counters.incr("rest_timeouts")
+                failure = f"timeout: {type(exc).__name__}"
+                base = 1.0
+            except httpx.TransportError as exc:
+                self._counters.incr("rest_transport_errors")
+                failure = f"transport error: {type(exc).__name__}: {exc}"
+                base = 1.0
+            else:
+                status = response.status_code
+                used = response.headers.get("x-mbx-used-weight-1m")
+                if used is not None and used.isdigit():
+                    self.budget.observe_used(int(used))
+                    self._counters.set("rest_weight_used", int(used))
+                if status < 400:
+                    return response.content
+                if status in (429, 418):
+                    self._counters.incr(f"rest_{status}")
+                    bans += 1
+                    wait = _retry_after(response)
+                    if wait is None:
+                        wait = min(self.backoff_max * 10, 2.0 * 2 ** (bans - 1))
+                    self.budget.block(wait)
+                    self._log.warning(
+                        f"rest_{status}",
+                        "HTTP %d from %s: no requests to this host for %.1f s",
+                        status, self.base_url, wait,
+                    )  # fmt: skip
+                    continue
+                if status == 403:
+                    self._counters.incr("rest_403")
+                    attempt += 1
+                    wait = self._backoff(attempt, 5.0)
+                    self.budget.block(wait)
+                    failure = "HTTP 403 (WAF block)"
+                    self._log.warning(
+                        "rest_403", "HTTP 403 from %s: backing off %.1f s", self.base_url, wait
+                    )
+                    if attempt >= self.max_attempts:
+                        raise RestError(f"GET {path}: {failure}", 403)
+                    continue
+                if status >= 500:
+                    self._counters.incr("rest_5xx")
+                    failure = f"HTTP {status}"
+                    base = 1.0
+                else:
+                    err = decode_rest_error(response.content)
+                    detail = f"{err.code} {err.msg}" if err else response.text[:200]
+                    self._counters.incr("rest_client_errors")
+                    raise RestError(
+                        f"GET {path} {dict(params)}: HTTP {status}: {detail}",
+                        status,
+                        err.code if err else None,
+                    )
+            attempt += 1
+            if attempt >= self.max_attempts:
+                raise RestError(f"GET {path}: {failure} (gave up after {attempt} attempts)")
+            wait = self._backoff(attempt, base)
+            self._counters.incr("rest_retries")
+            self._log.warning(
+                "rest_retry", "GET %s failed (%s); retrying in %.1f s", path, failure, wait
+            )
+            await self.budget._sleep(wait)
+
+
+def _retry_after(response: httpx.Response) -> float | None:
+    value = response.headers.get("retry-after")
+    if value is None:
+        return None
+    try:
+        return max(float(value), 0.0)
+    except ValueError:
+        return None
