@@ -1,0 +1,136 @@
+"""The multiprocess runtime behind ``streamer run``.
+
+Process model (design.md §2)::
+
+    supervisor (this process: resolve symbols, spawn, watch, restart, publish status)
+     ├─ <pipeline>.worker<i>   exchange adapter + stream types for a slice of the symbols
+     └─ sink.<name>            one writer per sink instance: de-duplicate, write, flush
+
+Children use the ``spawn`` start method and rebuild their own plugin registry
+(:mod:`.bootstrap`). Records cross processes as ``encode_batch`` MessagePack bytes over
+framed Unix sockets (:mod:`.channels`); the worker side is in :mod:`.worker`, the writer
+side in :mod:`.writer`, restarts and shutdown in :mod:`.supervisor`, the published status
+file in :mod:`.status`.
+
+From Python::
+
+    from streamer.core.config import load_config
+    from streamer.core.runtime import run
+
+    exit_code = run(load_config("streamer.yaml"), ["binance", "csv"], duration=60)
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterable, Sequence
+
+import anyio
+
+from ..api import ExchangeContext
+from ..config import Config, validate_components
+from ..metrics import Counters
+from .bootstrap import PluginSelection, auto_workers, partition
+from .keys import HighWater, record_key, stream_key, stream_name
+from .status import read_status
+from .supervisor import PipelinePlan, Supervisor
+
+__all__ = [
+    "HighWater",
+    "PipelinePlan",
+    "PluginSelection",
+    "auto_workers",
+    "partition",
+    "plan_pipelines",
+    "read_status",
+    "record_key",
+    "run",
+    "stream_key",
+    "stream_name",
+]
+
+log = logging.getLogger("streamer.runtime")
+
+
+async def plan_pipelines(
+    config: Config, plugins: PluginSelection, *, source: str = "<config>"
+) -> tuple[list[PipelinePlan], dict[str, str]]:
+    """Validate ``config`` against the plugins and resolve every pipeline's symbols.
+
+    Returns the plans and each sink instance's type name. Raises ``ConfigError``,
+    ``PluginError`` or ``ValueError`` (an unknown symbol) before any process starts.
+    """
+    registry = plugins.registry()
+    resolved, sinks = validate_components(config, registry, source=source)
+    plans = []
+    for index, pipeline in enumerate(resolved):
+        cfg = pipeline.config
+        adapter_cls = registry.exchange(cfg.exchange)
+        adapter = adapter_cls(
+            pipeline.exchange_options,
+            ExchangeContext(
+                pipeline=cfg.name,
+                counters=Counters(),
+                logger=logging.getLogger(f"streamer.exchange.{cfg.exchange}"),
+            ),
+        )
+        try:
+            try:
+                symbols = await adapter.resolve_symbols(cfg.symbols)
+            except ValueError as exc:
+                raise ValueError(f"{source}: pipelines[{index}].symbols: {exc}") from None
+        finally:
+            await adapter.aclose()
+        if not symbols:
+            raise ValueError(f"{source}: pipelines[{index}].symbols: no trading symbol left")
+        workers = cfg.workers or auto_workers(len(symbols), os.cpu_count())
+        plans.append(
+            PipelinePlan(
+                index=index,
+                name=cfg.name,
+                exchange=getattr(adapter, "exchange", ""),
+                market=getattr(adapter, "market", ""),
+                symbols=symbols,
+                groups=partition(symbols, workers),
+            )
+        )
+    return plans, {name: type_name for name, (type_name, _) in sinks.items()}
+
+
+def run(
+    config: Config,
+    enabled_plugins: Iterable[str] | None = None,
+    *,
+    extra_plugin_modules: Sequence[str] = (),
+    duration: float | None = None,
+    log_level: int = logging.INFO,
+    source: str = "<config>",
+) -> int:
+    """Run ``config`` until SIGINT/SIGTERM or ``duration`` seconds; returns the exit code.
+
+    ``enabled_plugins``: entry-point plugin names to load (``None``: all installed; the
+    built-in stream types are always loaded). ``extra_plugin_modules``: import paths of
+    modules registered as plugins in every process (how tests add inline plugins).
+    Bad input (config, plugins, unknown symbols) raises ``ConfigError``, ``PluginError``
+    or ``ValueError`` before any child starts. Returns 0 after a clean drain, 1 when the
+    shutdown timed out, 130 when a second signal forced the exit.
+    """
+    plugins = PluginSelection(
+        enabled=None if enabled_plugins is None else tuple(enabled_plugins),
+        extra_modules=tuple(extra_plugin_modules),
+    )
+
+    async def main() -> int:
+        plans, sink_types = await plan_pipelines(config, plugins, source=source)
+        supervisor = Supervisor(
+            config,
+            plugins,
+            plans,
+            sink_types=sink_types,
+            log_level=log_level,
+            duration=duration,
+        )
+        return await supervisor.run()
+
+    return anyio.run(main)

@@ -1,0 +1,98 @@
+"""Framed byte channels between processes, and the control messages they carry.
+
+Data and control travel over Unix-domain stream sockets, one connection per sending
+process, so a child killed mid-write can only ever corrupt its own connection: the reader
+sees a truncated frame at EOF and discards it. A frame is a 4-byte big-endian length
+followed by the payload. Data frames carry :func:`~streamer.core.records.encode_batch`
+bytes; control frames carry one of the msgspec messages below.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import anyio
+import msgspec
+from anyio.abc import ByteStream
+from anyio.streams.buffered import BufferedByteReceiveStream
+
+#: Largest frame accepted; anything bigger means a corrupt stream.
+MAX_FRAME = 256 * 1024 * 1024
+
+#: ``(exchange, market, symbol, stream, key)``: a high-water mark in transit.
+Mark = tuple[str, str, str, str, int]
+#: ``(name, symbol, stream, value)``: one counter in transit.
+CounterRow = tuple[str, str, str, int]
+
+
+class Hello(msgspec.Struct, tag="hello"):
+    """First message of a child on its control connection."""
+
+    child: str
+    incarnation: int
+    pid: int
+
+
+class Ready(msgspec.Struct, tag="ready"):
+    """A writer opened its sink and listens for data; ``holdings`` come from the sink."""
+
+    holdings: list[Mark]
+
+
+class Status(msgspec.Struct, tag="status"):
+    """Periodic report of a child: counters, marks (writers) and free-form info."""
+
+    counters: list[CounterRow]
+    info: dict[str, Any] = msgspec.field(default_factory=dict)
+    high_water: list[Mark] = msgspec.field(default_factory=list)
+    final: bool = False
+
+
+class Stop(msgspec.Struct, tag="stop"):
+    """Supervisor to child: finish what you hold and exit 0."""
+
+
+Control = Hello | Ready | Status | Stop
+
+_encoder = msgspec.msgpack.Encoder()
+_control_decoder = msgspec.msgpack.Decoder(Control)
+
+
+class FrameError(Exception):
+    """A frame header announced an impossible length."""
+
+
+def frame(payload: bytes) -> bytes:
+    """``payload`` with its length header."""
+    return len(payload).to_bytes(4, "big") + payload
+
+
+class FrameReader:
+    """Reads frames from a byte stream; :meth:`receive` returns ``None`` at a clean EOF.
+
+    A frame cut short by EOF (the sender died mid-write) also returns ``None``.
+    """
+
+    def __init__(self, stream: ByteStream) -> None:
+        self._buffered = BufferedByteReceiveStream(stream)
+
+    async def receive(self) -> bytes | None:
+        """The next frame's payload, or ``None`` when the stream ended."""
+        try:
+            header = await self._buffered.receive_exactly(4)
+            size = int.from_bytes(header, "big")
+            if size > MAX_FRAME:
+                raise FrameError(f"frame of {size} bytes exceeds the {MAX_FRAME} byte limit")
+            return await self._buffered.receive_exactly(size) if size else b""
+        except (anyio.IncompleteRead, anyio.EndOfStream, anyio.BrokenResourceError):
+            return None
+
+
+def encode_control(message: Control) -> bytes:
+    """A framed control message."""
+    return frame(_encoder.encode(message))
+
+
+def decode_control(payload: bytes) -> Control:
+    """Decode a control payload; raises ``msgspec.DecodeError`` if it is not one."""
+    return _control_decoder.decode(payload)

@@ -1,0 +1,81 @@
+"""Stream keys of records and the writer's generic de-duplication by high-water mark.
+
+Every record belongs to one output stream (:class:`~streamer.core.api.StreamKey`) and most
+carry an increasing key: ``Trade.trade_id`` (``aggtrade``), ``Kline.open_time`` of closed
+bars (``kline_<interval>``), ``DepthUpdate.last_update_id`` (``depth``) and
+``BookSnapshot.last_update_id`` (``orderbook``). A writer keeps the highest key it has
+passed to its sink per stream and drops anything at or below it, so a restarted worker may
+overlap what the sink already holds without writing duplicates.
+"""
+
+from __future__ import annotations
+
+from ..api import StreamKey
+from ..records import BookSnapshot, DepthUpdate, Kline, Marker, Record, Trade
+
+
+def stream_name(record: Record) -> str:
+    """The output stream name of ``record`` (``aggtrade``, ``depth``, ``kline_1m``...)."""
+    kind = type(record)
+    if kind is Trade:
+        return "aggtrade"
+    if kind is DepthUpdate:
+        return "depth"
+    if kind is Kline:
+        return "kline_" + record.interval  # type: ignore[union-attr]
+    if kind is BookSnapshot:
+        return "orderbook"
+    return record.stream  # type: ignore[union-attr]  # Marker
+
+
+def stream_key(record: Record) -> StreamKey:
+    """The :class:`StreamKey` ``record`` belongs to."""
+    return StreamKey(record.exchange, record.market, record.symbol, stream_name(record))
+
+
+def record_key(record: Record) -> int | None:
+    """The increasing key of ``record`` within its stream; ``None`` for markers."""
+    kind = type(record)
+    if kind is Trade:
+        return record.trade_id  # type: ignore[union-attr]
+    if kind is Kline:
+        return record.open_time  # type: ignore[union-attr]
+    if kind is DepthUpdate or kind is BookSnapshot:
+        return record.last_update_id  # type: ignore[union-attr]
+    return None
+
+
+class HighWater:
+    """Per-stream high-water marks and the filter that drops what is already held.
+
+    ``filter`` keeps, in order, the records whose key is above the stream's mark and raises
+    the mark as it goes. Markers always pass. An unclosed kline passes when its bar is newer
+    than the last closed bar held, but only a closed kline raises the mark (an open bar is
+    updated many times before it closes).
+    """
+
+    __slots__ = ("marks",)
+
+    def __init__(self, marks: dict[StreamKey, int] | None = None) -> None:
+        self.marks: dict[StreamKey, int] = dict(marks or {})
+
+    def filter(self, batch: list[Record]) -> tuple[list[Record], dict[StreamKey, int]]:
+        """Split ``batch`` into records to write and a count of dropped ones per stream."""
+        kept: list[Record] = []
+        dropped: dict[StreamKey, int] = {}
+        marks = self.marks
+        for record in batch:
+            kind = type(record)
+            if kind is Marker:
+                kept.append(record)
+                continue
+            key = stream_key(record)
+            value = record_key(record)
+            mark = marks.get(key)
+            if mark is not None and value <= mark:  # type: ignore[operator]
+                dropped[key] = dropped.get(key, 0) + 1
+                continue
+            if kind is not Kline or record.closed:  # type: ignore[union-attr]
+                marks[key] = value  # type: ignore[assignment]
+            kept.append(record)
+        return kept, dropped

@@ -1,0 +1,86 @@
+"""The status file: what a running ``streamer run`` publishes for ``streamer status``.
+
+Every child sends its :class:`~streamer.core.metrics.Counters` snapshot to the supervisor
+every ``runtime.status_interval`` seconds (and once more when it stops). The supervisor
+merges them and atomically replaces ``<runtime.state_dir>/status.json`` (written to a
+temporary file, then renamed, so a reader never sees a torn file). Its shape::
+
+    {
+      "pid": 1234,                      # the supervisor
+      "started_at": 1764000000000,      # ms since the epoch
+      "updated_at": 1764000005000,
+      "state": "running",               # "running", "stopping" or "stopped"
+      "exit_code": null,                # set when state is "stopped"
+      "pipelines": {
+        "spot": {
+          "exchange": "binance", "market": "spot", "symbols": ["BTCUSDT", ...],
+          "totals": {"records_emitted": 123, ...},            # summed over everything
+          "streams": {"BTCUSDT": {"aggtrade": {"records_emitted": 60}}},
+          "process": {"batches_sent": 12, ...}                # counters not tied to a symbol
+        }
+      },
+      "sinks": {
+        "csv": {"type": "csv", "totals": {...}, "streams": {...}, "process": {...},
+                "high_water": {"binance/spot/BTCUSDT/aggtrade": 4711}}
+      },
+      "children": {
+        "spot.worker0": {"kind": "worker", "pid": 1240, "alive": true, "incarnation": 1,
+                         "restarts": 0, "last_exit_code": null, "uptime": 4.9,
+                         "info": {"queue_depths": {"csv": 0}, "pending_records": 3, ...}}
+      }
+    }
+
+Counters restart from zero when a child restarts (its ``restarts`` says how often); the
+totals are those of the current incarnations. Counter names used by the runtime:
+workers ``records_emitted``, ``batches_sent``, ``backpressure_waits``,
+``backpressure_wait_ms``, ``records_overflowed``, ``records_unrouted``, ``reconnects``;
+writers ``batches_received``, ``records_received``, ``records_written``,
+``duplicates_dropped``, ``batches_corrupt``, ``backpressure_waits``, ``flushes``. Plugins
+add their own through the same ``Counters``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import defaultdict
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+from .channels import CounterRow
+
+STATUS_FILE = "status.json"
+
+
+def merge_counters(row_sets: Iterable[Iterable[CounterRow]]) -> dict[str, Any]:
+    """Sum counter rows of several children into ``totals``, ``streams`` and ``process``."""
+    totals: defaultdict[str, int] = defaultdict(int)
+    process: defaultdict[str, int] = defaultdict(int)
+    streams: dict[str, dict[str, dict[str, int]]] = {}
+    for rows in row_sets:
+        for name, symbol, stream, value in rows:
+            totals[name] += value
+            if not symbol and not stream:
+                process[name] += value
+                continue
+            per = streams.setdefault(symbol or "*", {}).setdefault(stream or "*", {})
+            per[name] = per.get(name, 0) + value
+    return {"totals": dict(sorted(totals.items())), "streams": streams, "process": dict(process)}
+
+
+def write_status(state_dir: str | Path, status: dict[str, Any]) -> Path:
+    """Atomically replace ``<state_dir>/status.json`` with ``status``; returns its path."""
+    directory = Path(state_dir)
+    directory.mkdir(parents=True, exist_ok=True)
+    target = directory / STATUS_FILE
+    tmp = directory / f".{STATUS_FILE}.{os.getpid()}.tmp"
+    tmp.write_bytes(msgspec.json.format(msgspec.json.encode(status), indent=2))
+    os.replace(tmp, target)
+    return target
+
+
+def read_status(state_dir: str | Path) -> dict[str, Any]:
+    """The last published status (raises ``FileNotFoundError`` when none was written)."""
+    return msgspec.json.decode((Path(state_dir) / STATUS_FILE).read_bytes())

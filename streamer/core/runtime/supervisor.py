@@ -1,0 +1,461 @@
+"""The supervisor: spawns, watches and restarts the workers and writers of a run.
+
+Start-up: every writer is spawned first; a worker is spawned once every writer of its
+pipeline has reported ``Ready`` (its sink's holdings), so its ``resume`` marks are known.
+
+Restarts: a child that dies is restarted after a capped exponential backoff (0.5 s,
+doubling, at most ``runtime.restart_backoff_max``; the backoff resets once a child has
+lived longer than that cap). When a writer dies, the workers feeding it are killed too and
+restarted after it is ready again: whatever the dead writer held in memory is then
+backfilled from its sink's holdings on disk. One log line per restart.
+
+Shutdown (first SIGINT/SIGTERM, or the ``duration`` elapsed): workers are told to stop
+reading and send what they hold; once they have exited, writers drain, flush and close.
+Whatever is still alive after ``runtime.shutdown_timeout`` is killed and the exit code is
+1. A second signal kills every child at once (exit code 130).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import multiprocessing
+import os
+import shutil
+import signal
+import tempfile
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import anyio
+from anyio.abc import ByteStream
+
+from ..api import StreamKey
+from ..config import Config
+from .bootstrap import ChildSpec, PluginSelection
+from .channels import (
+    FrameReader,
+    Hello,
+    Ready,
+    Status,
+    Stop,
+    decode_control,
+    encode_control,
+)
+from .status import merge_counters, write_status
+from .worker import worker_main
+from .writer import writer_main
+
+log = logging.getLogger("streamer.supervisor")
+
+_TICK = 0.05
+_FIRST_BACKOFF = 0.5
+
+
+@dataclass
+class PipelinePlan:
+    """A pipeline after symbol resolution: who it is and how its symbols are split."""
+
+    index: int
+    name: str
+    exchange: str
+    market: str
+    symbols: list[str]
+    groups: list[list[str]]
+
+
+@dataclass
+class _Child:
+    name: str
+    kind: str  # "worker" | "writer"
+    pipeline: int = -1
+    symbols: list[str] = field(default_factory=list)
+    sinks: list[str] = field(default_factory=list)  # worker: sinks it feeds
+    sink: str = ""  # writer: its sink instance
+    process: Any = None
+    pid: int | None = None
+    incarnation: int = 0
+    restarts: int = 0
+    failures: int = 0
+    last_exit_code: int | None = None
+    started_at: float = 0.0
+    next_start: float | None = 0.0
+    conn: ByteStream | None = None
+    ready: bool = False
+    stop_wanted: bool = False
+    killed_for: str = ""
+    counters: list = field(default_factory=list)
+    info: dict = field(default_factory=dict)
+
+    @property
+    def alive(self) -> bool:
+        return self.process is not None
+
+
+class Supervisor:
+    """Runs one configuration until stopped; :meth:`run` returns the exit code."""
+
+    def __init__(
+        self,
+        config: Config,
+        plugins: PluginSelection,
+        plans: list[PipelinePlan],
+        *,
+        sink_types: dict[str, str],
+        log_level: int = logging.INFO,
+        duration: float | None = None,
+    ) -> None:
+        self.config = config
+        self.runtime = config.runtime
+        self.plugins = plugins
+        self.plans = plans
+        self.sink_types = sink_types
+        self.log_level = log_level
+        self.duration = duration
+        self._ctx = multiprocessing.get_context("spawn")
+        self._children: dict[str, _Child] = {}
+        self._sink_marks: dict[str, dict[StreamKey, int]] = {name: {} for name in sink_types}
+        self._stopping = False
+        self._force = False
+        self._wake = anyio.Event()
+        self._state = "running"
+        self._exit_code: int | None = None
+        self._started_wall = time.time_ns() // 1_000_000
+        self._dir = ""
+        self._sink_paths: dict[str, str] = {}
+        used = {s for p in config.pipelines for s in p.sinks}
+        for name in sorted(used):
+            self._add(_Child(name=f"sink.{name}", kind="writer", sink=name))
+        for plan in plans:
+            sinks = list(config.pipelines[plan.index].sinks)
+            for i, group in enumerate(plan.groups):
+                self._add(
+                    _Child(
+                        name=f"{plan.name}.worker{i}",
+                        kind="worker",
+                        pipeline=plan.index,
+                        symbols=group,
+                        sinks=sinks,
+                    )
+                )
+
+    def _add(self, child: _Child) -> None:
+        self._children[child.name] = child
+
+    @property
+    def children(self) -> list[_Child]:
+        return list(self._children.values())
+
+    # -- spawning ------------------------------------------------------------------------
+    def _resume_for(self, child: _Child) -> dict[StreamKey, int]:
+        plan = next(p for p in self.plans if p.index == child.pipeline)
+        wanted = set(child.symbols)
+        resume: dict[StreamKey, int] = {}
+        for sink in child.sinks:
+            for key, value in self._sink_marks.get(sink, {}).items():
+                if key.symbol not in wanted:
+                    continue
+                if plan.exchange and (key.exchange, key.market) != (plan.exchange, plan.market):
+                    continue
+                resume[key] = min(resume.get(key, value), value)
+        return resume
+
+    def _spawn(self, child: _Child) -> None:
+        child.incarnation += 1
+        child.ready = False
+        child.stop_wanted = False
+        child.counters = []
+        child.info = {}
+        if child.kind == "writer":
+            paths = {child.sink: self._sink_paths[child.sink]}
+            target = writer_main
+        else:
+            paths = {s: self._sink_paths[s] for s in child.sinks}
+            target = worker_main
+        spec = ChildSpec(
+            kind=child.kind,
+            child=child.name,
+            incarnation=child.incarnation,
+            plugins=self.plugins,
+            config=self.config,
+            control_path=os.path.join(self._dir, "ctl.sock"),
+            log_level=self.log_level,
+            sink_paths=paths,
+            pipeline_index=child.pipeline,
+            symbols=child.symbols,
+            resume=self._resume_for(child) if child.kind == "worker" else {},
+            sink=child.sink,
+        )
+        process = self._ctx.Process(target=target, args=(spec,), name=child.name, daemon=True)
+        process.start()
+        child.process = process
+        child.pid = process.pid
+        child.started_at = time.monotonic()
+        child.next_start = None
+
+    def _start_due(self) -> None:
+        now = time.monotonic()
+        for child in self.children:
+            if child.alive or child.next_start is None or now < child.next_start:
+                continue
+            if child.kind == "worker" and not all(
+                self._children[f"sink.{s}"].ready for s in child.sinks
+            ):
+                continue  # its writers are (re)starting; resume marks come from them
+            self._spawn(child)
+
+    def _reap(self) -> None:
+        now = time.monotonic()
+        for child in self.children:
+            process = child.process
+            if process is None or process.exitcode is None:
+                continue
+            code = process.exitcode
+            process.close()
+            child.process = None
+            child.conn = None
+            child.ready = False
+            child.last_exit_code = code
+            if self._stopping:
+                continue
+            child.restarts += 1
+            if child.killed_for:
+                log.warning(
+                    "%s (pid %s) restarts after writer %s restarted (restart %d)",
+                    child.name,
+                    child.pid,
+                    child.killed_for,
+                    child.restarts,
+                )
+                child.killed_for = ""
+                child.next_start = now
+                continue
+            cap = self.runtime.restart_backoff_max
+            if now - child.started_at > max(cap, 1.0):
+                child.failures = 0
+            child.failures += 1
+            delay = min(cap, _FIRST_BACKOFF * 2 ** (child.failures - 1))
+            log.warning(
+                "%s (pid %s) exited with code %s after %.1f s; restarting in %.1f s (restart %d)",
+                child.name,
+                child.pid,
+                code,
+                now - child.started_at,
+                delay,
+                child.restarts,
+            )
+            child.next_start = now + delay
+            if child.kind == "writer":
+                for other in self.children:
+                    if other.kind == "worker" and child.sink in other.sinks and other.alive:
+                        other.killed_for = child.name
+                        other.process.kill()
+
+    # -- control connections -----------------------------------------------------------
+    async def _serve_control(self, listener) -> None:
+        async with listener:
+            await listener.serve(self._handle)
+
+    async def _handle(self, stream: ByteStream) -> None:
+        reader = FrameReader(stream)
+        async with stream:
+            payload = await reader.receive()
+            if payload is None:
+                return
+            hello = decode_control(payload)
+            child = self._children.get(hello.child) if isinstance(hello, Hello) else None
+            if child is None or hello.incarnation != child.incarnation:
+                return  # a stale incarnation that outlived its restart
+            child.conn = stream
+            if child.stop_wanted:
+                await self._send_stop(child)
+            while True:
+                payload = await reader.receive()
+                if payload is None:
+                    return
+                message = decode_control(payload)
+                if hello.incarnation != child.incarnation:
+                    return
+                if isinstance(message, Ready):
+                    self._sink_marks[child.sink] = _unmark(message.holdings)
+                    child.ready = True
+                    self._wake.set()
+                elif isinstance(message, Status):
+                    child.counters = message.counters
+                    child.info = message.info
+                    if child.kind == "writer" and message.high_water:
+                        self._sink_marks[child.sink].update(_unmark(message.high_water))
+
+    async def _send_stop(self, child: _Child) -> None:
+        child.stop_wanted = True
+        if child.conn is not None:
+            # If it died meanwhile, the reaper sees it.
+            with contextlib.suppress(anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
+                await child.conn.send(encode_control(Stop()))
+
+    # -- signals and status --------------------------------------------------------------
+    def request_stop(self, reason: str) -> None:
+        """Begin a graceful shutdown (a second call forces it)."""
+        if self._stopping:
+            log.warning("%s again: forcing exit", reason)
+            self._force = True
+        else:
+            log.info("%s: stopping (draining queues; send again to force)", reason)
+            self._stopping = True
+            self._state = "stopping"
+        self._wake.set()
+
+    async def _signals(self) -> None:
+        try:
+            receiver = anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM)
+            with receiver as signals:
+                async for signum in signals:
+                    self.request_stop(signal.Signals(signum).name)
+        except (ValueError, RuntimeError):
+            return  # not the main thread: only duration ends the run
+
+    def status(self) -> dict[str, Any]:
+        """The merged status document (see :mod:`streamer.core.runtime.status`)."""
+        now = time.monotonic()
+        pipelines = {}
+        for plan in self.plans:
+            workers = [c for c in self.children if c.kind == "worker" and c.pipeline == plan.index]
+            pipelines[plan.name] = {
+                "exchange": plan.exchange,
+                "market": plan.market,
+                "symbols": plan.symbols,
+                **merge_counters(c.counters for c in workers),
+            }
+        sinks = {}
+        for child in self.children:
+            if child.kind != "writer":
+                continue
+            marks = self._sink_marks.get(child.sink, {})
+            sinks[child.sink] = {
+                "type": self.sink_types.get(child.sink, ""),
+                **merge_counters([child.counters]),
+                "high_water": {
+                    f"{k.exchange}/{k.market}/{k.symbol}/{k.stream}": v
+                    for k, v in sorted(marks.items())
+                },
+            }
+        children = {
+            c.name: {
+                "kind": c.kind,
+                "pid": c.pid,
+                "alive": c.alive,
+                "incarnation": c.incarnation,
+                "restarts": c.restarts,
+                "last_exit_code": c.last_exit_code,
+                "uptime": round(now - c.started_at, 3) if c.alive else 0.0,
+                "info": c.info,
+            }
+            for c in self.children
+        }
+        return {
+            "pid": os.getpid(),
+            "started_at": self._started_wall,
+            "updated_at": time.time_ns() // 1_000_000,
+            "state": self._state,
+            "exit_code": self._exit_code,
+            "pipelines": pipelines,
+            "sinks": sinks,
+            "children": children,
+        }
+
+    def _publish(self) -> None:
+        try:
+            write_status(self.runtime.state_dir, self.status())
+        except OSError as exc:
+            log.error("cannot write status to %s: %s", self.runtime.state_dir, exc)
+
+    async def _status_loop(self) -> None:
+        while True:
+            self._publish()
+            await anyio.sleep(self.runtime.status_interval)
+
+    # -- main ----------------------------------------------------------------------------
+    async def run(self) -> int:
+        """Supervise until stopped; returns 0 after a clean drain."""
+        # A short private directory: Unix socket paths are limited to about 100 bytes.
+        self._dir = tempfile.mkdtemp(prefix="streamer-")
+        for i, name in enumerate(sorted(self.sink_types)):
+            self._sink_paths[name] = os.path.join(self._dir, f"sink{i}.sock")
+        listener = await anyio.create_unix_listener(os.path.join(self._dir, "ctl.sock"))
+        deadline = None if self.duration is None else time.monotonic() + self.duration
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(self._serve_control, listener)
+                tg.start_soon(self._signals)
+                tg.start_soon(self._status_loop)
+                log.info(
+                    "started: %d worker(s), %d writer(s); status in %s",
+                    sum(c.kind == "worker" for c in self.children),
+                    sum(c.kind == "writer" for c in self.children),
+                    os.path.join(self.runtime.state_dir, "status.json"),
+                )
+                while not self._stopping:
+                    self._reap()
+                    self._start_due()
+                    if deadline is not None and time.monotonic() >= deadline:
+                        self.request_stop("duration elapsed")
+                        break
+                    with anyio.move_on_after(_TICK):
+                        await self._wake.wait()
+                    self._wake = anyio.Event()
+                code = await self._shutdown()
+                tg.cancel_scope.cancel()
+        finally:
+            for child in self.children:
+                if child.alive:
+                    child.process.kill()
+                    child.process.join(5)
+            shutil.rmtree(self._dir, ignore_errors=True)
+        self._exit_code = code
+        self._state = "stopped"
+        self._publish()
+        return code
+
+    async def _shutdown(self) -> int:
+        deadline = time.monotonic() + self.runtime.shutdown_timeout
+        for kind in ("worker", "writer"):
+            group = [c for c in self.children if c.kind == kind]
+            for child in group:
+                child.next_start = None
+                if child.alive:
+                    await self._send_stop(child)
+            while True:
+                self._reap()
+                alive = [c for c in group if c.alive]
+                if not alive:
+                    break
+                if self._force:
+                    return self._kill_all("forced exit", 130)
+                if time.monotonic() >= deadline:
+                    names = ", ".join(c.name for c in alive)
+                    return self._kill_all(
+                        f"shutdown timed out after {self.runtime.shutdown_timeout:g} s "
+                        f"waiting for {names}",
+                        1,
+                    )
+                with anyio.move_on_after(_TICK):
+                    await self._wake.wait()
+                self._wake = anyio.Event()
+        log.info("stopped cleanly")
+        return 0
+
+    def _kill_all(self, reason: str, code: int) -> int:
+        log.error("%s: killing remaining children", reason)
+        for child in self.children:
+            if child.alive:
+                child.process.kill()
+                child.process.join(5)
+                child.last_exit_code = child.process.exitcode
+                child.process.close()
+                child.process = None
+        return code
+
+
+def _unmark(rows) -> dict[StreamKey, int]:
+    return {StreamKey(e, m, s, t): v for e, m, s, t, v in rows}

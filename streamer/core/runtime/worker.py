@@ -1,0 +1,301 @@
+"""The collector worker process: an exchange adapter, its stream types and the batcher.
+
+Data path inside the worker (one anyio event loop)::
+
+    adapter.stream(subs, inbox) -> _Inbox.on_record -> StreamType.on_record -> emit
+    emit -> pending list -> _flush (every batch_size records or batch_interval seconds)
+         -> encode_batch once -> one bounded queue per sink -> sender task -> socket
+
+``emit`` never blocks. When a sink's queue is full the flusher waits (counted as
+``backpressure_waits``) while ``emit`` keeps collecting up to ``batch_size *
+queue_batches`` records; beyond that records are dropped, counted as
+``records_overflowed`` and reported to the sinks as ``overflow`` markers, never silently.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import time
+from collections import defaultdict
+from collections.abc import Sequence
+
+import anyio
+from anyio.abc import ByteStream
+
+from ..api import (
+    ExchangeAdapter,
+    ExchangeContext,
+    StreamContext,
+    StreamKey,
+    StreamType,
+)
+from ..config import validate_components
+from ..logs import RateLimitedLog
+from ..metrics import Counters
+from ..records import DepthUpdate, Kline, Marker, Record, Trade, encode_batch
+from .bootstrap import ChildSpec
+from .channels import FrameReader, Hello, Status, Stop, decode_control, encode_control, frame
+from .keys import record_key, stream_name
+
+_CHANNEL_OF = {Trade: "trade", DepthUpdate: "depth", Kline: "kline"}
+_CONNECT_RETRY = 0.05
+
+
+async def connect_unix_retry(path: str, timeout: float | None = None) -> ByteStream:
+    """Connect to the Unix socket ``path``, retrying while its listener is not up yet."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while True:
+        try:
+            return await anyio.connect_unix(path)
+        except OSError:
+            if deadline is not None and time.monotonic() > deadline:
+                raise
+            await anyio.sleep(_CONNECT_RETRY)
+
+
+class _Inbox:
+    """Routes adapter records to the stream types subscribed to their channel."""
+
+    def __init__(self, streams: Sequence[StreamType], counters: Counters) -> None:
+        self._routes: dict[type, list[StreamType]] = {}
+        for kind, channel in _CHANNEL_OF.items():
+            self._routes[kind] = [s for s in streams if channel in s.channels]
+        self._streams = list(streams)
+        self._counters = counters
+
+    def on_record(self, record: Record) -> None:
+        targets = self._routes.get(type(record))
+        if not targets:
+            self._counters.incr("records_unrouted")
+            return
+        for target in targets:
+            target.on_record(record)
+
+    def on_reconnect(self, symbols: Sequence[str], reason: str) -> None:
+        self._counters.incr("reconnects")
+        for stream in self._streams:
+            stream.on_reconnect(symbols, reason)
+
+
+class Worker:
+    """One collector worker; :meth:`run` returns when stopped and everything is sent."""
+
+    def __init__(self, spec: ChildSpec) -> None:
+        self.spec = spec
+        self.runtime = spec.config.runtime
+        self.pipeline = spec.config.pipelines[spec.pipeline_index]
+        self.counters = Counters()
+        self.logger = logging.getLogger(f"streamer.worker.{self.pipeline.name}")
+        self._rate_log = RateLimitedLog(self.logger, interval=10.0)
+        self._pending: list[Record] = []
+        self._batch_size = max(1, self.runtime.batch_size)
+        self._cap = self._batch_size * max(1, self.runtime.queue_batches)
+        # StreamKey -> [first dropped key, last dropped key] awaiting an overflow marker.
+        self._overflow: dict[StreamKey, list[int]] = {}
+        self._wake = anyio.Event()
+        self._stop = anyio.Event()
+        self._closing = False
+        self._queues: dict[str, tuple] = {}
+
+    # -- emit / batching -------------------------------------------------------------
+    def emit(self, record: Record) -> None:
+        """Queue one record for every sink of the pipeline; never blocks."""
+        pending = self._pending
+        if len(pending) >= self._cap:
+            self._drop(record)
+            return
+        pending.append(record)
+        if len(pending) >= self._batch_size:
+            self._wake.set()
+
+    def _drop(self, record: Record) -> None:
+        if type(record) is Marker:
+            # Markers are rare and must not be lost: let them exceed the cap.
+            self._pending.append(record)
+            return
+        key = StreamKey(record.exchange, record.market, record.symbol, stream_name(record))
+        value = record_key(record) or 0
+        span = self._overflow.get(key)
+        if span is None:
+            self._overflow[key] = [value, value]
+        else:
+            span[0] = min(span[0], value)
+            span[1] = max(span[1], value)
+        self.counters.incr("records_overflowed", key.symbol, key.stream)
+        self._rate_log.error(
+            "overflow",
+            "sinks are not keeping up: dropping records (%s pending); see records_overflowed",
+            len(self._pending),
+        )
+
+    def _overflow_markers(self) -> list[Record]:
+        now = time.time_ns() // 1_000_000
+        markers: list[Record] = [
+            Marker(
+                k.exchange,
+                k.market,
+                k.symbol,
+                k.stream,
+                "overflow",
+                a,
+                b,
+                now,
+                "runtime queue overflow",
+            )
+            for k, (a, b) in sorted(self._overflow.items())
+        ]
+        self._overflow.clear()
+        return markers
+
+    async def _flusher(self) -> None:
+        interval = max(0.001, self.runtime.batch_interval)
+        while True:
+            with anyio.move_on_after(interval):
+                await self._wake.wait()
+            self._wake = anyio.Event()
+            await self._flush()
+            if self._closing:
+                await self._flush()  # anything emitted while the last flush waited
+                for send, _ in self._queues.values():
+                    await send.aclose()
+                return
+
+    async def _flush(self) -> None:
+        while self._pending or self._overflow:
+            markers = self._overflow_markers() if self._overflow else []
+            batch = self._pending[: self._batch_size]
+            del self._pending[: self._batch_size]
+            batch = markers + batch
+            self._count(batch)
+            data = encode_batch(batch)
+            for send, _ in self._queues.values():
+                try:
+                    send.send_nowait(data)
+                except anyio.WouldBlock:
+                    self.counters.incr("backpressure_waits")
+                    started = time.monotonic()
+                    await send.send(data)
+                    waited = int((time.monotonic() - started) * 1000)
+                    self.counters.incr("backpressure_wait_ms", n=waited)
+            self.counters.incr("batches_sent")
+
+    def _count(self, batch: list[Record]) -> None:
+        tally: defaultdict[tuple[str, str], int] = defaultdict(int)
+        for record in batch:
+            tally[(record.symbol, stream_name(record))] += 1
+        for (symbol, stream), n in tally.items():
+            self.counters.incr("records_emitted", symbol, stream, n)
+
+    async def _sender(self, sink: str, path: str, receive) -> None:
+        stream = await connect_unix_retry(path)
+        async with stream, receive:
+            async for data in receive:
+                await stream.send(frame(data))
+
+    # -- lifecycle ---------------------------------------------------------------------
+    def _build(self) -> tuple[ExchangeAdapter, list[StreamType]]:
+        registry = self.spec.plugins.registry()
+        pipelines, _ = validate_components(self.spec.config, registry)
+        resolved = pipelines[self.spec.pipeline_index]
+        adapter_cls = registry.exchange(self.pipeline.exchange)
+        adapter = adapter_cls(
+            resolved.exchange_options,
+            ExchangeContext(
+                pipeline=self.pipeline.name, counters=self.counters, logger=self.logger
+            ),
+        )
+        streams = []
+        for name, options in resolved.stream_options.items():
+            stream_cls = registry.stream(name)
+            context = StreamContext(
+                pipeline=self.pipeline.name,
+                exchange=adapter,
+                symbols=list(self.spec.symbols),
+                emit=self.emit,
+                counters=self.counters,
+                logger=logging.getLogger(f"streamer.stream.{name}"),
+                resume=dict(self.spec.resume),
+            )
+            streams.append(stream_cls(options, context))
+        return adapter, streams
+
+    def _status(self, final: bool = False) -> Status:
+        depths = {
+            name: receive.statistics().current_buffer_used
+            for name, (_, receive) in self._queues.items()
+        }
+        return Status(
+            counters=[(n, s, t, v) for (n, s, t), v in self.counters.snapshot().items()],
+            info={
+                "queue_depths": depths,
+                "pending_records": len(self._pending),
+                "symbols": list(self.spec.symbols),
+            },
+            final=final,
+        )
+
+    async def _control(self, ctl: ByteStream) -> None:
+        reader = FrameReader(ctl)
+        while True:
+            payload = await reader.receive()
+            if payload is None:
+                # The supervisor is gone: stop rather than run orphaned.
+                self.logger.warning("control connection lost; stopping")
+                self._stop.set()
+                return
+            if isinstance(decode_control(payload), Stop):
+                self._stop.set()
+
+    async def _publish(self, ctl: ByteStream) -> None:
+        while True:
+            await anyio.sleep(self.runtime.status_interval)
+            await ctl.send(encode_control(self._status()))
+
+    async def _signals(self) -> None:
+        with anyio.open_signal_receiver(signal.SIGTERM) as signals:
+            async for _ in signals:
+                self._stop.set()
+
+    async def run(self) -> None:
+        """Stream until told to stop, then send everything held and return."""
+        adapter, streams = self._build()
+        subscriptions = sorted({sub for s in streams for sub in s.subscriptions()})
+        inbox = _Inbox(streams, self.counters)
+        for sink in self.spec.sink_paths:
+            send, receive = anyio.create_memory_object_stream[bytes](self.runtime.queue_batches)
+            self._queues[sink] = (send, receive)
+        ctl = await connect_unix_retry(self.spec.control_path, timeout=30)
+        await ctl.send(encode_control(Hello(self.spec.child, self.spec.incarnation, os.getpid())))
+        try:
+            async with anyio.create_task_group() as outer:
+                outer.start_soon(self._control, ctl)
+                outer.start_soon(self._publish, ctl)
+                outer.start_soon(self._signals)
+                async with anyio.create_task_group() as io:
+                    for sink, path in self.spec.sink_paths.items():
+                        io.start_soon(self._sender, sink, path, self._queues[sink][1])
+                    io.start_soon(self._flusher)
+                    async with anyio.create_task_group() as reading:
+                        reading.start_soon(adapter.stream, subscriptions, inbox)
+                        for stream in streams:
+                            reading.start_soon(stream.run)
+                        await self._stop.wait()
+                        reading.cancel_scope.cancel()
+                    self._closing = True
+                    self._wake.set()
+                await ctl.send(encode_control(self._status(final=True)))
+                outer.cancel_scope.cancel()
+        finally:
+            with anyio.CancelScope(shield=True):
+                await adapter.aclose()
+
+
+def worker_main(spec: ChildSpec) -> None:
+    """Entry point of a spawned worker process."""
+    from .bootstrap import setup_logging
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor decides when to stop
+    setup_logging(spec.log_level)
+    anyio.run(Worker(spec).run)

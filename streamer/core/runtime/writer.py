@@ -1,0 +1,228 @@
+"""The sink writer process: one per sink instance.
+
+It opens the sink, reports the sink's ``holdings()`` to the supervisor (``Ready``), then
+accepts one data connection per worker. Each connection's frames go through one bounded
+queue (``queue_batches``; a full queue is counted as ``backpressure_waits`` and pushes back
+on the workers through their sockets) into a single loop that decodes, drops what is
+already held (:class:`~streamer.core.runtime.keys.HighWater`, seeded from the holdings),
+calls ``sink.write`` and ``sink.flush`` every flush interval (the sink's
+``flush_interval`` option when it has one, else one second).
+
+On ``Stop`` (sent once every worker has exited) it stops accepting, reads every connection
+to its end, drains the queue, flushes, closes the sink and exits 0.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import time
+from collections import defaultdict
+
+import anyio
+import msgspec
+from anyio.abc import ByteStream
+
+from ..api import Sink, SinkContext, StreamKey
+from ..config import validate_components
+from ..logs import RateLimitedLog
+from ..metrics import Counters
+from ..records import decode_batch
+from ..units import parse_duration
+from .bootstrap import ChildSpec
+from .channels import FrameReader, Hello, Ready, Status, Stop, decode_control, encode_control
+from .keys import HighWater, stream_name
+from .worker import connect_unix_retry
+
+DEFAULT_FLUSH_INTERVAL = 1.0
+
+
+def flush_interval_of(options: object) -> float:
+    """The sink's ``flush_interval`` option in seconds, or the runtime default."""
+    value = getattr(options, "flush_interval", None)
+    if value is None:
+        return DEFAULT_FLUSH_INTERVAL
+    return parse_duration(value)
+
+
+class Writer:
+    """One sink writer; :meth:`run` returns after a clean stop."""
+
+    def __init__(self, spec: ChildSpec) -> None:
+        self.spec = spec
+        self.runtime = spec.config.runtime
+        self.counters = Counters()
+        self.logger = logging.getLogger(f"streamer.writer.{spec.sink}")
+        self._rate_log = RateLimitedLog(self.logger, interval=10.0)
+        self._stop = anyio.Event()
+        self._high_water = HighWater()
+        self._send, self._receive = anyio.create_memory_object_stream[bytes](
+            self.runtime.queue_batches
+        )
+        self._connections = 0
+
+    def _build(self) -> tuple[Sink, float]:
+        registry = self.spec.plugins.registry()
+        _, sinks = validate_components(self.spec.config, registry)
+        type_name, options = sinks[self.spec.sink]
+        sink_cls = registry.sink(type_name)
+        sink = sink_cls(
+            options, SinkContext(name=self.spec.sink, counters=self.counters, logger=self.logger)
+        )
+        return sink, flush_interval_of(options)
+
+    async def _serve(self, listener) -> None:
+        async with anyio.create_task_group() as conns:
+            async with anyio.create_task_group() as accepting:
+                accepting.start_soon(self._accept, listener, conns)
+                await self._stop.wait()
+                accepting.cancel_scope.cancel()
+            # No new connections; the open ones are read to their end (their workers
+            # have exited or are about to).
+            await listener.aclose()
+        await self._send.aclose()
+
+    async def _accept(self, listener, conns) -> None:
+        while True:
+            stream = await listener.accept()
+            self._connections += 1
+            conns.start_soon(self._read, stream, self._send.clone())
+
+    async def _read(self, stream: ByteStream, send) -> None:
+        reader = FrameReader(stream)
+        async with stream, send:
+            try:
+                while True:
+                    payload = await reader.receive()
+                    if payload is None:
+                        return
+                    self.counters.incr("batches_received")
+                    try:
+                        send.send_nowait(payload)
+                    except anyio.WouldBlock:
+                        self.counters.incr("backpressure_waits")
+                        await send.send(payload)
+            finally:
+                self._connections -= 1
+
+    async def _consume(self, sink: Sink, flush_every: float) -> None:
+        next_flush = time.monotonic() + flush_every
+        dirty = False
+        while True:
+            payload = None
+            with anyio.move_on_after(max(0.0, next_flush - time.monotonic())):
+                try:
+                    payload = await self._receive.receive()
+                except anyio.EndOfStream:
+                    break
+            if payload is not None:
+                dirty = await self._write(sink, payload) or dirty
+            if time.monotonic() >= next_flush:
+                if dirty:
+                    await sink.flush()
+                    self.counters.incr("flushes")
+                    dirty = False
+                next_flush = time.monotonic() + flush_every
+
+    async def _write(self, sink: Sink, payload: bytes) -> bool:
+        try:
+            batch = decode_batch(payload)
+        except msgspec.DecodeError as exc:
+            self.counters.incr("batches_corrupt")
+            self._rate_log.error("corrupt_batch", "dropping an undecodable batch: %s", exc)
+            return False
+        self.counters.incr("records_received", n=len(batch))
+        kept, dropped = self._high_water.filter(batch)
+        for key, n in dropped.items():
+            self.counters.incr("duplicates_dropped", key.symbol, key.stream, n)
+        if not kept:
+            return False
+        await sink.write(kept)
+        tally: defaultdict[tuple[str, str], int] = defaultdict(int)
+        for record in kept:
+            tally[(record.symbol, stream_name(record))] += 1
+        for (symbol, stream), n in tally.items():
+            self.counters.incr("records_written", symbol, stream, n)
+        return True
+
+    def _status(self, final: bool = False) -> Status:
+        return Status(
+            counters=[(n, s, t, v) for (n, s, t), v in self.counters.snapshot().items()],
+            info={
+                "queue_depth": self._receive.statistics().current_buffer_used,
+                "connections": self._connections,
+            },
+            high_water=_marks(self._high_water.marks),
+            final=final,
+        )
+
+    async def _control(self, ctl: ByteStream) -> None:
+        reader = FrameReader(ctl)
+        while True:
+            payload = await reader.receive()
+            if payload is None:
+                self.logger.warning("control connection lost; stopping")
+                self._stop.set()
+                return
+            if isinstance(decode_control(payload), Stop):
+                self._stop.set()
+
+    async def _publish(self, ctl: ByteStream) -> None:
+        while True:
+            await anyio.sleep(self.runtime.status_interval)
+            await ctl.send(encode_control(self._status()))
+
+    async def _signals(self) -> None:
+        with anyio.open_signal_receiver(signal.SIGTERM) as signals:
+            async for _ in signals:
+                self._stop.set()
+
+    async def run(self) -> None:
+        """Serve until stopped, then drain, flush and close the sink."""
+        sink, flush_every = self._build()
+        path = self.spec.sink_paths[self.spec.sink]
+        if os.path.exists(path):
+            os.unlink(path)
+        listener = await anyio.create_unix_listener(path)
+        await sink.open()
+        closed = False
+        try:
+            holdings = await sink.holdings()
+            self._high_water = HighWater(holdings)
+            ctl = await connect_unix_retry(self.spec.control_path, timeout=30)
+            hello = Hello(self.spec.child, self.spec.incarnation, os.getpid())
+            await ctl.send(encode_control(hello))
+            await ctl.send(encode_control(Ready(_marks(holdings))))
+            async with anyio.create_task_group() as outer:
+                outer.start_soon(self._control, ctl)
+                outer.start_soon(self._publish, ctl)
+                outer.start_soon(self._signals)
+                async with anyio.create_task_group() as data:
+                    data.start_soon(self._serve, listener)
+                    await self._consume(sink, flush_every)
+                closed = True
+                await sink.close()
+                self.counters.incr("flushes")
+                await ctl.send(encode_control(self._status(final=True)))
+                outer.cancel_scope.cancel()
+        finally:
+            if not closed:
+                with anyio.CancelScope(shield=True):
+                    try:
+                        await sink.close()
+                    except Exception:
+                        self.logger.exception("closing sink %s after an error", self.spec.sink)
+
+
+def _marks(marks: dict[StreamKey, int]) -> list[tuple[str, str, str, str, int]]:
+    return [(k.exchange, k.market, k.symbol, k.stream, v) for k, v in sorted(marks.items())]
+
+
+def writer_main(spec: ChildSpec) -> None:
+    """Entry point of a spawned writer process."""
+    from .bootstrap import setup_logging
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor decides when to stop
+    setup_logging(spec.log_level)
+    anyio.run(Writer(spec).run)
