@@ -46,7 +46,8 @@ STALE = 4
 COVERED = 5
 #: The snapshot is older than the buffered updates: fetch another one (buffer kept).
 REFETCH = 6
-#: The snapshot was applied and the book is live (``BookSync.on_snapshot``).
+#: The book just went live: the snapshot was bridged (from ``on_snapshot``, or from
+#: ``feed`` when that update was the bridging one and was applied).
 SYNCED = 7
 #: The snapshot was applied; waiting for the update that bridges it.
 BRIDGING_WAIT = 8
@@ -379,7 +380,8 @@ class BookSync:
         first = update.first_update_id
         if first <= (snap_id if self._futures else snap_id + 1):
             self.state = LIVE
-            return self._apply(update)
+            code = self._apply(update)
+            return SYNCED if code == APPLIED else code
         # The first update past the snapshot does not reach back to it: too old.
         self.detail = f"snapshot lastUpdateId={snap_id} older than first U={first}"
         self.book = None
