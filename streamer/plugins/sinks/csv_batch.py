@@ -1,1 +1,841 @@
-"""Placeholder: implemented by its own issue."""
+"""The ``csv`` sink: fast, crash-safe CSV files in the data.binance.vision layout.
+
+Layout under ``Options.path`` (``<label>`` is ``YYYY-MM-DD``, or ``YYYY-MM-DD-HH`` with
+hourly rotation, from the record's exchange time in UTC)::
+
+    <exchange>/<market>/aggTrades/<SYMBOL>/<SYMBOL>-aggTrades-<label>.csv
+    <exchange>/<market>/klines/<SYMBOL>/<interval>/<SYMBOL>-<interval>-<label>.csv
+    <exchange>/<market>/depth/<SYMBOL>/<SYMBOL>-depth-<label>.csv
+    <exchange>/<market>/orderbook/<SYMBOL>/<SYMBOL>-orderbook-<label>.csv
+    <exchange>/<market>/markers/<SYMBOL>/<SYMBOL>-markers-<label>.csv
+
+(``.csv.gz`` with ``gzip: true``). Columns are documented in ``docs/csv.md``.
+
+How it writes: :meth:`CsvSink.write` routes each record to its file, drops what it already
+holds (keys must grow per stream), encodes rows by joining the exchange's exact strings
+and appends them to that file's pending buffer. :meth:`CsvSink.flush` (also run from
+``write`` every ``flush_interval`` or ``flush_rows``) issues one ``write`` per file, or
+one gzip member per file. A failed write is undone (truncated back), its rows stay
+pending and are retried on the next flush; rows beyond ``max_buffered_rows`` are dropped,
+counted, and reported as a ``gap`` marker once writing works again.
+
+One writer per directory tree: two sinks must not share a ``path``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import os
+import time
+from collections import OrderedDict
+from collections.abc import Sequence
+from typing import Literal
+
+import msgspec
+
+from streamer.core.api import Sink, SinkContext, StreamKey
+from streamer.core.hookspecs import hookimpl
+from streamer.core.logs import RateLimitedLog
+from streamer.core.records import BookSnapshot, DepthUpdate, Kline, Marker, Record, Trade
+from streamer.core.units import parse_duration
+
+from . import _csv_files as files
+from . import _csv_layout as layout
+
+__all__ = ["CsvSink", "Options"]
+
+
+class Options(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """Options of the ``csv`` sink (the ``sinks.<name>`` section of the YAML config)."""
+
+    #: Root directory of the tree (created if missing).
+    path: str
+    #: New file per UTC day, or per UTC hour (``-HH`` appended to the date).
+    rotation: Literal["daily", "hourly"] = "daily"
+    #: ``write`` flushes when the last flush is older than this (``"1s"``, ``"250ms"``, 2.5).
+    flush_interval: str | float = "1s"
+    #: ``write`` also flushes once this many rows are pending.
+    flush_rows: int = 100_000
+    #: Write ``.csv.gz`` files, one gzip member per flush.
+    gzip: bool = False
+    #: zlib level for gzip members (1 fastest .. 9 smallest).
+    gzip_level: int = 6
+    #: ``never``; ``flush``: fsync every file written at each flush; ``rotation``: fsync a
+    #: file when the stream moves to the next period and at close.
+    fsync: Literal["never", "flush", "rotation"] = "rotation"
+    #: Open file descriptors kept at most (least recently used are closed first).
+    max_open_files: int = 256
+    #: Rows kept for retry while writes fail; beyond it rows are dropped and reported.
+    max_buffered_rows: int = 1_000_000
+    #: Levels per side in orderbook files; default: the depth of a new file's first snapshot.
+    book_levels: int | None = None
+
+    def __post_init__(self) -> None:
+        if not self.path:
+            raise ValueError("path must not be empty")
+        seconds = parse_duration(self.flush_interval)
+        if seconds <= 0:
+            raise ValueError("flush_interval must be positive")
+        for name in ("flush_rows", "max_open_files", "max_buffered_rows"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1")
+        if self.flush_rows > self.max_buffered_rows:
+            raise ValueError("flush_rows must not exceed max_buffered_rows")
+        if not 0 <= self.gzip_level <= 9:
+            raise ValueError("gzip_level must be between 0 and 9")
+        if self.book_levels is not None and self.book_levels < 1:
+            raise ValueError("book_levels must be at least 1")
+
+
+# A target file: (kind, exchange, market, symbol, interval, period number).
+_Target = tuple[str, str, str, str, str, int]
+
+_DISK_FULL = frozenset({errno.ENOSPC, errno.EDQUOT})
+_DENIED = frozenset({errno.EACCES, errno.EPERM, errno.EROFS})
+
+
+def _reason(exc: OSError) -> str:
+    if exc.errno in _DISK_FULL:
+        return "disk full"
+    if exc.errno in _DENIED:
+        return "permission denied"
+    return f"write error: {exc.strerror or exc}"
+
+
+class _File:
+    """State of one output file: where it is, what is pending, and its descriptor."""
+
+    __slots__ = (
+        "columns",
+        "commas",
+        "created",
+        "directory",
+        "fd",
+        "header",
+        "identity",
+        "kind",
+        "levels",
+        "path",
+        "pending",
+        "pending_key",
+        "pending_rows",
+        "retired",
+        "size",
+        "stream",
+        "symbol",
+        "target",
+    )
+
+    def __init__(self, target: _Target, directory: str, path: str) -> None:
+        self.target = target
+        self.kind = target[0]
+        self.symbol = target[3]
+        self.directory = directory
+        self.path = path
+        self.columns: tuple[str, ...] = ()
+        self.header = b""
+        self.commas = 0
+        self.levels: int | None = None
+        self.stream: StreamKey | None = None
+        self.fd: int | None = None
+        #: (st_dev, st_ino) of the file we wrote; None until opened.
+        self.identity: tuple[int, int] | None = None
+        self.size = 0
+        self.created = False
+        self.pending: list[bytes] = []
+        self.pending_rows = 0
+        self.pending_key: int | None = None
+        self.retired = False
+
+    def set_columns(self, columns: tuple[str, ...]) -> None:
+        self.columns = columns
+        self.header = layout.header_line(columns)
+        self.commas = len(columns) - 1
+
+
+class _Drop:
+    """Rows of one stream dropped while the disk failed, reported later as a gap marker."""
+
+    __slots__ = ("first_key", "last_key", "reason", "rows", "time")
+
+    def __init__(self, first_key: int, time_ms: int, reason: str) -> None:
+        self.first_key = first_key
+        self.last_key = first_key
+        self.time = time_ms
+        self.reason = reason
+        self.rows = 0
+
+
+class CsvSink(Sink):
+    """Writes records to CSV files; see the module docstring for layout and guarantees.
+
+    ``io`` replaces the system calls used for writing (tests inject faults with it).
+    Counters (in ``context.counters``): ``rows_written``, ``bytes_written``, ``flushes``,
+    ``write_errors``, ``rows_dropped``, ``rows_duplicate``, ``records_invalid``,
+    ``klines_unclosed``, ``torn_repairs``, ``files_reopened``, ``files_conflict``,
+    ``book_levels_truncated``, ``gap_markers``; gauges ``rows_buffered`` (rows waiting for
+    a retry after a failed write) and ``files_open``. ``rows_written``,
+    ``rows_dropped`` and ``rows_duplicate`` are also kept per (symbol, stream).
+    """
+
+    Options = Options
+
+    def __init__(
+        self, options: Options, context: SinkContext, *, io: files.FileIO | None = None
+    ) -> None:
+        super().__init__(options, context)
+        self._opts = options
+        self._root = os.path.abspath(options.path)
+        self._io = io or files.FileIO()
+        self._counters = context.counters
+        self._log = RateLimitedLog(context.logger, interval=30.0)
+        self._periods = layout.PeriodNamer(options.rotation == "hourly")
+        self._flush_seconds = parse_duration(options.flush_interval)
+        self._gz = options.gzip
+        self._files: dict[_Target, _File] = {}
+        self._open_lru: OrderedDict[_Target, _File] = OrderedDict()
+        #: Files with pending rows, in the order they got them.
+        self._dirty: dict[_Target, _File] = {}
+        #: Newest period seen per stream folder (kind, exchange, market, symbol, interval).
+        self._current: dict[tuple[str, str, str, str, str], int] = {}
+        #: Last key accepted per stream (dedupe) and last key durably written (holdings).
+        self._accepted: dict[StreamKey, int] = {}
+        self._durable: dict[StreamKey, int] = {}
+        self._pending_rows = 0
+        self._failing = False
+        self._failure_reason: str | None = None
+        self._drops: dict[tuple[StreamKey, str], _Drop] = {}
+        self._made_dirs: set[str] = set()
+        self._last_flush = time.monotonic()
+        self._opened = False
+        self._closed = False
+
+    # --- lifecycle -------------------------------------------------------------------
+
+    async def open(self) -> None:
+        """Create the root, repair the newest file of every stream and read what it holds."""
+        self._open_sync()
+
+    async def holdings(self) -> dict[StreamKey, int]:
+        """Last key durably written per stream: aggTrade id, closed kline open time
+        (stream ``kline_<interval>``), depth/orderbook ``last_update_id``."""
+        if not self._opened:
+            self._open_sync()
+        return dict(self._durable)
+
+    async def write(self, batch: Sequence[Record]) -> None:
+        """Accept one batch (in order); flushes when the interval or row count is reached."""
+        self._write_sync(batch)
+
+    async def flush(self) -> None:
+        """Write every pending row, one write (or gzip member) per file; never raises for
+        disk errors (rows stay pending, see the class docstring)."""
+        self._flush_sync()
+
+    async def close(self) -> None:
+        """Flush, fsync (unless ``fsync: never``) and close every file."""
+        self._close_sync()
+
+    @property
+    def pending_rows(self) -> int:
+        """Rows accepted but not yet written (waiting for a flush or a retry)."""
+        return self._pending_rows
+
+    # --- open / holdings ---------------------------------------------------------------
+
+    def _open_sync(self) -> None:
+        if self._opened:
+            return
+        self._opened = True
+        os.makedirs(self._root, exist_ok=True)
+        for kind, key, folder, names in self._scan():
+            self._read_newest(kind, key, folder, names)
+        self._accepted.update(self._durable)
+
+    def _scan(self):
+        """Yield (kind, StreamKey or None, folder, file names) for every stream folder."""
+        for exchange in _subdirs(self._root):
+            for market in _subdirs(os.path.join(self._root, exchange)):
+                base = os.path.join(self._root, exchange, market)
+                for dataset in _subdirs(base):
+                    kind = layout.DIR_KIND.get(dataset)
+                    if kind is None:
+                        continue
+                    for symbol in _subdirs(os.path.join(base, dataset)):
+                        folder = os.path.join(base, dataset, symbol)
+                        if kind == layout.KLINE:
+                            for interval in _subdirs(folder):
+                                sub = os.path.join(folder, interval)
+                                key = StreamKey(exchange, market, symbol, f"kline_{interval}")
+                                yield kind, key, sub, _files_in(sub)
+                        elif kind == layout.MARKERS:
+                            yield kind, None, folder, _files_in(folder)
+                        else:
+                            key = StreamKey(exchange, market, symbol, kind)
+                            yield kind, key, folder, _files_in(folder)
+
+    def _read_newest(self, kind: str, key: StreamKey | None, folder: str, names: list[str]) -> None:
+        """Repair the newest file(s) of a stream and record the last key they hold."""
+        ordered = sorted(
+            (sk, name) for name in names if (sk := layout.period_sort_key(name)) is not None
+        )
+        # Newest period first; a period may have both .csv and .csv.gz (gzip toggled).
+        best: int | None = None
+        seen_period = None
+        for period, name in reversed(ordered):
+            if seen_period is not None and period != seen_period:
+                break
+            path = os.path.join(folder, name)
+            try:
+                tail = files.repair(path, name.endswith(".gz"))
+            except OSError as exc:
+                self._log.warning("unreadable", "cannot read %s: %s", path, exc)
+                continue
+            if tail.torn:
+                self._counted_repair(path, tail)
+            if key is None:
+                return
+            value = self._key_of(kind, tail)
+            if value is None:
+                continue  # empty or header only: an older period holds the last key
+            seen_period = period
+            best = value if best is None else max(best, value)
+        if key is not None and best is not None:
+            self._durable[key] = best
+
+    def _key_of(self, kind: str, tail: files.Tail) -> int | None:
+        line = tail.last_line
+        if line is None or line == tail.header:
+            return None
+        try:
+            return int(line.split(b",")[layout.KEY_COLUMN[kind]])
+        except (ValueError, IndexError):
+            self._counters.incr("files_unreadable")
+            return None
+
+    def _counted_repair(self, path: str, tail: files.Tail) -> None:
+        self._counters.incr("torn_repairs")
+        self._log.warning(
+            "torn_repair",
+            "repaired %s: cut %d bytes of a torn last row left by a crash",
+            path,
+            tail.size - tail.valid_size,
+        )
+
+    # --- write -------------------------------------------------------------------------
+
+    def _write_sync(self, batch: Sequence[Record]) -> None:
+        if not self._opened:
+            self._open_sync()
+        span = self._periods.span
+        groups: dict[_Target, list] = {}
+        unclosed = unknown = 0
+        now_ms = 0
+        for r in batch:
+            cls = r.__class__
+            if cls is Trade:
+                kind, t, interval = layout.AGGTRADE, r.transact_time, ""
+            elif cls is DepthUpdate:
+                kind, t, interval = layout.DEPTH, r.event_time, ""
+            elif cls is BookSnapshot:
+                kind, t, interval = layout.ORDERBOOK, r.event_time or r.receive_time, ""
+            elif cls is Kline:
+                if not r.closed:
+                    unclosed += 1
+                    continue
+                kind, t, interval = layout.KLINE, r.open_time, r.interval
+            elif cls is Marker:
+                kind, t, interval = layout.MARKERS, r.time, ""
+                if not t:
+                    now_ms = now_ms or time.time_ns() // 1_000_000
+                    t = now_ms
+            else:
+                unknown += 1
+                continue
+            if t >= 100_000_000_000_000:  # microseconds
+                t //= 1000
+            target = (kind, r.exchange, r.market, r.symbol, interval, t // span)
+            group = groups.get(target)
+            if group is None:
+                groups[target] = [r]
+            else:
+                group.append(r)
+        if unclosed:
+            self._counters.incr("klines_unclosed", n=unclosed)
+        if unknown:
+            self._counters.incr("records_invalid", n=unknown)
+            self._log.warning("invalid_record", "ignored %d records of unknown type", unknown)
+        for target, records in groups.items():
+            self._accept(target, records)
+            if self._pending_rows >= self._opts.flush_rows and not self._failing:
+                self._flush_sync()
+        if time.monotonic() - self._last_flush >= self._flush_seconds:
+            self._flush_sync()
+
+    def _accept(self, target: _Target, records: list) -> None:
+        f = self._files.get(target)
+        if f is None:
+            try:
+                f = self._new_file(target)
+            except layout.InvalidComponent as exc:
+                self._counters.incr("records_invalid", n=len(records))
+                self._log.error("invalid_record", "dropped %d records: %s", len(records), exc)
+                return
+        kind = f.kind
+        sk = f.stream
+        if sk is not None:
+            records = self._dedupe(sk, kind, records)
+            if not records:
+                return
+            self._rotate(f)
+        rows = len(records)
+        if kind == layout.DEPTH:
+            rows = sum(layout.depth_rows(r) for r in records)
+        if kind != layout.MARKERS and self._pending_rows + rows > self._opts.max_buffered_rows:
+            records, rows = self._drop_overflow(f, records)
+            if not records:
+                return
+        data = self._encode(f, records, rows)
+        f.pending.append(data)
+        f.pending_rows += rows
+        if sk is not None:
+            f.pending_key = _key(kind, records[-1])
+        self._pending_rows += rows
+        self._dirty[target] = f
+
+    def _dedupe(self, sk: StreamKey, kind: str, records: list) -> list:
+        last = self._accepted.get(sk, -1)
+        kept = []
+        if kind == layout.AGGTRADE:
+            for r in records:
+                if r.trade_id > last:
+                    kept.append(r)
+                    last = r.trade_id
+        else:
+            attr = "open_time" if kind == layout.KLINE else "last_update_id"
+            for r in records:
+                k = getattr(r, attr)
+                if k > last:
+                    kept.append(r)
+                    last = k
+        if len(kept) != len(records):
+            self._counters.incr("rows_duplicate", n=len(records) - len(kept))
+            self._counters.incr("rows_duplicate", sk.symbol, sk.stream, len(records) - len(kept))
+        if kept:
+            self._accepted[sk] = last
+        return kept
+
+    def _encode(self, f: _File, records: list, rows: int) -> bytes:
+        kind = f.kind
+        if kind == layout.AGGTRADE:
+            text = layout.encode_trades(records, f.target[2] == "spot")
+        elif kind == layout.DEPTH:
+            text = layout.encode_depth(records)
+        elif kind == layout.KLINE:
+            text = layout.encode_klines(records)
+        elif kind == layout.ORDERBOOK:
+            if f.levels is None:
+                self._set_levels(f, records[0])
+            text, cut = layout.encode_books(records, f.levels)
+            if cut:
+                self._counters.incr("book_levels_truncated", n=cut)
+        else:
+            return layout.encode_markers(records).encode()
+        # An exchange string holding a separator would shift columns: check the shape
+        # of the whole group at C speed, and quote field by field only if it is off.
+        if text.count("\n") != rows or text.count(",") != rows * f.commas:
+            self._counters.incr("rows_quoted", n=rows)
+            quoted = [layout.quote_record(r) for r in records]
+            return self._encode_plain(f, quoted)
+        return text.encode()
+
+    def _encode_plain(self, f: _File, records: list) -> bytes:
+        kind = f.kind
+        if kind == layout.AGGTRADE:
+            return layout.encode_trades(records, f.target[2] == "spot").encode()
+        if kind == layout.DEPTH:
+            return layout.encode_depth(records).encode()
+        if kind == layout.KLINE:
+            return layout.encode_klines(records).encode()
+        return layout.encode_books(records, f.levels or 0)[0].encode()
+
+    def _set_levels(self, f: _File, first: BookSnapshot) -> None:
+        levels = self._opts.book_levels or max(len(first.bids), len(first.asks), 1)
+        f.levels = levels
+        f.set_columns(layout.book_columns(levels))
+
+    def _drop_overflow(self, f: _File, records: list) -> tuple[list, int]:
+        """Keep the prefix of ``records`` that fits the retry buffer; drop the rest."""
+        room = self._opts.max_buffered_rows - self._pending_rows
+        kept_rows = 0
+        cut = 0
+        if f.kind == layout.DEPTH:
+            for r in records:
+                n = layout.depth_rows(r)
+                if kept_rows + n > room:
+                    break
+                kept_rows += n
+                cut += 1
+        else:
+            cut = max(0, room)
+            kept_rows = cut
+        kept, dropped = records[:cut], records[cut:]
+        rows = (
+            sum(layout.depth_rows(r) for r in dropped) if f.kind == layout.DEPTH else len(dropped)
+        )
+        sk = f.stream
+        assert sk is not None  # markers are never dropped
+        reason = self._failure_reason or "write error"
+        drop = self._drops.get((sk, reason))
+        first = _key(f.kind, dropped[0])
+        if drop is None:
+            drop = self._drops[(sk, reason)] = _Drop(first, _time_of(dropped[0]), reason)
+        drop.last_key = _key(f.kind, dropped[-1])
+        drop.rows += rows
+        self._counters.incr("rows_dropped", n=rows)
+        self._counters.incr("rows_dropped", sk.symbol, sk.stream, rows)
+        self._log.error(
+            "rows_dropped",
+            "retry buffer full (%d rows, max_buffered_rows): dropped %d rows of %s %s; "
+            "a gap marker follows once writing works again",
+            self._pending_rows,
+            rows,
+            sk.symbol,
+            sk.stream,
+        )
+        return kept, kept_rows
+
+    def _new_file(self, target: _Target) -> _File:
+        kind, exchange, market, symbol, interval, period = target
+        layout.check_component("exchange", exchange)
+        layout.check_component("market", market)
+        layout.check_component("symbol", symbol)
+        if kind == layout.KLINE:
+            layout.check_component("interval", interval)
+        directory = os.path.join(
+            self._root, *layout.folder_parts(kind, exchange, market, symbol, interval)
+        )
+        name = layout.file_name(kind, symbol, interval, self._periods.label(period), self._gz)
+        f = _File(target, directory, os.path.join(directory, name))
+        if kind == layout.AGGTRADE:
+            f.set_columns(layout.aggtrade_columns(market))
+        elif kind == layout.DEPTH:
+            f.set_columns(layout.DEPTH_COLUMNS)
+        elif kind == layout.KLINE:
+            f.set_columns(layout.KLINE_COLUMNS)
+        elif kind == layout.MARKERS:
+            f.set_columns(layout.MARKER_COLUMNS)
+        if kind != layout.MARKERS:
+            f.stream = StreamKey(exchange, market, symbol, layout.stream_name(kind, interval))
+        self._files[target] = f
+        # An existing file is opened now: its header decides the orderbook levels, and a
+        # torn tail is repaired before anything is appended. A new file is only created
+        # by its first write (no empty files; an empty .gz would not even be gzip).
+        if os.path.exists(f.path):
+            try:
+                self._ensure_open(f)
+            except OSError as exc:
+                self._on_error(f, exc, "open")
+        return f
+
+    def _rotate(self, f: _File) -> None:
+        """Retire the previous period's file of this stream when a newer period starts."""
+        stream = f.target[:5]
+        period = f.target[5]
+        current = self._current.get(stream)
+        if current is not None and period < current:
+            f.retired = True  # a straggler for a past period: close it after this flush
+        elif current is None or period > current:
+            self._current[stream] = period
+            if current is not None:
+                old = self._files.get((*stream, current))
+                if old is not None:
+                    old.retired = True
+
+    # --- files -------------------------------------------------------------------------
+
+    def _ensure_open(self, f: _File) -> None:
+        if f.fd is not None:
+            self._open_lru.move_to_end(f.target)
+            return
+        while len(self._open_lru) >= self._opts.max_open_files:
+            _, victim = self._open_lru.popitem(last=False)
+            self._close_file(victim, sync=False)
+        if f.directory not in self._made_dirs:
+            self._io.makedirs(f.directory)
+            self._made_dirs.add(f.directory)
+        for _attempt in range(3):
+            existed = os.path.exists(f.path)
+            fd = self._io.open(f.path)
+            try:
+                st = os.fstat(fd)
+                identity = (st.st_dev, st.st_ino)
+                # New to us, replaced, or changed behind our back: look before appending.
+                fresh = identity != f.identity or st.st_size != f.size
+                if fresh and not self._adopt(f, st.st_size):
+                    self._io.close(fd)
+                    continue  # a conflicting file was moved aside: start a new one
+            except BaseException:
+                self._io.close(fd)
+                raise
+            f.fd = fd
+            f.identity = identity
+            f.created = f.created or not existed
+            self._open_lru[f.target] = f
+            self._counters.set("files_open", len(self._open_lru))
+            return
+        raise OSError(errno.EBUSY, "file keeps being replaced while opening", f.path)
+
+    def _adopt(self, f: _File, size: int) -> bool:
+        """Check a file before appending: repair a torn tail, match the header.
+
+        Returns False when the file had another layout and was moved aside.
+        """
+        f.size = 0
+        if size == 0:
+            return True
+        tail = files.repair(f.path, self._gz)
+        if tail.torn:
+            self._counted_repair(f.path, tail)
+        if tail.valid_size == 0:
+            return True  # only a torn first row: the header is written again
+        header = tail.header
+        if f.kind == layout.ORDERBOOK and header is not None:
+            levels = layout.book_levels_of_header(header)
+            if levels is not None and (f.levels is None or levels == f.levels):
+                if f.levels is None:
+                    f.levels = levels
+                    f.set_columns(layout.book_columns(levels))
+                f.size = tail.valid_size
+                return True
+        elif header == f.header:
+            f.size = tail.valid_size
+            return True
+        # Someone else's file (or other columns): never mix two layouts in one file.
+        aside = f"{f.path}.conflict-{time.time_ns() // 1_000_000}"
+        os.rename(f.path, aside)
+        self._counters.incr("files_conflict")
+        self._log.error(
+            "file_conflict",
+            "%s has a different header than this sink writes; moved it to %s",
+            f.path,
+            aside,
+        )
+        return False
+
+    def _check_identity(self, f: _File) -> None:
+        """Reopen when our file was deleted or replaced since we opened it."""
+        try:
+            st = os.stat(f.path)
+        except FileNotFoundError:
+            what = "deleted"
+        else:
+            if (st.st_dev, st.st_ino) == f.identity:
+                return
+            what = "replaced"
+        self._counters.incr("files_reopened")
+        self._log.warning(
+            "file_reopened", "%s was %s by someone else; continuing in a new file", f.path, what
+        )
+        self._close_file(f, sync=False)
+        f.identity = None
+        f.size = 0
+        self._ensure_open(f)
+
+    def _close_file(self, f: _File, sync: bool) -> None:
+        if f.fd is None:
+            return
+        fd, f.fd = f.fd, None
+        self._open_lru.pop(f.target, None)
+        try:
+            if sync:
+                self._io.fsync(fd)
+        except OSError as exc:
+            self._on_error(f, exc, "fsync")
+        finally:
+            # Nothing is left to do with a descriptor that will not close.
+            with contextlib.suppress(OSError):
+                self._io.close(fd)
+        self._counters.set("files_open", len(self._open_lru))
+
+    # --- flush -------------------------------------------------------------------------
+
+    def _flush_sync(self) -> None:
+        self._last_flush = time.monotonic()
+        errors = 0
+        for target, f in list(self._dirty.items()):
+            if self._write_file(f):
+                del self._dirty[target]
+            else:
+                errors += 1
+        self._counters.incr("flushes")
+        if errors:
+            self._failing = True
+        else:
+            if self._failing:
+                self._failing = False
+                self._failure_reason = None
+                self._log.log(logging.INFO, "write_recovered", "writing works again")
+            if self._drops:
+                self._report_drops()
+        self._retire()
+        self._counters.set("rows_buffered", self._pending_rows if self._failing else 0)
+
+    def _write_file(self, f: _File) -> bool:
+        """Write ``f``'s pending rows with one write; False (rows kept) on an OS error."""
+        data = b"".join(f.pending)
+        try:
+            self._ensure_open(f)
+            self._check_identity(f)
+            if f.size == 0:
+                data = f.header + data
+            if self._gz:
+                data = files.gzip_member(data, self._opts.gzip_level)
+            before = f.size
+            try:
+                self._io.write(f.fd, data)
+            except OSError:
+                self._undo(f, before)
+                raise
+            if self._opts.fsync == "flush":
+                self._io.fsync(f.fd)
+                if f.created:
+                    self._io.fsync_dir(f.directory)
+                    f.created = False
+        except OSError as exc:
+            self._on_error(f, exc, "write")
+            return False
+        f.size += len(data)
+        rows = f.pending_rows
+        counters = self._counters
+        counters.incr("rows_written", n=rows)
+        counters.incr("bytes_written", n=len(data))
+        if f.stream is not None:
+            counters.incr("rows_written", f.symbol, f.stream.stream, rows)
+            if f.pending_key is not None:
+                self._durable[f.stream] = f.pending_key
+        else:
+            counters.incr("rows_written", f.symbol, layout.MARKERS, rows)
+        self._pending_rows -= rows
+        f.pending = []
+        f.pending_rows = 0
+        f.pending_key = None
+        return True
+
+    def _undo(self, f: _File, size: int) -> None:
+        """Cut a partial write back off so the file never holds a torn row."""
+        try:
+            self._io.truncate(f.fd, size)
+        except OSError:
+            # Cannot undo now: forget the descriptor so the next open repairs the tail.
+            self._close_file(f, sync=False)
+            f.identity = None
+
+    def _on_error(self, f: _File, exc: OSError, op: str) -> None:
+        reason = _reason(exc)
+        self._failure_reason = self._failure_reason or reason
+        self._counters.incr("write_errors")
+        self._counters.incr("write_errors", f.symbol, f.stream.stream if f.stream else "markers")
+        self._log.error(
+            reason.split(":")[0].replace(" ", "_"),
+            "cannot %s %s: %s (%s); %d rows wait in the retry buffer (max_buffered_rows %d) "
+            "and are retried on the next flush",
+            op,
+            f.path,
+            reason,
+            exc,
+            self._pending_rows,
+            self._opts.max_buffered_rows,
+        )
+
+    def _report_drops(self) -> None:
+        drops, self._drops = self._drops, {}
+        markers = [
+            Marker(
+                exchange=sk.exchange,
+                market=sk.market,
+                symbol=sk.symbol,
+                stream=sk.stream,
+                kind="gap",
+                first_key=d.first_key,
+                last_key=d.last_key,
+                time=d.time,
+                reason=d.reason,
+            )
+            for (sk, _), d in drops.items()
+        ]
+        self._counters.incr("gap_markers", n=len(markers))
+        self._write_sync_markers(markers)
+
+    def _write_sync_markers(self, markers: list[Marker]) -> None:
+        span = self._periods.span
+        for m in markers:
+            t = layout.ms_time(m.time or time.time_ns() // 1_000_000)
+            target = (layout.MARKERS, m.exchange, m.market, m.symbol, "", t // span)
+            self._accept(target, [m])
+        for target, f in list(self._dirty.items()):
+            if f.kind == layout.MARKERS and self._write_file(f):
+                del self._dirty[target]
+
+    def _retire(self) -> None:
+        """Close files of past periods once nothing is pending for them."""
+        done = [t for t, f in self._files.items() if f.retired and not f.pending]
+        for target in done:
+            f = self._files.pop(target)
+            self._close_file(f, sync=self._opts.fsync == "rotation")
+
+    def _close_sync(self) -> None:
+        if self._closed:
+            return
+        self._flush_sync()
+        sync = self._opts.fsync != "never"
+        for f in list(self._open_lru.values()):
+            self._close_file(f, sync=sync)
+        if self._pending_rows:
+            self._counters.incr("rows_dropped", n=self._pending_rows)
+            self._log.error(
+                "rows_lost_at_close",
+                "closing with %d rows that could not be written (see write errors above)",
+                self._pending_rows,
+            )
+        self._closed = True
+
+
+def _key(kind: str, record) -> int:
+    if kind == layout.AGGTRADE:
+        return record.trade_id
+    if kind == layout.KLINE:
+        return record.open_time
+    return record.last_update_id
+
+
+def _time_of(record) -> int:
+    if isinstance(record, Trade):
+        return record.transact_time
+    if isinstance(record, Kline):
+        return record.open_time
+    return record.event_time or record.receive_time
+
+
+def _subdirs(path: str) -> list[str]:
+    try:
+        with os.scandir(path) as it:
+            return sorted(e.name for e in it if e.is_dir(follow_symlinks=False))
+    except OSError:
+        return []
+
+
+def _files_in(path: str) -> list[str]:
+    try:
+        with os.scandir(path) as it:
+            return [e.name for e in it if e.is_file(follow_symlinks=False)]
+    except OSError:
+        return []
+
+
+@hookimpl
+def register_sinks(register) -> None:
+    """Register the ``csv`` sink."""
+    register("csv", CsvSink)

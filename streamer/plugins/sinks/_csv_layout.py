@@ -1,0 +1,329 @@
+"""Paths, columns and row encoding of the CSV sink (private to :mod:`.csv_batch`).
+
+Everything here is pure: no file I/O. Rows are built by joining the exchange's exact strings;
+prices and quantities never pass through ``float``. The row encoders are the hot path, so
+they are list comprehensions over f-strings specialised per record type.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Sequence
+
+import msgspec
+
+from streamer.core.records import BookSnapshot, DepthUpdate, Kline, Marker, Trade
+
+#: Spelling of booleans in every file (the data.binance.vision futures spelling).
+TRUE, FALSE = "true", "false"
+_BOOL = (FALSE, TRUE)
+
+#: Record kinds, each with its own folder under ``<exchange>/<market>/``.
+AGGTRADE, DEPTH, KLINE, ORDERBOOK, MARKERS = "aggtrade", "depth", "kline", "orderbook", "markers"
+DATASET_DIR = {
+    AGGTRADE: "aggTrades",
+    DEPTH: "depth",
+    KLINE: "klines",
+    ORDERBOOK: "orderbook",
+    MARKERS: "markers",
+}
+DIR_KIND = {folder: kind for kind, folder in DATASET_DIR.items()}
+
+AGGTRADE_COLUMNS = (
+    "agg_trade_id",
+    "price",
+    "quantity",
+    "first_trade_id",
+    "last_trade_id",
+    "transact_time",
+    "is_buyer_maker",
+)
+KLINE_COLUMNS = (
+    "open_time",
+    "open",
+    "high",
+    "low",
+    "close",
+    "volume",
+    "close_time",
+    "quote_volume",
+    "count",
+    "taker_buy_volume",
+    "taker_buy_quote_volume",
+    "event_time",
+    "receive_time",
+)
+DEPTH_COLUMNS = (
+    "event_time",
+    "transact_time",
+    "first_update_id",
+    "last_update_id",
+    "prev_update_id",
+    "side",
+    "price",
+    "quantity",
+    "receive_time",
+)
+BOOK_PREFIX_COLUMNS = ("last_update_id", "event_time", "receive_time")
+MARKER_COLUMNS = ("time", "stream", "kind", "first_key", "last_key", "reason")
+
+#: Column holding the resume key of each kind (aggTrade id, kline open time, update id).
+KEY_COLUMN = {AGGTRADE: 0, KLINE: 0, ORDERBOOK: 0, DEPTH: 3}
+
+_MS_PER_DAY = 86_400_000
+_MS_PER_HOUR = 3_600_000
+#: Times above this are microseconds (spot ``timeUnit=MICROSECOND``), not milliseconds:
+#: 1e14 ms is the year 5138.
+_MICROS_THRESHOLD = 100_000_000_000_000
+
+_COMPONENT = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}")
+
+
+class InvalidComponent(ValueError):
+    """A record field that would become a path component is unsafe (traversal, separator...)."""
+
+
+def check_component(what: str, value: str) -> str:
+    """Return ``value`` when it is a safe single path component, else raise.
+
+    Safe: 1-64 characters of ``A-Z a-z 0-9 _ . -`` starting with a letter or digit, so
+    ``..``, ``/``, ``\\``, empty strings and hidden names can never become part of a path.
+    """
+    if not isinstance(value, str) or _COMPONENT.fullmatch(value) is None:
+        raise InvalidComponent(
+            f"invalid {what} {value!r}: a path component must be 1-64 characters of "
+            "A-Z a-z 0-9 _ . - starting with a letter or digit"
+        )
+    return value
+
+
+def aggtrade_columns(market: str) -> tuple[str, ...]:
+    """aggTrades columns; ``is_best_match`` exists only on spot (as on data.binance.vision)."""
+    best = ("is_best_match",) if market == "spot" else ()
+    return (*AGGTRADE_COLUMNS, *best, "event_time", "receive_time")
+
+
+def book_columns(levels: int) -> tuple[str, ...]:
+    """orderbook columns for ``levels`` levels per side, best (index 0) first."""
+    cols = list(BOOK_PREFIX_COLUMNS)
+    for i in range(levels):
+        cols += (f"bid_price_{i}", f"bid_qty_{i}", f"ask_price_{i}", f"ask_qty_{i}")
+    return tuple(cols)
+
+
+def header_line(columns: Sequence[str]) -> bytes:
+    """The header row of a file with ``columns``."""
+    return (",".join(columns) + "\n").encode()
+
+
+def book_levels_of_header(header: bytes) -> int | None:
+    """Levels per side declared by an orderbook header, or ``None`` if it is not one."""
+    cols = header.rstrip(b"\r\n").decode("utf-8", "replace").split(",")
+    levels, rest = divmod(len(cols) - len(BOOK_PREFIX_COLUMNS), 4)
+    if rest or levels < 0 or tuple(cols) != book_columns(levels):
+        return None
+    return levels
+
+
+def ms_time(t: int) -> int:
+    """``t`` in milliseconds, converting microsecond timestamps."""
+    return t // 1000 if t >= _MICROS_THRESHOLD else t
+
+
+class PeriodNamer:
+    """Maps millisecond times to rotation periods and their file-name labels (UTC)."""
+
+    __slots__ = ("_labels", "hourly", "span")
+
+    def __init__(self, hourly: bool) -> None:
+        self.hourly = hourly
+        self.span = _MS_PER_HOUR if hourly else _MS_PER_DAY
+        self._labels: dict[int, str] = {}
+
+    def label(self, period: int) -> str:
+        """``YYYY-MM-DD`` (daily) or ``YYYY-MM-DD-HH`` (hourly) for a period number."""
+        label = self._labels.get(period)
+        if label is None:
+            tm = time.gmtime(period * self.span // 1000)
+            label = time.strftime("%Y-%m-%d-%H" if self.hourly else "%Y-%m-%d", tm)
+            self._labels[period] = label
+        return label
+
+
+def file_name(kind: str, symbol: str, interval: str, label: str, gz: bool) -> str:
+    """``BTCUSDT-aggTrades-2026-11-23.csv``, ``BTCUSDT-1m-2026-11-23.csv``..."""
+    tag = interval if kind == KLINE else DATASET_DIR[kind]
+    return f"{symbol}-{tag}-{label}.csv{'.gz' if gz else ''}"
+
+
+def folder_parts(kind: str, exchange: str, market: str, symbol: str, interval: str) -> list[str]:
+    """Folder of a stream relative to the sink's root, as path components."""
+    parts = [exchange, market, DATASET_DIR[kind], symbol]
+    if kind == KLINE:
+        parts.append(interval)
+    return parts
+
+
+_PERIOD_LABEL = re.compile(r"-(\d{4}-\d{2}-\d{2})(?:-(\d{2}))?\.csv(?:\.gz)?$")
+
+
+def period_sort_key(name: str) -> tuple[str, int] | None:
+    """Sort key of a file name by its period (newest last), ``None`` for foreign files.
+
+    A daily file sorts after the hourly files of the same day, since it may hold any hour.
+    """
+    match = _PERIOD_LABEL.search(name)
+    if match is None:
+        return None
+    hour = match.group(2)
+    return (match.group(1), 24 if hour is None else int(hour))
+
+
+def stream_name(kind: str, interval: str) -> str:
+    """Output stream name used in StreamKey and Marker: ``aggtrade``, ``kline_1m``..."""
+    return f"kline_{interval}" if kind == KLINE else kind
+
+
+# --- row encoders: each returns one str of whole rows, every row ending in "\n" ---------
+
+
+def encode_trades(records: Sequence[Trade], spot: bool) -> str:
+    """aggTrades rows (``is_best_match`` column only when ``spot``)."""
+    b = _BOOL
+    if spot:
+        return "".join(
+            [
+                f"{r.trade_id},{r.price},{r.quantity},{r.first_trade_id},{r.last_trade_id},"
+                f"{r.transact_time},{b[r.is_buyer_maker]},"
+                f"{'' if r.is_best_match is None else b[r.is_best_match]},"
+                f"{r.event_time},{r.receive_time}\n"
+                for r in records
+            ]
+        )
+    return "".join(
+        [
+            f"{r.trade_id},{r.price},{r.quantity},{r.first_trade_id},{r.last_trade_id},"
+            f"{r.transact_time},{b[r.is_buyer_maker]},{r.event_time},{r.receive_time}\n"
+            for r in records
+        ]
+    )
+
+
+def encode_klines(records: Sequence[Kline]) -> str:
+    """klines rows in data.binance.vision order, then ``event_time, receive_time``."""
+    return "".join(
+        [
+            f"{r.open_time},{r.open},{r.high},{r.low},{r.close},{r.volume},{r.close_time},"
+            f"{r.quote_volume},{r.count},{r.taker_buy_volume},{r.taker_buy_quote_volume},"
+            f"{r.event_time},{r.receive_time}\n"
+            for r in records
+        ]
+    )
+
+
+def depth_rows(record: DepthUpdate) -> int:
+    """Rows a depth event becomes: one per level, or one empty-level row for an empty event."""
+    return len(record.bids) + len(record.asks) or 1
+
+
+def encode_depth(records: Sequence[DepthUpdate]) -> str:
+    """depth rows: one per changed level, bids (``b``) before asks (``a``).
+
+    An event without levels still gets one row with empty side/price/quantity so that the
+    chain of update ids stays complete in the file.
+    """
+    out: list[str] = []
+    add = out.append
+    for r in records:
+        tt = "" if r.transact_time is None else r.transact_time
+        pu = "" if r.prev_update_id is None else r.prev_update_id
+        head = f"{r.event_time},{tt},{r.first_update_id},{r.last_update_id},{pu},"
+        tail = f",{r.receive_time}\n"
+        if not r.bids and not r.asks:
+            add(f"{head},,{tail}")
+            continue
+        for p, q in r.bids:
+            add(f"{head}b,{p},{q}{tail}")
+        for p, q in r.asks:
+            add(f"{head}a,{p},{q}{tail}")
+    return "".join(out)
+
+
+def encode_books(records: Sequence[BookSnapshot], levels: int) -> tuple[str, int]:
+    """orderbook rows with ``levels`` levels per side; returns ``(rows, levels truncated)``.
+
+    Thinner sides leave empty cells; deeper books are cut to ``levels`` (and counted).
+    """
+    pad = ("", "")
+    out: list[str] = []
+    truncated = 0
+    for r in records:
+        bids, asks = r.bids, r.asks
+        nb, na = len(bids), len(asks)
+        if nb != levels:
+            if nb > levels:
+                truncated += nb - levels
+                bids = bids[:levels]
+            else:
+                bids = [*bids, *([pad] * (levels - nb))]
+        if na != levels:
+            if na > levels:
+                truncated += na - levels
+                asks = asks[:levels]
+            else:
+                asks = [*asks, *([pad] * (levels - na))]
+        pairs = zip(bids, asks, strict=True)
+        cells = ",".join([f"{bp},{bq},{ap},{aq}" for (bp, bq), (ap, aq) in pairs])
+        sep = "," if levels else ""
+        out.append(f"{r.last_update_id},{r.event_time},{r.receive_time}{sep}{cells}\n")
+    return "".join(out), truncated
+
+
+def quote(value: str) -> str:
+    """RFC 4180 quoting of one cell, only when it needs it."""
+    if any(c in value for c in ',"\r\n'):
+        return '"' + value.replace('"', '""') + '"'
+    return value
+
+
+def encode_markers(records: Sequence[Marker]) -> str:
+    """markers rows; ``reason`` (free text) is quoted when it holds a comma or quote."""
+    return "".join(
+        [
+            f"{r.time},{quote(r.stream)},{quote(r.kind)},{r.first_key},{r.last_key},"
+            f"{quote(r.reason)}\n"
+            for r in records
+        ]
+    )
+
+
+def quote_record(record: Trade | Kline | DepthUpdate | BookSnapshot) -> object:
+    """A copy of ``record`` with every exchange string quoted as CSV needs.
+
+    Slow path, used only when a group's rows did not come out with the expected number of
+    separators (an exchange string holding a comma, quote or newline).
+    """
+    if isinstance(record, Trade):
+        return msgspec.structs.replace(
+            record, price=quote(record.price), quantity=quote(record.quantity)
+        )
+    if isinstance(record, Kline):
+        return msgspec.structs.replace(
+            record, **{f: quote(getattr(record, f)) for f in _KLINE_STRINGS}
+        )
+    bids = [(quote(p), quote(q)) for p, q in record.bids]
+    asks = [(quote(p), quote(q)) for p, q in record.asks]
+    return msgspec.structs.replace(record, bids=bids, asks=asks)
+
+
+_KLINE_STRINGS = (
+    "open",
+    "high",
+    "low",
+    "close",
+    "volume",
+    "quote_volume",
+    "taker_buy_volume",
+    "taker_buy_quote_volume",
+)
