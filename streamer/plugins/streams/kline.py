@@ -1,1 +1,148 @@
-"""Placeholder: implemented by its own issue."""
+"""The ``kline`` stream type: each closed candlestick exactly once, missed ones refetched.
+
+Output streams are named ``kline_<interval>``; a kline is keyed by
+``(symbol, interval, open_time)``. By default only the final update of a bar (``closed``)
+is written. With ``all_updates: true`` every update is written as it arrives (duplicates
+from overlapping connections included) and closed bars are still tracked for gaps.
+
+Closed bars go through the same :class:`~streamer.plugins.streams.aggtrade.KeySequencer`
+as trades, keyed by open time: a jump in open times, a reconnect, or a restart (resume
+from ``StreamContext.resume["kline_<interval>"]``) triggers a fill from
+``ExchangeAdapter.backfill_klines``; the live bars arriving meanwhile are held and emitted
+in order afterwards. Filled and unfillable ranges become markers.
+"""
+
+from __future__ import annotations
+
+import time
+from calendar import monthrange
+from datetime import UTC, datetime
+from typing import ClassVar
+
+import msgspec
+
+from streamer.core.api import Channel, StreamContext, Subscription
+from streamer.core.hookspecs import hookimpl
+from streamer.core.records import Kline, Record
+from streamer.core.units import parse_duration
+
+from .aggtrade import GapFillStream, KeySequencer
+
+#: Interval names understood by the stream type (Binance's spelling; ``1M`` is a month).
+INTERVALS: tuple[str, ...] = (
+    "1s", "1m", "3m", "5m", "15m", "30m", "1h", "2h", "4h", "6h", "8h", "12h", "1d", "3d",
+    "1w", "1M",
+)  # fmt: skip
+_UNIT_MS = {"s": 1000, "m": 60_000, "h": 3_600_000, "d": 86_400_000, "w": 604_800_000}
+
+
+def interval_ms(interval: str) -> int | None:
+    """Length of a fixed interval in ms; None for the calendar month ``1M``."""
+    if interval == "1M":
+        return None
+    return int(interval[:-1]) * _UNIT_MS[interval[-1]]
+
+
+def next_open_time(open_time: int, interval: str) -> int:
+    """Open time of the bar after the one opening at ``open_time`` (UTC calendar months)."""
+    step = interval_ms(interval)
+    if step is not None:
+        return open_time + step
+    dt = datetime.fromtimestamp(open_time / 1000, tz=UTC)
+    days = monthrange(dt.year, dt.month)[1]
+    return open_time + days * 86_400_000
+
+
+class KlineOptions(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """Options of the ``kline`` stream type."""
+
+    #: Intervals to collect, e.g. ``[1m, 1h]`` (``1s`` on spot only).
+    intervals: list[str] = msgspec.field(default_factory=lambda: ["1m"])
+    #: Write every update of a bar, not only the closed one.
+    all_updates: bool = False
+    #: Fill missed closed bars from the exchange's REST API.
+    backfill: bool = True
+    #: Wait this long before filling a gap found from open times.
+    gap_grace: str = "500ms"
+    #: Closed bars held per (symbol, interval) while a gap is filled.
+    max_held: int = 10_000
+
+    def __post_init__(self) -> None:
+        if not self.intervals:
+            raise msgspec.ValidationError("intervals: at least one interval is required")
+        for interval in self.intervals:
+            if interval not in INTERVALS:
+                raise msgspec.ValidationError(
+                    f"invalid kline interval {interval!r}; use one of {', '.join(INTERVALS)}"
+                )
+        if len(set(self.intervals)) != len(self.intervals):
+            raise msgspec.ValidationError("intervals: an interval is listed twice")
+        try:
+            parse_duration(self.gap_grace)
+        except ValueError as exc:
+            raise msgspec.ValidationError(str(exc)) from None
+        if self.max_held < 1:
+            raise msgspec.ValidationError("max_held must be at least 1")
+
+
+def _open_time(kline: Kline) -> int:
+    return kline.open_time
+
+
+class KlineStream(GapFillStream):
+    """Closed klines exactly once per (symbol, interval, open time); streams ``kline_<i>``."""
+
+    Options: ClassVar[type[msgspec.Struct]] = KlineOptions
+    channels: ClassVar[frozenset[Channel]] = frozenset({"kline"})
+    _counter_prefix: ClassVar[str] = "klines"
+
+    def __init__(self, options: msgspec.Struct, context: StreamContext) -> None:
+        super().__init__(options, context)
+        assert isinstance(options, KlineOptions)
+        self.opts = options
+        served = getattr(context.exchange, "kline_intervals", None)
+        if served is not None:
+            unsupported = [i for i in options.intervals if i not in served]
+            if unsupported:
+                raise ValueError(
+                    f"kline interval(s) {', '.join(unsupported)} not served by "
+                    f"{self._exchange_name} {self._market}; use one of {', '.join(served)}"
+                )
+        self._streams = {interval: f"kline_{interval}" for interval in options.intervals}
+        for symbol in context.symbols:
+            for interval, stream in self._streams.items():
+                seq = KeySequencer(
+                    context.emit, _open_time, lambda t, i=interval: next_open_time(t, i)
+                )
+                self._add_state(symbol, stream, seq)
+
+    def subscriptions(self) -> list[Subscription]:
+        """One ``kline`` channel per symbol and interval."""
+        return [
+            Subscription(symbol, "kline", interval)
+            for symbol in self.context.symbols
+            for interval in self.opts.intervals
+        ]
+
+    def on_record(self, record: Record) -> None:
+        """Emit a closed bar once (or every update with ``all_updates``)."""
+        stream = self._streams.get(record.interval)  # type: ignore[union-attr]
+        if stream is None:
+            return
+        if not record.closed:  # type: ignore[union-attr]
+            if self.opts.all_updates and (record.symbol, stream) in self._states:
+                self.context.emit(record)
+            return
+        self._offer(record.symbol, stream, record)
+
+    def _fetch(self, symbol: str, stream: str, start: int, end: int | None):
+        interval = stream[len("kline_") :]
+        if end is None:
+            end = time.time_ns() // 1_000_000
+        return self.context.exchange.backfill_klines(symbol, interval, start, end)
+
+
+@hookimpl
+def register_streams(register):
+    """Register the ``kline`` stream type."""
+    register("kline", KlineStream)

@@ -172,6 +172,11 @@ class BinanceAdapter(ExchangeAdapter):
         self.connections: ConnectionManager | None = None
         self._symbols_cache: list[SymbolInfo] | None = None
 
+    @property
+    def kline_intervals(self) -> tuple[str, ...]:
+        """Kline intervals this market serves (the ``kline`` stream type checks its config)."""
+        return valid_intervals(self.market)
+
     # ------------------------------------------------------------------ symbols
 
     async def list_symbols(self) -> list[SymbolInfo]:
