@@ -4,9 +4,9 @@
   inject disk-full or permission errors, or to tear a write in half before a SIGKILL.
 * :func:`inspect` reads only the head and the tail of a file: its header, its last whole
   row and where the valid data ends, for plain and gzip files alike.
-* :func:`gzip_member` builds one self-contained gzip member per flush with a fixed
-  10-byte header, which is how :func:`inspect` finds the last member without reading the
-  whole file.
+* :func:`gzip_member` builds one self-contained gzip member per flush, so the last
+  member (found by searching backwards for the gzip magic) holds the last rows and a
+  torn member from a crash can be cut off without reading the whole file.
 """
 
 from __future__ import annotations
@@ -16,8 +16,10 @@ import struct
 import zlib
 from dataclasses import dataclass
 
-#: Header of every gzip member we write: magic, deflate, no flags, mtime 0, xfl 0, OS unknown.
+#: Header of every gzip member we write: magic, deflate, no flags, mtime 0, xfl 0, OS unknown
+#: (fixed, so that equal data gives equal bytes).
 GZIP_HEADER = b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x00\xff"
+_MAGIC = GZIP_HEADER[:3]
 _FIRST_WINDOW = 64 * 1024
 
 
@@ -85,11 +87,13 @@ class Tail:
     valid_size: int
     header: bytes | None
     last_line: bytes | None
+    #: A ``.gz`` path holding no gzip data at all: someone else's file, never truncated.
+    foreign: bool = False
 
     @property
     def torn(self) -> bool:
         """True when the file ends with a partial row or member."""
-        return self.valid_size < self.size
+        return self.valid_size < self.size and not self.foreign
 
 
 def inspect(path: str, gz: bool) -> Tail:
@@ -101,6 +105,10 @@ def inspect(path: str, gz: bool) -> Tail:
         if gz:
             valid, last = _gzip_tail(f, size)
             header = _gzip_header_line(f, valid) if valid else None
+            if not valid:
+                f.seek(0)
+                if f.read(len(_MAGIC)) != _MAGIC[: min(size, len(_MAGIC))]:
+                    return Tail(size, 0, None, None, foreign=True)
         else:
             valid, last = _plain_tail(f, size)
             header = _plain_header_line(f) if valid else None
@@ -110,7 +118,7 @@ def inspect(path: str, gz: bool) -> Tail:
 def repair(path: str, gz: bool) -> Tail:
     """:func:`inspect`, then cut a torn tail off (never append to a torn row)."""
     tail = inspect(path, gz)
-    if tail.torn:
+    if tail.torn and not tail.foreign:
         os.truncate(path, tail.valid_size)
     return tail
 
@@ -148,47 +156,45 @@ def _plain_header_line(f) -> bytes | None:
         chunks.append(chunk)
 
 
-def _last_header_before(f, end: int) -> int:
-    """Offset of the last member header starting before ``end``, or -1."""
+def _last_magic_before(f, end: int) -> int:
+    """Offset of the last gzip magic (a possible member start) ending before ``end``, or -1."""
     window = _FIRST_WINDOW
-    while True:
+    while end >= len(_MAGIC):
         start = max(0, end - window)
         f.seek(start)
         buf = f.read(end - start)
-        pos = buf.rfind(GZIP_HEADER)
+        pos = buf.rfind(_MAGIC)
         if pos >= 0:
             return start + pos
         if start == 0:
             return -1
-        # Overlap windows so a header split across a boundary is still found.
+        # Overlap windows so a magic split across a boundary is still found.
+        end = start + len(_MAGIC) - 1
         window *= 4
-        end = min(end, start + len(GZIP_HEADER))
+    return -1
 
 
 def _gzip_tail(f, size: int) -> tuple[int, bytes | None]:
+    """Find the last complete member ending in a newline by trying candidate starts from
+    the end backwards; the bytes after that member are a torn member from a crash."""
     end = size
-    while end > 0:
-        off = _last_header_before(f, end)
+    while True:
+        off = _last_magic_before(f, end)
         if off < 0:
             return 0, None
         f.seek(off)
-        raw = f.read(end - off)
+        raw = f.read(size - off)
         dec = zlib.decompressobj(16 + zlib.MAX_WBITS)
         try:
             out = dec.decompress(raw)
         except zlib.error:
-            out, complete = b"", False
-        else:
-            complete = dec.eof and out.endswith(b"\n")
-        if not complete:
-            end = off  # a torn (or foreign) last member: step back to the previous one
-            continue
-        # Bytes after a complete member are the torn start of the next one.
-        valid = end - len(dec.unused_data)
-        stop = len(out) - 1
-        begin = out.rfind(b"\n", 0, stop)
-        return valid, out[begin + 1 :]
-    return 0, None
+            out = b""
+        if dec.eof and out.endswith(b"\n"):
+            begin = out.rfind(b"\n", 0, len(out) - 1)
+            return size - len(dec.unused_data), out[begin + 1 :]
+        # Not a whole member from here (torn, or magic bytes inside compressed data):
+        # try the previous candidate.
+        end = off + len(_MAGIC) - 1
 
 
 def _gzip_header_line(f, valid: int) -> bytes | None:

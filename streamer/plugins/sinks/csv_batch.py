@@ -599,7 +599,7 @@ class CsvSink(Sink):
         tail = files.repair(f.path, self._gz)
         if tail.torn:
             self._counted_repair(f.path, tail)
-        if tail.valid_size == 0:
+        if tail.valid_size == 0 and not tail.foreign:
             return True  # only a torn first row: the header is written again
         header = tail.header
         if f.kind == layout.ORDERBOOK and header is not None:
