@@ -1,0 +1,555 @@
+"""Running ``streamer run`` in the background: pidfile, start, stop, restart, state.
+
+Layout under the state directory (each path can be overridden)::
+
+    <state_dir>/streamer.pid    pidfile (JSON, see :class:`PidInfo`)
+    <state_dir>/streamer.log    combined output of the collector and its children, rotated
+    <state_dir>/status.json     published by the runtime every ``status_interval`` seconds
+    <state_dir>/daemon.lock     held while a start or stop is in progress
+
+Start spawns the collector with ``start_new_session=True`` (its own session and process
+group, no controlling terminal), its output piped into a separate log pump
+(:mod:`streamer.core.ops.logfile`) that rotates the log by size and outlives the collector
+until every child has closed its output. The pidfile records the pid *and* the process start
+time from ``/proc``, so a pidfile left by a crash is recognised as stale even after the pid
+was reused by an unrelated process.
+
+Stop sends SIGTERM to the supervisor (which drains, flushes and exits 0), waits up to a
+timeout, then SIGKILLs the whole process group and reports that it had to.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Literal
+
+import msgspec
+
+from .logfile import DEFAULT_BACKUPS, DEFAULT_MAX_BYTES
+
+PIDFILE_NAME = "streamer.pid"
+LOGFILE_NAME = "streamer.log"
+STATUS_NAME = "status.json"
+LOCK_NAME = "daemon.lock"
+#: Copy of the last started pidfile, kept after stop so ``restart`` knows the command.
+LAST_START_NAME = "daemon.last.json"
+
+#: Seconds ``start`` waits for the collector to report all children running.
+DEFAULT_START_WAIT = 60.0
+#: Seconds ``stop`` waits for a graceful drain before killing the process group.
+DEFAULT_STOP_TIMEOUT = 30.0
+_POLL = 0.1
+
+
+class DaemonError(Exception):
+    """A daemon command cannot proceed; the message says why and what to do."""
+
+
+class PidInfo(msgspec.Struct, kw_only=True):
+    """What the pidfile holds about the running collector."""
+
+    pid: int
+    #: Process start time in clock ticks since boot (``/proc/<pid>/stat`` field 22);
+    #: ``None`` where ``/proc`` is unavailable.
+    start_ticks: int | None = None
+    #: Wall-clock time of the start, seconds since the epoch.
+    started: float = 0.0
+    #: The command that was started (``restart`` reuses it).
+    argv: list[str] = msgspec.field(default_factory=list)
+    cwd: str = ""
+    log_file: str = ""
+    log_max_bytes: int = DEFAULT_MAX_BYTES
+    log_backups: int = DEFAULT_BACKUPS
+    #: The log pump's pid (informational; it exits by itself).
+    pump_pid: int = 0
+
+
+class DaemonPaths(msgspec.Struct, kw_only=True):
+    """Where a daemon keeps its files; build with :meth:`for_state_dir`."""
+
+    state_dir: Path
+    pidfile: Path
+    log_file: Path
+    status_file: Path
+
+    @classmethod
+    def for_state_dir(
+        cls,
+        state_dir: str | os.PathLike[str],
+        *,
+        pidfile: str | os.PathLike[str] | None = None,
+        log_file: str | os.PathLike[str] | None = None,
+    ) -> DaemonPaths:
+        """Default file names under ``state_dir``; all paths are made absolute."""
+        base = Path(state_dir).expanduser().absolute()
+        return cls(
+            state_dir=base,
+            pidfile=Path(pidfile).expanduser().absolute() if pidfile else base / PIDFILE_NAME,
+            log_file=Path(log_file).expanduser().absolute() if log_file else base / LOGFILE_NAME,
+            status_file=base / STATUS_NAME,
+        )
+
+
+State = Literal["running", "stale", "stopped"]
+
+
+class DaemonState(msgspec.Struct, kw_only=True):
+    """Outcome of :func:`check`: ``running``, ``stale`` (pidfile of a dead process) or
+    ``stopped`` (no pidfile). ``reason`` explains a stale verdict."""
+
+    state: State
+    info: PidInfo | None = None
+    reason: str = ""
+
+
+class StartResult(msgspec.Struct, kw_only=True):
+    """Outcome of :func:`start`. ``ready`` is False when the collector did not come up in
+    time (it may still be running: see ``running``); ``message`` is for the operator."""
+
+    pid: int
+    ready: bool
+    running: bool
+    message: str
+    recovered_stale: str = ""
+
+
+class StopResult(msgspec.Struct, kw_only=True):
+    """Outcome of :func:`stop`: ``stopped`` (graceful), ``forced`` (killed after the
+    timeout) or ``not-running``; ``seconds`` is how long the stop took."""
+
+    outcome: Literal["stopped", "forced", "not-running"]
+    pid: int = 0
+    seconds: float = 0.0
+    message: str = ""
+
+
+# -- /proc helpers ---------------------------------------------------------------------------
+def _proc_stat(pid: int) -> tuple[str, int] | None:
+    """``(state letter, start ticks)`` of ``pid`` from ``/proc``, or None when unavailable."""
+    try:
+        raw = Path(f"/proc/{pid}/stat").read_bytes()
+    except OSError:
+        return None
+    # The command name (field 2) may contain spaces and parentheses: split after the last ')'.
+    fields = raw[raw.rfind(b")") + 2 :].split()
+    try:
+        return fields[0].decode(), int(fields[19])
+    except (IndexError, ValueError):
+        return None
+
+
+def process_start_ticks(pid: int) -> int | None:
+    """Start time of ``pid`` in clock ticks since boot, or None (no such process / no /proc)."""
+    stat = _proc_stat(pid)
+    return stat[1] if stat else None
+
+
+def process_cmdline(pid: int) -> list[str]:
+    """Arguments of ``pid`` from ``/proc`` (empty when unavailable)."""
+    try:
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return []
+    return [part.decode(errors="replace") for part in raw.split(b"\0") if part]
+
+
+def pid_alive(pid: int, start_ticks: int | None = None) -> bool:
+    """True when ``pid`` runs (not a zombie) and, if given, started at ``start_ticks``."""
+    if pid <= 0:
+        return False
+    # Reap it if it happens to be our own child (tests, ``restart`` in one process).
+    with contextlib.suppress(ChildProcessError, OSError):
+        os.waitpid(pid, os.WNOHANG)
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # exists, owned by someone else
+    stat = _proc_stat(pid)
+    if stat is None:
+        return start_ticks is None or not Path("/proc/self/stat").exists()
+    state, ticks = stat
+    if state in ("Z", "X"):
+        return False
+    return start_ticks is None or ticks == start_ticks
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # killpg(0) also succeeds for zombies: look for a live member.
+    proc = Path("/proc")
+    if not proc.is_dir():
+        return True
+    for entry in proc.iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            raw = (entry / "stat").read_bytes()
+        except OSError:
+            continue
+        fields = raw[raw.rfind(b")") + 2 :].split()
+        if len(fields) > 2 and int(fields[2]) == pgid and fields[0] not in (b"Z", b"X"):
+            return True
+    return False
+
+
+# -- pidfile ---------------------------------------------------------------------------------
+def read_pidfile(path: Path) -> PidInfo | None:
+    """The pidfile's content; None when absent. A corrupt file raises :class:`DaemonError`
+    only if it cannot be read at all; unparsable content yields a pid of 0 (stale)."""
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise DaemonError(f"cannot read pidfile {path}: {exc.strerror}") from None
+    try:
+        return msgspec.json.decode(raw, type=PidInfo)
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        # A bare pid (written by hand or by another tool) is still useful.
+        text = raw.decode(errors="replace").strip()
+        return PidInfo(pid=int(text)) if text.isdigit() else PidInfo(pid=0)
+
+
+def write_pidfile(path: Path, info: PidInfo) -> None:
+    """Write the pidfile atomically (a reader never sees half of it)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_bytes(msgspec.json.encode(info) + b"\n")
+    os.replace(tmp, path)
+
+
+def check(paths: DaemonPaths) -> DaemonState:
+    """Is the daemon of ``paths`` running? Never modifies anything."""
+    info = read_pidfile(paths.pidfile)
+    if info is None:
+        return DaemonState(state="stopped")
+    if info.pid <= 0:
+        return DaemonState(state="stale", info=info, reason="the pidfile is unreadable")
+    if not pid_alive(info.pid):
+        return DaemonState(state="stale", info=info, reason=f"pid {info.pid} is not running")
+    if info.start_ticks is not None and process_start_ticks(info.pid) != info.start_ticks:
+        return DaemonState(
+            state="stale",
+            info=info,
+            reason=f"pid {info.pid} now belongs to another process (start time differs)",
+        )
+    return DaemonState(state="running", info=info)
+
+
+@contextlib.contextmanager
+def _locked(paths: DaemonPaths) -> Iterator[None]:
+    """Serialise start/stop of one state directory across processes."""
+    paths.state_dir.mkdir(parents=True, exist_ok=True)
+    with open(paths.state_dir / LOCK_NAME, "a+b") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            if exc.errno not in (errno.EAGAIN, errno.EACCES):
+                raise
+            raise DaemonError(
+                f"another 'streamer daemon' command is working on {paths.state_dir}; retry"
+            ) from None
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def tail(path: Path, lines: int = 20) -> str:
+    """The last ``lines`` lines of ``path`` ("" when missing); reads at most 64 KiB."""
+    try:
+        with open(path, "rb") as handle:
+            handle.seek(0, os.SEEK_END)
+            size = handle.tell()
+            handle.seek(max(0, size - 65536))
+            data = handle.read()
+    except OSError:
+        return ""
+    return "\n".join(data.decode(errors="replace").splitlines()[-lines:])
+
+
+def default_run_argv(run_args: Sequence[str]) -> list[str]:
+    """The command that runs ``streamer run RUN_ARGS`` with this interpreter."""
+    return [sys.executable, "-m", "streamer.core.ops.runner", "run", *run_args]
+
+
+ReadyCheck = Callable[[DaemonPaths, int, float], tuple[bool, str]]
+
+
+def status_ready(paths: DaemonPaths, pid: int, since: float) -> tuple[bool, str]:
+    """Default readiness: a status document newer than ``since`` from ``pid`` in which
+    every child process is running. Returns ``(ready, what is missing)``."""
+    from .status import StatusError, load_status
+
+    try:
+        view = load_status(paths.status_file)
+    except StatusError as exc:
+        return False, str(exc)
+    if view.published and view.published < since - 1.0:
+        return False, "status.json is left over from an earlier run"
+    if view.pid and view.pid != pid:
+        return False, f"status.json was written by pid {view.pid}, not {pid}"
+    if not view.children:
+        return False, "no child process reported yet"
+    waiting = [c.name for c in view.children if c.state != "running"]
+    if waiting:
+        return False, "children not running yet: " + ", ".join(waiting)
+    return True, ""
+
+
+def _foreground_collector(paths: DaemonPaths) -> int:
+    """Pid of a live collector publishing to this state dir outside the daemon, else 0."""
+    from .status import StatusError, load_status
+
+    try:
+        view = load_status(paths.status_file)
+    except StatusError:
+        return 0
+    if not view.pid or view.pid == os.getpid() or not pid_alive(view.pid):
+        return 0
+    cmdline = process_cmdline(view.pid)
+    # A reused pid of some unrelated program does not count.
+    if not cmdline or any("streamer" in part for part in cmdline):
+        return view.pid
+    return 0
+
+
+def start(
+    paths: DaemonPaths,
+    run_args: Sequence[str] = (),
+    *,
+    argv: Sequence[str] | None = None,
+    wait: float = DEFAULT_START_WAIT,
+    log_max_bytes: int = DEFAULT_MAX_BYTES,
+    log_backups: int = DEFAULT_BACKUPS,
+    ready: ReadyCheck = status_ready,
+    env: dict[str, str] | None = None,
+) -> StartResult:
+    """Start the collector in the background and wait until ``ready`` says it is up.
+
+    ``argv`` is the full command (default: ``streamer run RUN_ARGS`` with this interpreter).
+    Raises :class:`DaemonError` when one is already running for the state directory (a
+    stale pidfile is replaced and reported in ``recovered_stale``). When the collector exits
+    during start-up, or is not ready after ``wait`` seconds, the result has ``ready=False``
+    and a message ending with the tail of its log. ``wait <= 0`` returns right after
+    spawning.
+    """
+    command = list(argv) if argv is not None else default_run_argv(run_args)
+    with _locked(paths):
+        current = check(paths)
+        recovered = ""
+        if current.state == "running":
+            assert current.info is not None
+            raise DaemonError(
+                f"already running: pid {current.info.pid} since "
+                f"{_fmt_time(current.info.started)} (state dir {paths.state_dir}); "
+                "use 'streamer daemon stop' or 'streamer daemon restart'"
+            )
+        if current.state == "stale":
+            recovered = f"removed a stale pidfile {paths.pidfile}: {current.reason}"
+            paths.pidfile.unlink(missing_ok=True)
+        other = _foreground_collector(paths)
+        if other:
+            raise DaemonError(
+                f"a collector (pid {other}) is already running for state dir "
+                f"{paths.state_dir} outside the daemon; stop it first"
+            )
+        paths.log_file.parent.mkdir(parents=True, exist_ok=True)
+        since = time.time()
+        child_env = dict(os.environ if env is None else env)
+        child_env.setdefault("PYTHONUNBUFFERED", "1")
+        child_env["STREAMER_DAEMON"] = "1"
+        pump = subprocess.Popen(
+            [
+                sys.executable, "-m", "streamer.core.ops.logfile", str(paths.log_file),
+                "--max-bytes", str(log_max_bytes), "--backups", str(log_backups),
+            ],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+            close_fds=True,
+        )  # fmt: skip
+        assert pump.stdin is not None
+        try:
+            proc = subprocess.Popen(
+                command,
+                stdin=subprocess.DEVNULL,
+                stdout=pump.stdin,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                close_fds=True,
+                env=child_env,
+            )
+        except OSError as exc:
+            pump.stdin.close()
+            raise DaemonError(f"cannot start {command[0]}: {exc.strerror}") from None
+        finally:
+            # Only the collector (and its children) hold the pipe now: EOF ends the pump.
+            pump.stdin.close()
+        info = PidInfo(
+            pid=proc.pid,
+            start_ticks=process_start_ticks(proc.pid),
+            started=since,
+            argv=command,
+            cwd=os.getcwd(),
+            log_file=str(paths.log_file),
+            log_max_bytes=log_max_bytes,
+            log_backups=log_backups,
+            pump_pid=pump.pid,
+        )
+        write_pidfile(paths.pidfile, info)
+        write_pidfile(paths.state_dir / LAST_START_NAME, info)
+    return _await_ready(paths, proc, pump, since, wait, ready, recovered)
+
+
+def _await_ready(paths, proc, pump, since, wait, ready, recovered) -> StartResult:
+    if wait <= 0:
+        return StartResult(
+            pid=proc.pid, ready=False, running=True, message=f"started pid {proc.pid}",
+            recovered_stale=recovered,
+        )  # fmt: skip
+    deadline = time.monotonic() + wait
+    why = "no status published yet"
+    while time.monotonic() < deadline:
+        code = proc.poll()
+        if code is not None:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                pump.wait(timeout=3)
+            paths.pidfile.unlink(missing_ok=True)
+            return StartResult(
+                pid=proc.pid,
+                ready=False,
+                running=False,
+                message=_with_log(
+                    f"the collector exited with code {code} during start-up", paths.log_file
+                ),
+                recovered_stale=recovered,
+            )
+        ok, why = ready(paths, proc.pid, since)
+        if ok:
+            return StartResult(
+                pid=proc.pid,
+                ready=True,
+                running=True,
+                message=f"started pid {proc.pid}; log {paths.log_file}",
+                recovered_stale=recovered,
+            )
+        time.sleep(_POLL)
+    return StartResult(
+        pid=proc.pid,
+        ready=False,
+        running=True,
+        message=_with_log(
+            f"pid {proc.pid} is running but not ready after {wait:g}s ({why}); "
+            "see 'streamer daemon status' or stop it with 'streamer daemon stop'",
+            paths.log_file,
+        ),
+        recovered_stale=recovered,
+    )
+
+
+def _with_log(message: str, log_file: Path) -> str:
+    lines = tail(log_file)
+    if not lines:
+        return f"{message}; the log {log_file} is empty"
+    return f"{message}; last lines of {log_file}:\n{lines}"
+
+
+def _fmt_time(epoch: float) -> str:
+    if not epoch:
+        return "an unknown time"
+    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(epoch))
+
+
+def _wait_dead(pid: int, ticks: int | None, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while pid_alive(pid, ticks):
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(_POLL)
+    return True
+
+
+def stop(paths: DaemonPaths, *, timeout: float = DEFAULT_STOP_TIMEOUT) -> StopResult:
+    """SIGTERM the collector, wait up to ``timeout`` seconds, then SIGKILL its process group.
+
+    The pidfile is removed in every case. Children left in the process group after the
+    supervisor exited are killed too (and said so in the message).
+    """
+    began = time.monotonic()
+    with _locked(paths):
+        current = check(paths)
+        if current.state != "running":
+            message = "not running"
+            if current.state == "stale":
+                paths.pidfile.unlink(missing_ok=True)
+                message = f"not running (removed a stale pidfile: {current.reason})"
+            return StopResult(outcome="not-running", message=message)
+        assert current.info is not None
+        pid, ticks = current.info.pid, current.info.start_ticks
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+        graceful = _wait_dead(pid, ticks, timeout)
+        notes = []
+        if not graceful:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(pid, signal.SIGKILL)
+            _wait_dead(pid, ticks, 5.0)
+            notes.append(f"did not exit within {timeout:g}s: killed its process group")
+        elif _group_alive(pid):
+            # The supervisor is gone but some child of it is not: give it a moment.
+            deadline = time.monotonic() + 3.0
+            while _group_alive(pid) and time.monotonic() < deadline:
+                time.sleep(_POLL)
+            if _group_alive(pid):
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(pid, signal.SIGKILL)
+                notes.append("killed children left behind by the supervisor")
+        paths.pidfile.unlink(missing_ok=True)
+    seconds = time.monotonic() - began
+    outcome: Literal["stopped", "forced"] = "stopped" if graceful else "forced"
+    message = f"{'stopped' if graceful else 'forced stop of'} pid {pid} in {seconds:.1f}s"
+    if notes:
+        message += " (" + "; ".join(notes) + ")"
+    return StopResult(outcome=outcome, pid=pid, seconds=seconds, message=message)
+
+
+def restart(
+    paths: DaemonPaths,
+    run_args: Sequence[str] | None = None,
+    *,
+    stop_timeout: float = DEFAULT_STOP_TIMEOUT,
+    **start_options,
+) -> tuple[StopResult, StartResult]:
+    """Stop (if running) and start again. Without ``run_args`` the command line of the last
+    start (pidfile, else ``daemon.last.json``) is reused with its log settings."""
+    previous = read_pidfile(paths.pidfile) or read_pidfile(paths.state_dir / LAST_START_NAME)
+    stopped = stop(paths, timeout=stop_timeout)
+    if run_args is None and "argv" not in start_options:
+        if previous is None or not previous.argv:
+            raise DaemonError(
+                f"no previous command line recorded in {paths.pidfile}; "
+                "use 'streamer daemon start' with run options"
+            )
+        start_options["argv"] = previous.argv
+        start_options.setdefault("log_max_bytes", previous.log_max_bytes)
+        start_options.setdefault("log_backups", previous.log_backups)
+    started = start(paths, run_args or (), **start_options)
+    return stopped, started

@@ -1,0 +1,775 @@
+"""Reading, judging and rendering what a running collector publishes.
+
+The runtime replaces ``<state_dir>/status.json`` every ``runtime.status_interval`` seconds
+(shape documented in :mod:`streamer.core.runtime.status`). This module turns one or two
+such documents into a :class:`StatusView`: per pipeline, per sink, per child process and
+per ``(pipeline, symbol, stream)`` row, with rates and flags, plus an overall verdict
+(``healthy``, ``degraded``, ``down``) that ``streamer health`` turns into an exit code.
+
+Rates come from two documents (``prev`` and ``cur``: the counter difference over the
+difference of their ``updated_at``), or, with a single document, from the counters over
+the run's age. Counters restart from zero when a child restarts; a negative difference
+is treated as "restarted" and the rate falls back to the current value over the window.
+
+The reader is tolerant by design: a counter it does not find is shown as ``-``, unknown
+keys are ignored, so an older or newer runtime still gives a useful table.
+
+Which counters feed which column (first name found wins; see ``docs/operations.md``):
+
+=============  ===========================================================================
+messages       ``records_emitted`` of the pipeline's workers for that (symbol, stream)
+written        ``records_written`` of the sinks' writers (records handed to the sink)
+flushed        ``rows_flushed`` or the sink's own ``rows_written`` (rows in files)
+last event     gauge ``last_event_time`` (exchange ms); lag = updated_at - last event
+gaps           ``gaps_found`` or ``gaps_filled + gaps_unfillable``; filled ``gaps_filled``
+resyncs        ``resyncs``; verifications ``verifications``
+reconnects     ``reconnects`` per row, else the pipeline's ``reconnects``/``ws_reconnects``
+REST weight    gauge ``rest_weight_used`` of the pipeline
+=============  ===========================================================================
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any, Literal, TextIO
+
+import msgspec
+
+Health = Literal["healthy", "degraded", "down"]
+
+#: Row flags.
+SILENT = "silent"
+LAGGING = "lagging"
+RESYNC = "resync"
+RESTARTED = "restarted"
+DOWN = "down"
+BACKLOG = "backlog"
+
+
+class StatusError(Exception):
+    """No usable status document: missing, unreadable or not a status."""
+
+
+class Thresholds(msgspec.Struct, kw_only=True, frozen=True):
+    """When a stream or process gets flagged (seconds unless stated)."""
+
+    #: A stream with no new message for this long (or none at all this long after
+    #: start) is ``silent``. Quiet symbols may need more; kline streams tick every ~2 s.
+    silent_after: float = 60.0
+    #: A stream whose last exchange event is older than this while messages still arrive
+    #: is ``lagging``.
+    lag_after: float = 10.0
+    #: An order book without output for this long while updates are buffered is ``resync``.
+    resync_after: float = 60.0
+    #: The status document is ``down`` when older than this.
+    stale_after: float = 15.0
+    #: A child restarted less than this long ago makes the run ``degraded``.
+    restart_window: float = 300.0
+    #: Records waiting in a worker (``pending_records``) above this are a ``backlog``.
+    backlog_records: int = 100_000
+
+
+class StreamRow(msgspec.Struct, kw_only=True):
+    """One ``(pipeline, symbol, stream)``. ``None`` means "not published"."""
+
+    pipeline: str
+    symbol: str
+    stream: str
+    messages: int = 0
+    rate: float = 0.0
+    last_event_time: int | None = None
+    lag: float | None = None
+    written: int | None = None
+    flushed: int | None = None
+    reconnects: int = 0
+    gaps_found: int = 0
+    gaps_filled: int = 0
+    resyncs: int = 0
+    verifications: int = 0
+    #: Seconds without a new message, when known (from history or the event lag).
+    idle: float | None = None
+    flags: list[str] = msgspec.field(default_factory=list)
+
+
+class PipelineRow(msgspec.Struct, kw_only=True):
+    """One pipeline: totals over its symbols and its worker processes."""
+
+    name: str
+    exchange: str = ""
+    market: str = ""
+    symbols: int = 0
+    messages: int = 0
+    rate: float = 0.0
+    ws_messages: int | None = None
+    reconnects: int = 0
+    rest_weight_used: int | None = None
+    queue_depth: int = 0
+    pending_records: int = 0
+    restarts: int = 0
+    workers: int = 0
+    workers_running: int = 0
+    flags: list[str] = msgspec.field(default_factory=list)
+
+
+class SinkRow(msgspec.Struct, kw_only=True):
+    """One sink instance (its writer process)."""
+
+    name: str
+    type: str = ""
+    written: int = 0
+    flushed: int | None = None
+    rate: float = 0.0
+    queue_depth: int = 0
+    duplicates_dropped: int = 0
+    write_errors: int = 0
+    rows_dropped: int = 0
+    flags: list[str] = msgspec.field(default_factory=list)
+
+
+class ChildRow(msgspec.Struct, kw_only=True):
+    """One child process of the supervisor."""
+
+    name: str
+    kind: str
+    pid: int | None = None
+    state: Literal["running", "down"] = "down"
+    restarts: int = 0
+    uptime: float = 0.0
+    last_exit_code: int | None = None
+    queue_depth: int = 0
+    flags: list[str] = msgspec.field(default_factory=list)
+
+
+class StatusView(msgspec.Struct, kw_only=True):
+    """Everything ``streamer status`` shows, also its ``--json`` output."""
+
+    pid: int = 0
+    #: ``running``, ``stopping`` or ``stopped`` as published; ``gone`` when the supervisor
+    #: died without saying so.
+    state: str = "unknown"
+    exit_code: int | None = None
+    started_at: int = 0
+    updated_at: int = 0
+    #: Seconds since ``updated_at`` when the view was built.
+    age: float = 0.0
+    uptime: float = 0.0
+    #: Seconds the rates were measured over (0: averages since start).
+    window: float = 0.0
+    health: Health = "down"
+    problems: list[str] = msgspec.field(default_factory=list)
+    pipelines: list[PipelineRow] = msgspec.field(default_factory=list)
+    sinks: list[SinkRow] = msgspec.field(default_factory=list)
+    children: list[ChildRow] = msgspec.field(default_factory=list)
+    streams: list[StreamRow] = msgspec.field(default_factory=list)
+
+    @property
+    def published(self) -> float:
+        """``updated_at`` in seconds since the epoch (0 when unknown)."""
+        return self.updated_at / 1000.0
+
+
+# -- loading ---------------------------------------------------------------------------------
+def read_document(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The raw status document at ``path``; raises :class:`StatusError` with the reason."""
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise StatusError(
+            f"no status at {path}: the collector is not running or uses another state dir"
+        ) from None
+    except OSError as exc:
+        raise StatusError(f"cannot read {path}: {exc.strerror}") from None
+    try:
+        doc = msgspec.json.decode(raw)
+    except msgspec.DecodeError as exc:
+        raise StatusError(f"{path} is not valid JSON: {exc}") from None
+    if not isinstance(doc, dict) or "pipelines" not in doc:
+        raise StatusError(f"{path} is not a streamer status document (no 'pipelines')")
+    return doc
+
+
+def load_status(
+    path: str | os.PathLike[str],
+    *,
+    prev: Mapping[str, Any] | None = None,
+    thresholds: Thresholds | None = None,
+    now: float | None = None,
+) -> StatusView:
+    """Read ``path`` and build its view (see :func:`build_view`)."""
+    return build_view(read_document(path), prev=prev, thresholds=thresholds, now=now)
+
+
+# -- building --------------------------------------------------------------------------------
+def _int(value: Any) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) else 0
+
+
+def _first(counters: Mapping[str, Any], *names: str) -> int | None:
+    for name in names:
+        if name in counters:
+            return _int(counters[name])
+    return None
+
+
+def _streams_of(section: Mapping[str, Any]) -> dict[tuple[str, str], dict[str, Any]]:
+    """``{(symbol, stream): counters}`` of a pipeline or sink section."""
+    out: dict[tuple[str, str], dict[str, Any]] = {}
+    streams = section.get("streams")
+    if not isinstance(streams, dict):
+        return out
+    for symbol, per_symbol in streams.items():
+        if not isinstance(per_symbol, dict):
+            continue
+        for stream, counters in per_symbol.items():
+            if isinstance(counters, dict):
+                out[(symbol, stream)] = counters
+    return out
+
+
+def _dict(value: Any) -> dict[str, Any]:
+    return value if isinstance(value, dict) else {}
+
+
+def _rate(cur: int | None, prev: int | None, window: float, age: float) -> float:
+    if cur is None:
+        return 0.0
+    if window > 0 and prev is not None:
+        delta = cur - prev if cur >= prev else cur  # a restart reset the counter
+        return delta / window
+    return cur / age if age > 0 else 0.0
+
+
+def _pid_alive(pid: int) -> bool:
+    from .daemon import pid_alive
+
+    return pid_alive(pid)
+
+
+def build_view(
+    doc: Mapping[str, Any],
+    *,
+    prev: Mapping[str, Any] | None = None,
+    thresholds: Thresholds | None = None,
+    now: float | None = None,
+    history: StatusHistory | None = None,
+    check_pid: bool = True,
+) -> StatusView:
+    """Judge one status document, with rates over ``prev`` when given.
+
+    ``history`` (kept by a caller that reads repeatedly, e.g. ``--watch``) remembers when
+    each stream last made progress so ``silent`` and ``resync`` can be flagged after their
+    thresholds. ``check_pid`` also verifies that the publishing supervisor is alive (turn it
+    off for documents from another machine or a fixture).
+    """
+    th = thresholds or Thresholds()
+    now = time.time() if now is None else now
+    updated = _int(doc.get("updated_at"))
+    started = _int(doc.get("started_at"))
+    prev_updated = _int(prev.get("updated_at")) if prev else 0
+    window = (updated - prev_updated) / 1000.0 if prev and updated > prev_updated else 0.0
+    if window <= 0:
+        prev = None
+    uptime = max(0.0, (updated - started) / 1000.0) if started and updated else 0.0
+    view = StatusView(
+        pid=_int(doc.get("pid")),
+        state=str(doc.get("state", "unknown")),
+        exit_code=doc.get("exit_code") if isinstance(doc.get("exit_code"), int) else None,
+        started_at=started,
+        updated_at=updated,
+        age=max(0.0, now - updated / 1000.0) if updated else 0.0,
+        uptime=uptime,
+        window=window,
+    )
+    _children(view, doc, th)
+    sink_streams = _sinks(view, doc, prev, window, uptime)
+    _pipelines(view, doc, prev, window, uptime, th, sink_streams, history)
+    _judge(view, th, check_pid)
+    return view
+
+
+def _children(view: StatusView, doc: Mapping[str, Any], th: Thresholds) -> None:
+    for name, child in sorted(_dict(doc.get("children")).items()):
+        if not isinstance(child, dict):
+            continue
+        info = _dict(child.get("info"))
+        depths = _dict(info.get("queue_depths"))
+        depth = sum(_int(v) for v in depths.values()) + _int(info.get("queue_depth"))
+        row = ChildRow(
+            name=name,
+            kind=str(child.get("kind", "")),
+            pid=child.get("pid") if isinstance(child.get("pid"), int) else None,
+            state="running" if child.get("alive") else "down",
+            restarts=_int(child.get("restarts")),
+            uptime=float(child.get("uptime") or 0.0),
+            last_exit_code=child.get("last_exit_code")
+            if isinstance(child.get("last_exit_code"), int)
+            else None,
+            queue_depth=depth,
+        )
+        if row.state == "down":
+            row.flags.append(DOWN)
+        elif row.restarts and row.uptime < th.restart_window:
+            row.flags.append(RESTARTED)
+        if _int(info.get("pending_records")) > th.backlog_records:
+            row.flags.append(BACKLOG)
+        view.children.append(row)
+
+
+def _sinks(
+    view: StatusView,
+    doc: Mapping[str, Any],
+    prev: Mapping[str, Any] | None,
+    window: float,
+    age: float,
+) -> dict[tuple[str, str], list[tuple[int | None, int | None]]]:
+    """Fill ``view.sinks``; returns per (symbol, stream) the (written, flushed) of each sink."""
+    per_stream: dict[tuple[str, str], list[tuple[int | None, int | None]]] = {}
+    prev_sinks = _dict(prev.get("sinks")) if prev else {}
+    children = {c.name: c for c in view.children}
+    for name, sink in sorted(_dict(doc.get("sinks")).items()):
+        if not isinstance(sink, dict):
+            continue
+        totals = _dict(sink.get("totals"))
+        process = _dict(sink.get("process"))
+        written = _first(totals, "records_written") or 0
+        prev_totals = _dict(_dict(prev_sinks.get(name)).get("totals"))
+        child = children.get(f"sink.{name}")
+        row = SinkRow(
+            name=name,
+            type=str(sink.get("type", "")),
+            written=written,
+            flushed=_first(process, "rows_flushed", "rows_written"),
+            rate=_rate(written, _first(prev_totals, "records_written"), window, age),
+            queue_depth=child.queue_depth if child else 0,
+            duplicates_dropped=_first(totals, "duplicates_dropped") or 0,
+            write_errors=_first(process, "write_errors") or 0,
+            rows_dropped=_first(process, "rows_dropped") or 0,
+        )
+        if child and child.state == "down":
+            row.flags.append(DOWN)
+        view.sinks.append(row)
+        for key, counters in _streams_of(sink).items():
+            per_stream.setdefault(key, []).append(
+                (
+                    _first(counters, "records_written"),
+                    _first(counters, "rows_flushed", "rows_written"),
+                )
+            )
+    return per_stream
+
+
+def _min(values: Iterable[int | None]) -> int | None:
+    known = [v for v in values if v is not None]
+    return min(known) if known else None
+
+
+def _pipelines(
+    view: StatusView,
+    doc: Mapping[str, Any],
+    prev: Mapping[str, Any] | None,
+    window: float,
+    age: float,
+    th: Thresholds,
+    sink_streams: dict[tuple[str, str], list[tuple[int | None, int | None]]],
+    history: StatusHistory | None,
+) -> None:
+    prev_pipes = _dict(prev.get("pipelines")) if prev else {}
+    children = view.children
+    for name, pipe in sorted(_dict(doc.get("pipelines")).items()):
+        if not isinstance(pipe, dict):
+            continue
+        totals = _dict(pipe.get("totals"))
+        process = _dict(pipe.get("process"))
+        prev_pipe = _dict(prev_pipes.get(name))
+        workers = [c for c in children if c.kind == "worker" and c.name.startswith(name + ".")]
+        messages = _first(totals, "records_emitted") or 0
+        row = PipelineRow(
+            name=name,
+            exchange=str(pipe.get("exchange", "")),
+            market=str(pipe.get("market", "")),
+            symbols=len(pipe.get("symbols") or []),
+            messages=messages,
+            rate=_rate(
+                messages, _first(_dict(prev_pipe.get("totals")), "records_emitted"), window, age
+            ),
+            ws_messages=_first(totals, "ws_messages", "messages_received"),
+            reconnects=_first(process, "ws_reconnects", "reconnects") or 0,
+            rest_weight_used=_first(process, "rest_weight_used"),
+            queue_depth=sum(c.queue_depth for c in workers),
+            restarts=sum(c.restarts for c in workers),
+            workers=len(workers),
+            workers_running=sum(c.state == "running" for c in workers),
+        )
+        row.pending_records = sum(
+            _int(_dict(_dict(_dict(doc.get("children")).get(c.name)).get("info")).get(
+                "pending_records"
+            ))
+            for c in workers
+        )  # fmt: skip
+        if row.workers_running < row.workers:
+            row.flags.append(DOWN)
+        elif any(RESTARTED in c.flags for c in workers):
+            row.flags.append(RESTARTED)
+        view.pipelines.append(row)
+        prev_streams = _streams_of(prev_pipe)
+        for (symbol, stream), counters in sorted(_streams_of(pipe).items()):
+            if symbol == "*" or stream == "*":
+                continue  # counters of a symbol not tied to one stream (REST fetches...)
+            view.streams.append(
+                _stream_row(
+                    name, symbol, stream, counters, prev_streams.get((symbol, stream)),
+                    window, age, view, th, sink_streams.get((symbol, stream), []), history,
+                )
+            )  # fmt: skip
+
+
+def _stream_row(
+    pipeline: str,
+    symbol: str,
+    stream: str,
+    counters: Mapping[str, Any],
+    prev: Mapping[str, Any] | None,
+    window: float,
+    age: float,
+    view: StatusView,
+    th: Thresholds,
+    sinks: list[tuple[int | None, int | None]],
+    history: StatusHistory | None,
+) -> StreamRow:
+    messages = _first(counters, "records_emitted") or 0
+    prev_messages = _first(prev, "records_emitted") if prev is not None else None
+    filled = _first(counters, "gaps_filled") or 0
+    found = _first(counters, "gaps_found")
+    if found is None:
+        found = filled + (_first(counters, "gaps_unfillable") or 0)
+    last_event = _first(counters, "last_event_time")
+    row = StreamRow(
+        pipeline=pipeline,
+        symbol=symbol,
+        stream=stream,
+        messages=messages,
+        rate=_rate(messages, prev_messages, window, age),
+        last_event_time=last_event or None,
+        lag=max(0.0, (view.updated_at - last_event) / 1000.0) if last_event else None,
+        written=_min(w for w, _ in sinks),
+        flushed=_min(f for _, f in sinks),
+        reconnects=_first(counters, "reconnects", "ws_reconnects") or 0,
+        gaps_found=found,
+        gaps_filled=filled,
+        resyncs=_first(counters, "resyncs") or 0,
+        verifications=_first(counters, "verifications") or 0,
+    )
+    # How long without progress: from history, else from the event lag.
+    idle = None
+    stalled_book = None
+    if history is not None:
+        idle, stalled_book = history.observe(row, counters, view.published)
+    if idle is None and row.lag is not None and window > 0 and row.rate == 0:
+        idle = row.lag
+    row.idle = idle
+    if (idle is not None and idle >= th.silent_after) or (
+        messages == 0 and view.uptime >= th.silent_after
+    ):
+        row.flags.append(SILENT)
+    elif row.lag is not None and row.lag >= th.lag_after:
+        row.flags.append(LAGGING)
+    if stream == "orderbook" and _book_stuck(counters, view, th, stalled_book):
+        row.flags.append(RESYNC)
+    return row
+
+
+def _book_stuck(
+    counters: Mapping[str, Any], view: StatusView, th: Thresholds, stalled: float | None
+) -> bool:
+    """An order book that has not produced output for ``resync_after`` while its updates
+    pile up in the buffer: a snapshot never bridged, or every attempt failed."""
+    if _first(counters, "book_syncing") and stalled is None:
+        # A gauge from the stream itself: trust it once the book had time to sync.
+        return view.uptime >= th.resync_after
+    if stalled is not None:
+        return stalled >= th.resync_after
+    never_live = not _first(counters, "books_emitted") and (
+        _first(counters, "updates_buffered") or 0
+    )
+    return bool(never_live) and view.uptime >= th.resync_after
+
+
+class _Seen(msgspec.Struct):
+    messages: int
+    progress_at: float
+    out: int
+    out_at: float
+    buffered: int
+    stalled: bool = False
+
+
+class StatusHistory:
+    """Remembers, across repeated reads, when each stream last made progress.
+
+    :meth:`observe` returns ``(idle, stalled)``: seconds since the stream's message count
+    last grew, and seconds since an order book's output last grew while its buffer kept
+    growing (``None``: not stalled, or not known yet at the first observation).
+    """
+
+    def __init__(self) -> None:
+        self._seen: dict[tuple[str, str, str], _Seen] = {}
+
+    def observe(
+        self, row: StreamRow, counters: Mapping[str, Any], at: float
+    ) -> tuple[float | None, float | None]:
+        """Record ``row`` as of ``at`` (epoch seconds) and return its idle/stalled times."""
+        key = (row.pipeline, row.symbol, row.stream)
+        out = _first(counters, "books_emitted", "records_emitted") or 0
+        buffered = _first(counters, "updates_buffered") or 0
+        seen = self._seen.get(key)
+        if seen is None:
+            self._seen[key] = _Seen(row.messages, at, out, at, buffered)
+            return None, None
+        if row.messages != seen.messages:
+            seen.messages, seen.progress_at = row.messages, at
+        if out != seen.out:
+            seen.out, seen.out_at, seen.stalled = out, at, False
+        elif buffered > seen.buffered:
+            seen.stalled = True  # no output while updates pile up
+        seen.buffered = buffered
+        return at - seen.progress_at, (at - seen.out_at) if seen.stalled else None
+
+
+def _judge(view: StatusView, th: Thresholds, check_pid: bool) -> None:
+    problems = view.problems
+    down = False
+    if view.state == "stopped":
+        down = True
+        code = "" if view.exit_code is None else f" with exit code {view.exit_code}"
+        problems.append(f"the collector stopped{code}")
+    elif check_pid and view.pid and not _pid_alive(view.pid):
+        down = True
+        view.state = "gone"
+        problems.append(f"supervisor pid {view.pid} is not running (it died without a status)")
+    elif view.age > th.stale_after:
+        down = True
+        problems.append(f"status not updated for {view.age:.0f}s (stale after {th.stale_after:g}s)")
+    for child in view.children:
+        if DOWN in child.flags and view.state == "running":
+            code = "" if child.last_exit_code is None else f" (exit code {child.last_exit_code})"
+            problems.append(f"{child.name} is down{code}, restarts {child.restarts}")
+        elif RESTARTED in child.flags:
+            problems.append(f"{child.name} restarted {child.restarts}x, up {child.uptime:.0f}s")
+        if BACKLOG in child.flags:
+            problems.append(f"{child.name} has a backlog of pending records")
+    for row in view.streams:
+        for flag in row.flags:
+            problems.append(f"{row.pipeline} {row.symbol} {row.stream} is {flag}")
+    for sink in view.sinks:
+        if sink.write_errors:
+            problems.append(f"sink {sink.name} has {sink.write_errors} write error(s)")
+        if sink.rows_dropped:
+            problems.append(f"sink {sink.name} dropped {sink.rows_dropped} row(s)")
+    if not view.pipelines and not down:
+        problems.append("no pipeline in the status")
+    if down:
+        view.health = "down"
+    elif problems or view.state != "running":
+        view.health = "degraded"
+    else:
+        view.health = "healthy"
+
+
+# -- two reads -------------------------------------------------------------------------------
+def sample(
+    path: str | os.PathLike[str],
+    *,
+    window: float = 1.5,
+    thresholds: Thresholds | None = None,
+    check_pid: bool = True,
+) -> StatusView:
+    """Read the status, wait for the next publication (at most ``window`` seconds) and
+    build the view with rates over the two. Without a new publication in time (a stopped
+    or stuck collector) the rates are averages since start."""
+    first = read_document(path)
+    deadline = time.monotonic() + window
+    second = first
+    while time.monotonic() < deadline and first.get("state") == "running":
+        time.sleep(0.05)
+        try:
+            doc = read_document(path)
+        except StatusError:
+            continue
+        if doc.get("updated_at") != first.get("updated_at"):
+            second = doc
+            break
+    prev = first if second is not first else None
+    return build_view(second, prev=prev, thresholds=thresholds, check_pid=check_pid)
+
+
+# -- rendering -------------------------------------------------------------------------------
+def _n(value: int | None) -> str:
+    if value is None:
+        return "-"
+    if value >= 10_000_000:
+        return f"{value / 1e6:.1f}M"
+    if value >= 100_000:
+        return f"{value / 1e3:.0f}k"
+    return str(value)
+
+
+def _r(rate: float) -> str:
+    if rate >= 1000:
+        return f"{rate / 1000:.1f}k"
+    return f"{rate:.1f}" if rate < 100 else f"{rate:.0f}"
+
+
+def _s(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    if seconds < 60:
+        return f"{seconds:.1f}s"
+    if seconds < 3600:
+        return f"{seconds / 60:.0f}m"
+    if seconds < 86400 * 2:
+        return f"{seconds / 3600:.1f}h"
+    return f"{seconds / 86400:.1f}d"
+
+
+def _table(headers: list[str], rows: list[list[str]]) -> list[str]:
+    widths = [len(h) for h in headers]
+    for row in rows:
+        widths = [max(w, len(c)) for w, c in zip(widths, row, strict=True)]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)).rstrip()]
+    for row in rows:
+        cells = [
+            c.ljust(w) if i < 3 or (not c[:1].isdigit() and c != "-") else c.rjust(w)
+            for i, (c, w) in enumerate(zip(row, widths, strict=True))
+        ]
+        lines.append("  ".join(cells).rstrip())
+    return lines
+
+
+def render_table(view: StatusView) -> str:
+    """A human-readable multi-section table of ``view`` (what ``streamer status`` prints)."""
+    when = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(view.published))
+    rates = f"rates over {view.window:.1f}s" if view.window else "rates averaged since start"
+    lines = [
+        f"collector pid {view.pid}  state {view.state}  health {view.health.upper()}  "
+        f"up {_s(view.uptime)}  updated {when} ({view.age:.1f}s ago)  {rates}",
+        "",
+    ]
+    lines += _table(
+        ["pipeline", "exchange", "market", "symbols", "msgs", "msg/s", "ws msgs", "reconn",
+         "rest wt", "queue", "pending", "workers", "restarts", "flags"],
+        [
+            [p.name, p.exchange, p.market, str(p.symbols), _n(p.messages), _r(p.rate),
+             _n(p.ws_messages), str(p.reconnects), _n(p.rest_weight_used), str(p.queue_depth),
+             str(p.pending_records), f"{p.workers_running}/{p.workers}", str(p.restarts),
+             ",".join(p.flags)]
+            for p in view.pipelines
+        ],
+    )  # fmt: skip
+    lines.append("")
+    lines += _table(
+        ["sink", "type", "written", "rows/s", "flushed", "queue", "dups", "errors", "dropped",
+         "flags"],
+        [
+            [s.name, s.type, _n(s.written), _r(s.rate), _n(s.flushed), str(s.queue_depth),
+             _n(s.duplicates_dropped), str(s.write_errors), _n(s.rows_dropped), ",".join(s.flags)]
+            for s in view.sinks
+        ],
+    )  # fmt: skip
+    lines.append("")
+    lines += _table(
+        ["pipeline", "symbol", "stream", "msgs", "msg/s", "last event", "lag", "written",
+         "flushed", "reconn", "gaps", "filled", "resyncs", "verified", "flags"],
+        [
+            [r.pipeline, r.symbol, r.stream, _n(r.messages), _r(r.rate),
+             time.strftime("%H:%M:%S", time.gmtime(r.last_event_time / 1000))
+             if r.last_event_time else "-",
+             _s(r.lag), _n(r.written), _n(r.flushed), str(r.reconnects), str(r.gaps_found),
+             str(r.gaps_filled), str(r.resyncs), str(r.verifications), ",".join(r.flags)]
+            for r in view.streams
+        ],
+    )  # fmt: skip
+    lines.append("")
+    lines += _table(
+        ["process", "kind", "pid", "state", "uptime", "restarts", "last exit", "queue", "flags"],
+        [
+            [c.name, c.kind, str(c.pid or "-"), c.state, _s(c.uptime), str(c.restarts),
+             "-" if c.last_exit_code is None else str(c.last_exit_code), str(c.queue_depth),
+             ",".join(c.flags)]
+            for c in view.children
+        ],
+    )  # fmt: skip
+    if view.problems:
+        lines.append("")
+        lines.append("problems:")
+        lines += [f"  - {p}" for p in view.problems]
+    return "\n".join(lines)
+
+
+def render_json(view: StatusView) -> str:
+    """``view`` as indented JSON (the ``--json`` output; field names are stable)."""
+    return msgspec.json.format(msgspec.json.encode(view), indent=2).decode()
+
+
+def render_summary(view: StatusView) -> str:
+    """One compact line for a terminal running ``streamer run``: progress and rates."""
+    msgs = sum(p.messages for p in view.pipelines)
+    rate = sum(p.rate for p in view.pipelines)
+    written = sum(s.written for s in view.sinks)
+    wrate = sum(s.rate for s in view.sinks)
+    running = sum(c.state == "running" for c in view.children)
+    restarts = sum(c.restarts for c in view.children)
+    gaps = sum(r.gaps_found for r in view.streams)
+    flagged = sum(bool(r.flags) for r in view.streams)
+    parts = [
+        f"up {_s(view.uptime)}",
+        f"msgs {_n(msgs)} ({_r(rate)}/s)",
+        f"written {_n(written)} ({_r(wrate)}/s)",
+        f"procs {running}/{len(view.children)}",
+    ]
+    if restarts:
+        parts.append(f"restarts {restarts}")
+    if gaps:
+        parts.append(f"gaps {gaps}")
+    if flagged:
+        parts.append(f"flagged {flagged}")
+    return f"[{view.health}] " + "  ".join(parts)
+
+
+class LiveSummary:
+    """Shows :func:`render_summary` of each published document on a terminal.
+
+    The supervisor calls it with every status document it publishes (``live(doc)``); it
+    prints at most once per ``every`` seconds, rewriting one line when ``stream`` is a
+    terminal and appending lines otherwise. Never raises: the summary must not hurt a run.
+    """
+
+    def __init__(self, stream: TextIO | None = None, every: float = 1.0) -> None:
+        self._stream = stream or sys.stderr
+        self._every = every
+        self._prev: Mapping[str, Any] | None = None
+        self._last = 0.0
+        self._tty = bool(getattr(self._stream, "isatty", lambda: False)())
+
+    def __call__(self, doc: Mapping[str, Any]) -> None:
+        now = time.monotonic()
+        if now - self._last < self._every and doc.get("state") == "running":
+            return
+        try:
+            view = build_view(doc, prev=self._prev, check_pid=False)
+            line = render_summary(view)
+            if self._tty:
+                self._stream.write("\r\x1b[2K" + line)
+                if doc.get("state") == "stopped":
+                    self._stream.write("\n")
+            else:
+                self._stream.write(line + "\n")
+            self._stream.flush()
+        except Exception:  # never let the summary break the run
+            return
+        self._prev = doc
+        self._last = now
