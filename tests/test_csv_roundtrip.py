@@ -23,6 +23,12 @@ DAY = 86_400_000
 T0 = 1_795_392_000_000  # 2026-11-23 00:00:00 UTC
 
 
+KLINE_HEADER = (
+    "open_time,open,high,low,close,volume,close_time,quote_volume,count,taker_buy_volume,"
+    "taker_buy_quote_volume,event_time,receive_time\n"
+)
+
+
 def make_sink(path: Path, **opts) -> tuple[CsvSink, Counters]:
     counters = Counters()
     ctx = SinkContext(name="csv", counters=counters, logger=logging.getLogger("test.csv"))
@@ -361,7 +367,7 @@ def test_holdings_read_newest_day_and_skip_header_only_file(tmp_path: Path) -> N
     kfolder = tmp_path / "binance/usdm/klines/BTCUSDT/1h"
     kfolder.mkdir(parents=True)
     (kfolder / "BTCUSDT-1h-2026-11-22.csv.gz").write_bytes(
-        gzip.compress(b"open_time,x\n") + gzip.compress(b"1795305600000,y\n")
+        gzip.compress(KLINE_HEADER.encode()) + gzip.compress(b"1795305600000,y\n")
     )
     sink, _ = make_sink(tmp_path)
     held = run(sink.holdings())

@@ -126,6 +126,21 @@ def book_levels_of_header(header: bytes) -> int | None:
     return levels
 
 
+def expected_header(kind: str, market: str, header: bytes | None) -> bool:
+    """True when ``header`` is what this sink writes for ``kind`` in ``market``."""
+    if header is None:
+        return False
+    if kind == ORDERBOOK:
+        return book_levels_of_header(header) is not None
+    columns = {
+        AGGTRADE: aggtrade_columns(market),
+        KLINE: KLINE_COLUMNS,
+        DEPTH: DEPTH_COLUMNS,
+        MARKERS: MARKER_COLUMNS,
+    }[kind]
+    return header == header_line(columns)
+
+
 def ms_time(t: int) -> int:
     """``t`` in milliseconds, converting microsecond timestamps."""
     return t // 1000 if t >= _MICROS_THRESHOLD else t

@@ -126,6 +126,7 @@ class _File:
         "stream",
         "symbol",
         "target",
+        "unconfirmed",
     )
 
     def __init__(self, target: _Target, directory: str, path: str) -> None:
@@ -148,6 +149,8 @@ class _File:
         self.pending_rows = 0
         self.pending_key: int | None = None
         self.retired = False
+        #: File size before a failed write that could not be cut back (see ``_reconcile``).
+        self.unconfirmed: int | None = None
 
     def set_columns(self, columns: tuple[str, ...]) -> None:
         self.columns = columns
@@ -297,6 +300,8 @@ class CsvSink(Sink):
                 self._counted_repair(path, tail)
             if key is None:
                 return
+            if not layout.expected_header(kind, key.market, tail.header):
+                continue  # not our layout: it is moved aside before anything is appended
             value = self._key_of(kind, tail)
             if value is None:
                 continue  # empty or header only: an older period holds the last key
@@ -574,7 +579,7 @@ class CsvSink(Sink):
                 identity = (st.st_dev, st.st_ino)
                 # New to us, replaced, or changed behind our back: look before appending.
                 fresh = identity != f.identity or st.st_size != f.size
-                if fresh and not self._adopt(f, st.st_size):
+                if fresh and not self._adopt(f, st.st_size, identity == f.identity):
                     self._io.close(fd)
                     continue  # a conflicting file was moved aside: start a new one
             except BaseException:
@@ -588,17 +593,20 @@ class CsvSink(Sink):
             return
         raise OSError(errno.EBUSY, "file keeps being replaced while opening", f.path)
 
-    def _adopt(self, f: _File, size: int) -> bool:
+    def _adopt(self, f: _File, size: int, same_file: bool) -> bool:
         """Check a file before appending: repair a torn tail, match the header.
 
         Returns False when the file had another layout and was moved aside.
         """
+        unconfirmed, f.unconfirmed = f.unconfirmed, None
         f.size = 0
         if size == 0:
             return True
         tail = files.repair(f.path, self._gz)
         if tail.torn:
             self._counted_repair(f.path, tail)
+        if same_file and unconfirmed is not None and tail.valid_size > unconfirmed:
+            self._reconcile(f, unconfirmed, tail.valid_size)
         if tail.valid_size == 0 and not tail.foreign:
             return True  # only a torn first row: the header is written again
         header = tail.header
@@ -624,6 +632,24 @@ class CsvSink(Sink):
             aside,
         )
         return False
+
+    def _reconcile(self, f: _File, before: int, valid: int) -> None:
+        """Drop from the pending rows those whose bytes a failed write left on disk.
+
+        A write failed part-way and could not be cut back; the repair kept its whole rows,
+        so they must not be written again. Only plain files get here: a gzip member is
+        whole or cut off entirely.
+        """
+        full = (f.header if before == 0 else b"") + b"".join(f.pending)
+        done = valid - before
+        if done > len(full) or full[done - 1 : done] != b"\n":
+            return  # not our bytes after all: keep everything pending
+        rows = full[:done].count(b"\n") - (1 if before == 0 else 0)
+        f.pending = [full[done:]] if done < len(full) else []
+        f.pending_rows -= rows
+        self._pending_rows -= rows
+        self._counters.incr("rows_written", n=rows)
+        self._counters.incr("bytes_written", n=done)
 
     def _check_identity(self, f: _File) -> None:
         """Reopen when our file was deleted or replaced since we opened it."""
@@ -685,10 +711,12 @@ class CsvSink(Sink):
 
     def _write_file(self, f: _File) -> bool:
         """Write ``f``'s pending rows with one write; False (rows kept) on an OS error."""
-        data = b"".join(f.pending)
         try:
             self._ensure_open(f)
             self._check_identity(f)
+            data = b"".join(f.pending)
+            if not data:
+                return self._written(f, data)  # a reconciled write left nothing to do
             if f.size == 0:
                 data = f.header + data
             if self._gz:
@@ -707,6 +735,9 @@ class CsvSink(Sink):
         except OSError as exc:
             self._on_error(f, exc, "write")
             return False
+        return self._written(f, data)
+
+    def _written(self, f: _File, data: bytes) -> bool:
         f.size += len(data)
         rows = f.pending_rows
         counters = self._counters
@@ -729,9 +760,10 @@ class CsvSink(Sink):
         try:
             self._io.truncate(f.fd, size)
         except OSError:
-            # Cannot undo now: forget the descriptor so the next open repairs the tail.
+            # Cannot undo now: close, so that the next open repairs the tail and keeps
+            # (without writing them twice) the whole rows that reached the file.
             self._close_file(f, sync=False)
-            f.identity = None
+            f.unconfirmed = size
 
     def _on_error(self, f: _File, exc: OSError, op: str) -> None:
         reason = _reason(exc)
@@ -790,7 +822,7 @@ class CsvSink(Sink):
         if self._closed:
             return
         self._flush_sync()
-        sync = self._opts.fsync != "never"
+        sync = self._opts.fsync == "rotation"  # "flush" already synced each write
         for f in list(self._open_lru.values()):
             self._close_file(f, sync=sync)
         if self._pending_rows:
