@@ -44,8 +44,8 @@ class KeySequencer:
     """
 
     __slots__ = (
-        "_emit", "_key_of", "_next_key", "duplicates", "held", "last", "live_max",
-        "wants_catch_up",
+        "_emit", "_key_of", "_next_key", "catch_up_mark", "duplicates", "held", "last",
+        "live_max", "wants_catch_up",
     )  # fmt: skip
 
     def __init__(
@@ -64,7 +64,27 @@ class KeySequencer:
         self.live_max: int | None = None
         #: A fill up to the newest record is wanted (after a reconnect or at start).
         self.wants_catch_up = False
+        #: ``live_max`` when the catch-up was requested: live data above it proves the
+        #: live stream is flowing again, so a catch-up may stop once it reaches it.
+        self.catch_up_mark: int | None = None
         self.duplicates = 0
+
+    def request_catch_up(self) -> None:
+        """Ask for a fill from ``last`` up to the newest record (reconnect, restart)."""
+        self.wants_catch_up = True
+        self.catch_up_mark = self.live_max
+
+    def caught_up(self) -> bool:
+        """True once no gap is open and the live stream has delivered data since the
+        catch-up was requested, all of it already emitted."""
+        live = self.live_max
+        return (
+            not self.held
+            and live is not None
+            and (self.catch_up_mark is None or live > self.catch_up_mark)
+            and self.last is not None
+            and self.last >= live
+        )
 
     def push(self, record: Any, live: bool = True) -> bool:
         """Offer one record; returns True when it opened or widened a gap (held)."""
@@ -174,7 +194,7 @@ class GapFillStream(StreamType):
         resume = self.context.resume.get(self._stream_key(symbol, stream))
         if resume is not None:
             seq.last = resume
-            seq.wants_catch_up = True
+            seq.request_catch_up()
             state.reason = "restart"
             self._pending[(symbol, stream)] = 0.0
         self._states[(symbol, stream)] = state
@@ -199,7 +219,7 @@ class GapFillStream(StreamType):
         wanted = set(symbols)
         for (symbol, stream), state in self._states.items():
             if symbol in wanted and state.seq.last is not None:
-                state.seq.wants_catch_up = True
+                state.seq.request_catch_up()
                 state.reason = reason
                 self._pending[(symbol, stream)] = 0.0
         self._wake.set()
@@ -277,9 +297,7 @@ class GapFillStream(StreamType):
                     first = k if first is None else min(first, k)
                     last = k if last is None else max(last, k)
                     count += 1
-            if seq.gap() is None and (
-                end is not None or (seq.live_max is not None and seq.last >= seq.live_max)
-            ):
+            if seq.gap() is None and (end is not None or seq.caught_up()):
                 break
         if count:
             self.context.counters.incr(f"{self._counter_prefix}_backfilled", symbol, stream, count)
