@@ -82,6 +82,8 @@ class _Child:
     started_at: float = 0.0
     next_start: float | None = 0.0
     conn: ByteStream | None = None
+    #: Set when the current incarnation's control connection has been read to its end.
+    conn_done: Any = None
     ready: bool = False
     stop_wanted: bool = False
     killed_for: str = ""
@@ -268,24 +270,29 @@ class Supervisor:
             if child is None or hello.incarnation != child.incarnation:
                 return  # a stale incarnation that outlived its restart
             child.conn = stream
-            if child.stop_wanted:
-                await self._send_stop(child)
-            while True:
-                payload = await reader.receive()
-                if payload is None:
-                    return
-                message = decode_control(payload)
-                if hello.incarnation != child.incarnation:
-                    return
-                if isinstance(message, Ready):
-                    self._sink_marks[child.sink] = _unmark(message.holdings)
-                    child.ready = True
-                    self._wake.set()
-                elif isinstance(message, Status):
-                    child.counters = message.counters
-                    child.info = message.info
-                    if child.kind == "writer" and message.high_water:
-                        self._sink_marks[child.sink].update(_unmark(message.high_water))
+            done = child.conn_done = anyio.Event()
+            try:
+                await self._follow(child, hello, reader)
+            finally:
+                done.set()
+
+    async def _follow(self, child: _Child, hello: Hello, reader: FrameReader) -> None:
+        if child.stop_wanted:
+            await self._send_stop(child)
+        while True:
+            payload = await reader.receive()
+            if payload is None or hello.incarnation != child.incarnation:
+                return
+            message = decode_control(payload)
+            if isinstance(message, Ready):
+                self._sink_marks[child.sink] = _unmark(message.holdings)
+                child.ready = True
+                self._wake.set()
+            elif isinstance(message, Status):
+                child.counters = message.counters
+                child.info = message.info
+                if child.kind == "writer" and message.high_water:
+                    self._sink_marks[child.sink].update(_unmark(message.high_water))
 
     async def _send_stop(self, child: _Child) -> None:
         child.stop_wanted = True
@@ -429,6 +436,7 @@ class Supervisor:
                 self._reap()
                 alive = [c for c in group if c.alive]
                 if not alive:
+                    await self._final_reports(group)
                     break
                 if self._force:
                     return self._kill_all("forced exit", 130)
@@ -444,6 +452,13 @@ class Supervisor:
                 self._wake = anyio.Event()
         log.info("stopped cleanly")
         return 0
+
+    async def _final_reports(self, group: list[_Child]) -> None:
+        # A child's last status may still be in its socket after it exited.
+        with anyio.move_on_after(2):
+            for child in group:
+                if child.conn_done is not None:
+                    await child.conn_done.wait()
 
     def _kill_all(self, reason: str, code: int) -> int:
         log.error("%s: killing remaining children", reason)

@@ -17,7 +17,6 @@ from __future__ import annotations
 import logging
 import os
 import signal
-import time
 from collections import defaultdict
 
 import anyio
@@ -61,6 +60,7 @@ class Writer:
             self.runtime.queue_batches
         )
         self._connections = 0
+        self._dirty = False
 
     def _build(self) -> tuple[Sink, float]:
         registry = self.spec.plugins.registry()
@@ -107,23 +107,24 @@ class Writer:
                 self._connections -= 1
 
     async def _consume(self, sink: Sink, flush_every: float) -> None:
-        next_flush = time.monotonic() + flush_every
-        dirty = False
+        # Writes and timed flushes share a lock so the sink never sees them concurrently;
+        # the receive itself is never cancelled (a cancelled receive can lose its item).
+        lock = anyio.Lock()
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(self._flush_timer, sink, flush_every, lock)
+            async for payload in self._receive:
+                async with lock:
+                    self._dirty = await self._write(sink, payload) or self._dirty
+            tg.cancel_scope.cancel()
+
+    async def _flush_timer(self, sink: Sink, flush_every: float, lock: anyio.Lock) -> None:
         while True:
-            payload = None
-            with anyio.move_on_after(max(0.0, next_flush - time.monotonic())):
-                try:
-                    payload = await self._receive.receive()
-                except anyio.EndOfStream:
-                    break
-            if payload is not None:
-                dirty = await self._write(sink, payload) or dirty
-            if time.monotonic() >= next_flush:
-                if dirty:
+            await anyio.sleep(flush_every)
+            async with lock:
+                if self._dirty:
                     await sink.flush()
                     self.counters.incr("flushes")
-                    dirty = False
-                next_flush = time.monotonic() + flush_every
+                    self._dirty = False
 
     async def _write(self, sink: Sink, payload: bytes) -> bool:
         try:

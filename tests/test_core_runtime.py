@@ -1,0 +1,288 @@
+"""The multiprocess runtime with inline plugins: data flow, restarts, shutdown, overflow."""
+
+from __future__ import annotations
+
+import signal
+import time
+from pathlib import Path
+
+import pytest
+from conftest import load_status, start_streamer, synth_config, wait_for
+from core_plugins import read_lines, read_markers
+
+from streamer.core.api import StreamKey
+from streamer.core.config import parse_config
+from streamer.core.records import Kline, Marker, Trade
+from streamer.core.runtime import HighWater, auto_workers, partition, read_status, run
+from streamer.core.runtime.keys import stream_key
+
+PLUGINS = ["core_plugins"]
+
+
+def assert_contiguous(ids_by_key: dict[StreamKey, list[int]], symbols: list[str]) -> None:
+    """Each stream holds a gap-free, duplicate-free, increasing run of ids."""
+    assert sorted(k.symbol for k in ids_by_key) == sorted(symbols)
+    for key, ids in ids_by_key.items():
+        assert ids, key
+        assert ids == list(range(ids[0], ids[0] + len(ids))), f"gap or duplicate in {key}"
+
+
+def run_inline(tmp_path: Path, duration: float, **changes) -> tuple[int, dict]:
+    config = parse_config(synth_config(tmp_path, **changes))
+    code = run(config, [], extra_plugin_modules=PLUGINS, duration=duration)
+    return code, read_status(tmp_path / "state")
+
+
+# -- pure helpers ------------------------------------------------------------------------------
+def test_partition_keeps_every_symbol_once_and_never_one_process_per_symbol():
+    symbols = [f"S{i}" for i in range(10)]
+    groups = partition(symbols, 3)
+    assert len(groups) == 3
+    assert sorted(s for g in groups for s in g) == sorted(symbols)
+    assert partition(["A"], 4) == [["A"]]
+    assert auto_workers(2000, 2) == 1
+    assert auto_workers(2000, 8) == 7
+    assert auto_workers(150, 8) == 2
+    assert auto_workers(1, None) == 1
+
+
+def _trade(trade_id: int, symbol: str = "X") -> Trade:
+    return Trade("ex", "spot", symbol, trade_id, "1", "1", 0, 0, 0, False, None, 0, 0)
+
+
+def _kline(open_time: int, closed: bool) -> Kline:
+    return Kline(
+        "ex", "spot", "X", "1m", open_time, open_time + 59_999, "1", "1", "1", "1", "1", "1",
+        1, "1", "1", closed, 0, 0,
+    )  # fmt: skip
+
+
+def test_high_water_drops_held_records_and_counts_them():
+    key = StreamKey("ex", "spot", "X", "aggtrade")
+    hw = HighWater({key: 5})
+    kept, dropped = hw.filter([_trade(4), _trade(5), _trade(6), _trade(6), _trade(7)])
+    assert [r.trade_id for r in kept] == [6, 7]
+    assert dropped == {key: 3}
+    assert hw.marks[key] == 7
+    marker = Marker("ex", "spot", "X", "aggtrade", "gap", 1, 2, 0, "test")
+    kept, _ = hw.filter([marker])
+    assert kept == [marker]
+
+
+def test_high_water_only_closed_klines_raise_the_mark():
+    hw = HighWater()
+    kept, _ = hw.filter([_kline(60_000, False), _kline(60_000, False), _kline(60_000, True)])
+    assert len(kept) == 3  # updates of the open bar pass until it closes
+    kept, dropped = hw.filter([_kline(60_000, True), _kline(60_000, False), _kline(120_000, False)])
+    assert [(k.open_time, k.closed) for k in kept] == [(120_000, False)]
+    assert dropped == {stream_key(_kline(0, True)): 2}
+
+
+# -- in-process runs -----------------------------------------------------------------------------
+def test_records_flow_across_processes_without_loss_or_duplicates(tmp_path):
+    code, status = run_inline(tmp_path, duration=3)
+    assert code == 0
+    symbols = ["AAA", "BBB", "CCC", "DDD"]
+    a, b = read_lines(tmp_path / "a"), read_lines(tmp_path / "b")
+    assert_contiguous(a, symbols)
+    assert a == b  # every sink of the pipeline got the same records
+    emitted = status["pipelines"]["synth"]["totals"]["records_emitted"]
+    assert emitted == sum(len(ids) for ids in a.values()) > 100
+    for sink in ("a", "b"):
+        totals = status["sinks"][sink]["totals"]
+        assert totals["records_written"] == emitted
+        assert totals.get("duplicates_dropped", 0) == 0
+    assert status["state"] == "stopped" and status["exit_code"] == 0
+    workers = [c for c in status["children"].values() if c["kind"] == "worker"]
+    assert len(workers) == 2 and all(c["restarts"] == 0 for c in workers)
+
+
+def test_second_run_resumes_from_sink_holdings_and_backfills(tmp_path):
+    assert run_inline(tmp_path, duration=1.5)[0] == 0
+    first = read_lines(tmp_path / "a")
+    time.sleep(0.5)  # trades keep happening while nothing runs
+    code, status = run_inline(tmp_path, duration=1.5)
+    assert code == 0
+    both = read_lines(tmp_path / "a")
+    assert_contiguous(both, ["AAA", "BBB", "CCC", "DDD"])
+    for key, ids in first.items():
+        assert both[key][: len(ids)] == ids
+    streams = status["pipelines"]["synth"]["streams"]
+    assert all(streams[s]["aggtrade"].get("backfilled", 0) > 0 for s in ("AAA", "BBB"))
+
+
+def test_crashing_adapter_is_restarted_with_backoff_and_backfilled(tmp_path, caplog):
+    code, status = run_inline(
+        tmp_path,
+        duration=4,
+        pipeline={"options": {"epoch_ms": 1_764_000_000_000, "rate": 300, "crash_after": 0.5}},
+        runtime={"restart_backoff_max": 1},
+    )
+    assert code == 0
+    restarts = [c["restarts"] for n, c in status["children"].items() if "worker" in n]
+    assert min(restarts) >= 2
+    assert_contiguous(read_lines(tmp_path / "a"), ["AAA", "BBB", "CCC", "DDD"])
+    assert any("restarting in" in r.getMessage() for r in caplog.records)
+
+
+def test_overflow_is_counted_and_reported_as_markers(tmp_path):
+    code, status = run_inline(
+        tmp_path,
+        duration=3,
+        pipeline={
+            "options": {"epoch_ms": 1_764_000_000_000, "rate": 3000},
+            "symbols": ["AAA", "BBB"],
+            "sinks": ["a"],
+            "workers": 1,
+        },
+        sinks={"a": {"type": "lines", "path": str(tmp_path / "a"), "write_delay": 0.2}},
+        runtime={"batch_size": 200, "queue_batches": 1},
+    )
+    assert code == 0
+    streams = status["pipelines"]["synth"]["streams"]
+    overflowed = sum(streams[s]["aggtrade"].get("records_overflowed", 0) for s in streams)
+    assert overflowed > 0
+    assert status["pipelines"]["synth"]["totals"]["backpressure_waits"] > 0
+    markers = [m for m in read_markers(tmp_path / "a") if m[5] == "overflow"]
+    assert markers, "overflow must be visible in the data, not only in counters"
+    # Every id missing from the file is inside an overflow marker's range.
+    for key, ids in read_lines(tmp_path / "a").items():
+        spans = [(m[6], m[7]) for m in markers if m[3] == key.symbol]
+        assert spans, key
+        held = set(ids)
+        end = max(ids[-1], *(b for _, b in spans))
+        missing = [i for i in range(ids[0], end + 1) if i not in held]
+        assert len(missing) == streams[key.symbol]["aggtrade"]["records_overflowed"]
+        assert all(any(a <= i <= b for a, b in spans) for i in missing)
+
+
+def test_unknown_symbol_is_rejected_before_any_process_starts(tmp_path):
+    config = parse_config(synth_config(tmp_path, pipeline={"symbols": ["AAA", "NOPE"]}))
+    with pytest.raises(ValueError, match=r"pipelines\[0\]\.symbols: unknown symbol.*NOPE"):
+        run(config, [], extra_plugin_modules=PLUGINS, duration=1)
+    assert not (tmp_path / "state").exists()
+
+
+def test_shutdown_timeout_kills_stuck_children_and_exits_1(tmp_path):
+    started = time.monotonic()
+    code, status = run_inline(
+        tmp_path,
+        duration=1.5,
+        sinks={"a": {"type": "lines", "path": str(tmp_path / "a"), "close_delay": 60},
+               "b": {"type": "lines", "path": str(tmp_path / "b")}},
+        runtime={"shutdown_timeout": 2},
+    )  # fmt: skip
+    assert code == 1
+    assert time.monotonic() - started < 15
+    assert status["exit_code"] == 1
+
+
+# -- subprocess runs with real signals ---------------------------------------------------------
+def _written(status: dict | None, sink: str = "a") -> int:
+    if not status:
+        return 0
+    return status["sinks"].get(sink, {}).get("totals", {}).get("records_written", 0)
+
+
+def _finish(proc, sig=signal.SIGTERM, timeout: float = 30) -> tuple[int, str]:
+    proc.send_signal(sig)
+    try:
+        _, err = proc.communicate(timeout=timeout)
+    except Exception:
+        proc.kill()
+        raise
+    return proc.returncode, err
+
+
+def test_sigterm_flushes_everything_and_exits_zero(tmp_path, write_config):
+    state = tmp_path / "state"
+    proc = start_streamer(["run", "--config", str(write_config())], cwd=tmp_path)
+    wait_for(lambda: _written(load_status(state)) > 200, what="records written")
+    code, err = _finish(proc)
+    assert code == 0, err
+    status = load_status(state)
+    assert status["state"] == "stopped"
+    emitted = status["pipelines"]["synth"]["totals"]["records_emitted"]
+    on_disk = read_lines(tmp_path / "a")
+    assert sum(len(ids) for ids in on_disk.values()) == emitted == _written(status)
+    assert on_disk == read_lines(tmp_path / "b")
+    assert_contiguous(on_disk, ["AAA", "BBB", "CCC", "DDD"])
+    assert "Traceback" not in err
+
+
+def test_worker_sigkill_is_restarted_and_the_run_continues_without_gap(tmp_path, write_config):
+    state = tmp_path / "state"
+    proc = start_streamer(["run", "--config", str(write_config())], cwd=tmp_path)
+    status = wait_for(
+        lambda: (s := load_status(state)) and _written(s) > 200 and s, what="records written"
+    )
+    victim = status["children"]["synth.worker0"]["pid"]
+    import os
+
+    os.kill(victim, signal.SIGKILL)
+    wait_for(
+        lambda: (
+            (s := load_status(state))
+            and s["children"]["synth.worker0"]["restarts"] == 1
+            and s["children"]["synth.worker0"]["alive"]
+            and s["children"]["synth.worker0"]["pid"] != victim
+        ),
+        what="worker restart",
+    )
+    before = _written(load_status(state))
+    wait_for(lambda: _written(load_status(state)) > before + 200, what="data after restart")
+    code, err = _finish(proc)
+    assert code == 0, err
+    assert "synth.worker0" in err and "exited with code -9" in err
+    a = read_lines(tmp_path / "a")
+    assert_contiguous(a, ["AAA", "BBB", "CCC", "DDD"])
+    assert a == read_lines(tmp_path / "b")
+
+
+def test_writer_sigkill_restarts_writer_and_its_workers_without_loss(tmp_path, write_config):
+    state = tmp_path / "state"
+    proc = start_streamer(["run", "--config", str(write_config())], cwd=tmp_path)
+    status = wait_for(
+        lambda: (s := load_status(state)) and _written(s) > 200 and s, what="records written"
+    )
+    victim = status["children"]["sink.a"]["pid"]
+    import os
+
+    os.kill(victim, signal.SIGKILL)
+    wait_for(
+        lambda: (
+            (s := load_status(state))
+            and s["children"]["sink.a"]["restarts"] == 1
+            and s["children"]["sink.a"]["alive"]
+            and all(s["children"][f"synth.worker{i}"]["restarts"] == 1 for i in (0, 1))
+        ),
+        what="writer and worker restarts",
+    )
+    wait_for(lambda: _written(load_status(state)) > 200, what="data after restart")
+    code, err = _finish(proc)
+    assert code == 0, err
+    assert "restarts after writer sink.a restarted" in err
+    a = read_lines(tmp_path / "a")
+    assert_contiguous(a, ["AAA", "BBB", "CCC", "DDD"])
+    # Sink b never died: it still holds one gap-free run, and a caught up with it.
+    b = read_lines(tmp_path / "b")
+    assert_contiguous(b, ["AAA", "BBB", "CCC", "DDD"])
+    assert {k: v[-1] for k, v in a.items()} == {k: v[-1] for k, v in b.items()}
+
+
+def test_second_signal_forces_exit(tmp_path, write_config):
+    state = tmp_path / "state"
+    config = write_config(
+        sinks={"a": {"type": "lines", "path": str(tmp_path / "a"), "close_delay": 60},
+               "b": {"type": "lines", "path": str(tmp_path / "b")}},
+        runtime={"shutdown_timeout": 60},
+    )  # fmt: skip
+    proc = start_streamer(["run", "--config", str(config)], cwd=tmp_path)
+    wait_for(lambda: _written(load_status(state)) > 0, what="records written")
+    proc.send_signal(signal.SIGTERM)
+    wait_for(lambda: (s := load_status(state)) and s["state"] == "stopping", what="stopping")
+    started = time.monotonic()
+    code, err = _finish(proc, signal.SIGINT, timeout=20)
+    assert code == 130, err
+    assert time.monotonic() - started < 10
+    assert "forcing exit" in err
