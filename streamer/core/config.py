@@ -65,6 +65,8 @@ class RuntimeConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     state_dir: str = ".streamer"
     #: Seconds between status publications.
     status_interval: float = 1.0
+    #: Port of the Prometheus ``/metrics`` endpoint on 127.0.0.1; 0 (default) = off.
+    metrics_port: int = 0
 
 
 class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
