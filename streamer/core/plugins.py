@@ -66,16 +66,19 @@ def discover_entry_points() -> list[tuple[metadata.EntryPoint, str, str]]:
     """Every ``streamer`` entry point, sorted by name, as ``(ep, distribution, version)``.
 
     Raises :class:`PluginError` when two distributions declare the same plugin name
-    (naming both), or when none of the built-in plugins is declared (the package was
-    imported from a checkout that was never ``pip install``-ed).
+    (naming both) unless that name is blocked, or when none of the built-in plugins is
+    declared (the package was imported from a checkout that was never ``pip install``-ed).
     """
     found: dict[str, tuple[metadata.EntryPoint, str, str]] = {}
+    blocked = blocked_plugins()
     for ep in metadata.entry_points(group=ENTRY_POINT_GROUP):
         dist, version = _distribution_of(ep)
         if ep.name in found:
             other = found[ep.name]
             if other[1] == dist and other[0].value == ep.value:
                 continue  # the same distribution seen twice on sys.path
+            if ep.name in blocked:
+                continue  # blocked: neither is loaded, so the clash does not matter
             raise PluginError(
                 f"plugin name {ep.name!r} is declared by two distributions: "
                 f"{other[1]} {other[2]} ({other[0].value}) and {dist} {version} ({ep.value}); "
@@ -141,9 +144,7 @@ def make_plugin_manager(
                 )
                 if wanted is not None and ep.name in wanted - ALWAYS_LOADED:
                     raise PluginError(message) from exc
-                report.plugins.append(
-                    PluginInfo(ep.name, dist, version, ep.value, error=message)
-                )
+                report.plugins.append(PluginInfo(ep.name, dist, version, ep.value, error=message))
                 continue
             pm.register(module, name=ep.name)
             report.plugins.append(PluginInfo(ep.name, dist, version, ep.value, loaded=True))
