@@ -630,7 +630,7 @@ def _s(seconds: float | None) -> str:
     if seconds < 60:
         return f"{seconds:.1f}s"
     if seconds < 3600:
-        return f"{seconds / 60:.0f}m"
+        return f"{seconds / 60:.1f}m"
     if seconds < 86400 * 2:
         return f"{seconds / 3600:.1f}h"
     return f"{seconds / 86400:.1f}d"
@@ -752,15 +752,19 @@ class LiveSummary:
         self._stream = stream or sys.stderr
         self._every = every
         self._prev: Mapping[str, Any] | None = None
-        self._last = 0.0
+        self._last: float | None = None
         self._tty = bool(getattr(self._stream, "isatty", lambda: False)())
 
     def __call__(self, doc: Mapping[str, Any]) -> None:
         now = time.monotonic()
-        if now - self._last < self._every and doc.get("state") == "running":
+        last = self._last
+        if last is not None and now - last < self._every and doc.get("state") == "running":
             return
         try:
-            view = build_view(doc, prev=self._prev, check_pid=False)
+            # The document was just published: judge it as of its own time.
+            at = doc.get("updated_at")
+            at = at / 1000.0 if isinstance(at, int) else None
+            view = build_view(doc, prev=self._prev, check_pid=False, now=at)
             line = render_summary(view)
             if self._tty:
                 self._stream.write("\r\x1b[2K" + line)
