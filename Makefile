@@ -1,0 +1,51 @@
+# Development tasks. `make test` works from a clean clone: it creates .venv when missing.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+DEMO_DIR ?= demo-data
+DEMO_PORT ?= 9555
+
+.PHONY: test lint format demo bench clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+
+$(STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: $(STAMP)
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+# Start the Binance-protocol simulator, collect from it for 20 s, list what was written.
+demo: $(STAMP)
+	@rm -rf $(DEMO_DIR); mkdir -p $(DEMO_DIR)
+	@$(BIN)/streamer sim --port $(DEMO_PORT) > $(DEMO_DIR)/sim.log 2>&1 & echo $$! > $(DEMO_DIR)/sim.pid; \
+	trap 'kill $$(cat $(DEMO_DIR)/sim.pid) 2>/dev/null || true' EXIT; \
+	for i in $$(seq 1 50); do \
+	  $(BIN)/python -c "import socket; socket.create_connection(('127.0.0.1', $(DEMO_PORT)), 0.2)" 2>/dev/null && break; \
+	  sleep 0.2; \
+	done; \
+	$(BIN)/streamer run --symbols BTCUSDT,ETHUSDT --data-dir $(DEMO_DIR)/data \
+	  --rest-url http://127.0.0.1:$(DEMO_PORT) --ws-url ws://127.0.0.1:$(DEMO_PORT) \
+	  --duration 20 && \
+	echo "--- written under $(DEMO_DIR)/data:" && \
+	find $(DEMO_DIR)/data -type f | sort | while read f; do \
+	  printf '%8s  %s\n' "$$(wc -c < "$$f")" "$$f"; done
+
+bench: $(STAMP)
+	@if [ -f bench/run.py ]; then $(BIN)/python bench/run.py; \
+	else echo "no bench/run.py yet"; fi
+
+clean:
+	rm -rf $(DEMO_DIR) .pytest_cache .ruff_cache build dist
