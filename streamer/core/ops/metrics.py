@@ -56,7 +56,7 @@ class _Out:
         self._declared: set[str] = set()
 
     def metric(
-        self, name: str, kind: str, help_: str, value: float | int | None, **labels: str
+        self, name: str, kind: str, help_: str, value: float | int | None, /, **labels: str
     ) -> None:
         if value is None:
             return

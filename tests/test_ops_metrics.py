@@ -1,0 +1,92 @@
+"""Prometheus text endpoint: exposition format and the loopback HTTP server."""
+
+from __future__ import annotations
+
+import re
+
+import anyio
+import httpx
+import pytest
+from test_ops_status import NOW_MS, make_doc
+
+from streamer.core.ops.metrics import file_source, render_metrics, serve_metrics
+
+SAMPLE = re.compile(r'^[a-z_]+(\{([a-z_]+="([^"\\]|\\.)*",?)*\})? -?[0-9.e+]+$')
+
+
+def test_exposition_declares_each_metric_once_and_every_line_parses():
+    text = render_metrics(make_doc())
+    lines = text.splitlines()
+    helps = [line.split()[2] for line in lines if line.startswith("# HELP")]
+    assert len(helps) == len(set(helps))
+    for line in lines:
+        assert line.startswith("# ") or SAMPLE.match(line), line
+    btc = '{pipeline="spot",symbol="BTCUSDT",stream="aggtrade"}'
+    assert f"streamer_messages_total{btc} 1000" in lines
+    assert f"streamer_rows_flushed_total{btc} 990" in lines
+    assert f"streamer_gaps_found_total{btc} 3" in lines
+    assert f"streamer_last_event_time_seconds{btc} {(NOW_MS - 500) / 1000:g}" in lines
+    assert 'streamer_rest_weight_used{pipeline="spot"} 120' in lines
+    assert 'streamer_child_up{child="spot.worker0",kind="worker"} 1' in lines
+    assert 'streamer_pipeline_counter{pipeline="spot",name="ws_messages"} 3500' in lines
+    assert "streamer_up 1" in lines
+
+
+def test_label_values_are_escaped():
+    doc = make_doc()
+    doc["pipelines"]['we"ird\\name'] = doc["pipelines"].pop("spot")
+    text = render_metrics(doc)
+    assert 'pipeline="we\\"ird\\\\name"' in text
+
+
+def test_no_status_is_up_zero():
+    assert render_metrics(None) == (
+        "# HELP streamer_up 1 when a collector publishes status.\n"
+        "# TYPE streamer_up gauge\nstreamer_up 0\n"
+    )
+
+
+def test_file_source_reads_each_time_and_tolerates_absence(tmp_path):
+    source = file_source(tmp_path / "status.json")
+    assert source() is None
+    (tmp_path / "status.json").write_text('{"pipelines": {}}')
+    assert source() == {"pipelines": {}}
+
+
+@pytest.mark.timeout(30)
+def test_server_answers_metrics_root_404_and_405_on_loopback():
+    docs = [make_doc()]
+
+    async def main() -> None:
+        async with anyio.create_task_group() as tg:
+            port = await tg.start(serve_metrics, lambda: docs[0], 0)
+            async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=10) as c:
+                r = await c.get("/metrics")
+                assert r.status_code == 200
+                assert r.headers["content-type"].startswith("text/plain; version=0.0.4")
+                assert "streamer_up 1" in r.text
+                docs[0] = None  # the collector went away
+                assert "streamer_up 0" in (await c.get("/metrics")).text
+                assert (await c.get("/")).status_code == 200
+                assert (await c.get("/nope")).status_code == 404
+                assert (await c.post("/metrics")).status_code == 405
+            tg.cancel_scope.cancel()
+
+    anyio.run(main)
+
+
+@pytest.mark.timeout(30)
+def test_a_broken_document_is_a_500_not_a_dead_endpoint():
+    def source():
+        raise RuntimeError("boom")
+
+    async def main() -> None:
+        async with anyio.create_task_group() as tg:
+            port = await tg.start(serve_metrics, source, 0)
+            async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=10) as c:
+                r = await c.get("/metrics")
+                assert r.status_code == 500 and "boom" in r.text
+                assert (await c.get("/")).status_code == 200
+            tg.cancel_scope.cancel()
+
+    anyio.run(main)
