@@ -102,6 +102,9 @@ class RestApi:
         self.specs = specs  # every listed symbol, trading or not
         self.weight_limits = weight_limits
         self.clock = clock
+        #: Optional ``(market, symbol, limit) -> (lastUpdateId, bids, asks) | None`` for
+        #: symbols without a synthetic market (the high-rate source uses it).
+        self.snapshot_hook: Callable[[str, str, int], tuple[int, list, list] | None] | None = None
 
     def handle(self, market: str, endpoint: str, query: list[tuple[str, str]]) -> bytes:
         """The JSON body for ``GET /<prefix>/<endpoint>``; raises :class:`ApiError`."""
@@ -232,7 +235,10 @@ class RestApi:
             if limit not in _USDM_DEPTH_LIMITS:
                 raise self._bad("limit")
         mk = self.markets.get((market, spec.symbol))
-        if mk is None:
+        hooked = self.snapshot_hook(market, spec.symbol, limit) if self.snapshot_hook else None
+        if hooked is not None:
+            last, bids, asks = hooked
+        elif mk is None:
             last, bids, asks = 1, [], []
         else:
             last, bids, asks = mk.snapshot(limit)

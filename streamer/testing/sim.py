@@ -243,6 +243,7 @@ class SimServer:
         self._held: dict[tuple[str, str], list[bytes]] = {}
         self._book_tops: dict[tuple[str, str], tuple[int, int, int, int]] = {}
         self._weights: dict[str, list[float]] = {}
+        self._subs_version = 0
         self._ticks = 0
         self._stalled = False
         self._server: asyncio.AbstractServer | None = None
@@ -835,6 +836,7 @@ class SimServer:
         return ""
 
     def _subscribe(self, conn: _Conn, names: list[str]) -> None:
+        self._subs_version += 1
         for name in names:
             if name in conn.streams:
                 continue
@@ -864,6 +866,7 @@ class SimServer:
             self._klines[(market, name)] = self._new_kline_state(market, spec.symbol, spec)
 
     def _unsubscribe(self, conn: _Conn, names: list[str]) -> None:
+        self._subs_version += 1
         for name in names:
             spec = conn.streams.pop(name, None)
             subs = self._subs.get((conn.market, name))
