@@ -19,13 +19,22 @@ def test_exposition_declares_each_metric_once_and_every_line_parses():
     lines = text.splitlines()
     helps = [line.split()[2] for line in lines if line.startswith("# HELP")]
     assert len(helps) == len(set(helps))
+    family = ""
+    seen: list[str] = []
     for line in lines:
         assert line.startswith("# ") or SAMPLE.match(line), line
+        if line.startswith("# TYPE"):
+            family = line.split()[2]
+            seen.append(family)
+        elif not line.startswith("#"):
+            # Samples of a family are contiguous, right after its TYPE line.
+            assert line.split("{")[0].split()[0] == family, line
+    assert len(seen) == len(set(seen))
     btc = '{pipeline="spot",symbol="BTCUSDT",stream="aggtrade"}'
     assert f"streamer_messages_total{btc} 1000" in lines
     assert f"streamer_rows_flushed_total{btc} 990" in lines
     assert f"streamer_gaps_found_total{btc} 3" in lines
-    assert f"streamer_last_event_time_seconds{btc} {(NOW_MS - 500) / 1000:g}" in lines
+    assert f"streamer_last_event_time_seconds{btc} {(NOW_MS - 500) / 1000!r}" in lines
     assert 'streamer_rest_weight_used{pipeline="spot"} 120' in lines
     assert 'streamer_child_up{child="spot.worker0",kind="worker"} 1' in lines
     assert 'streamer_pipeline_counter{pipeline="spot",name="ws_messages"} 3500' in lines

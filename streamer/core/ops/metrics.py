@@ -51,22 +51,31 @@ def _escape(value: str) -> str:
 
 
 class _Out:
+    """Samples grouped per metric family, as the format requires."""
+
     def __init__(self) -> None:
-        self.lines: list[str] = []
-        self._declared: set[str] = set()
+        self._families: dict[str, tuple[str, str, list[str]]] = {}
 
     def metric(
         self, name: str, kind: str, help_: str, value: float | int | None, /, **labels: str
     ) -> None:
         if value is None:
             return
-        if name not in self._declared:
-            self._declared.add(name)
-            self.lines.append(f"# HELP {name} {help_}")
-            self.lines.append(f"# TYPE {name} {kind}")
+        family = self._families.get(name)
+        if family is None:
+            family = self._families[name] = (kind, help_, [])
         label_text = ",".join(f'{k}="{_escape(v)}"' for k, v in labels.items())
         shown = f"{name}{{{label_text}}}" if label_text else name
-        self.lines.append(f"{shown} {value:g}" if isinstance(value, float) else f"{shown} {value}")
+        # repr keeps every digit of a float (epoch seconds must not become 1.764e+09).
+        family[2].append(f"{shown} {value!r}" if isinstance(value, float) else f"{shown} {value}")
+
+    def text(self) -> str:
+        lines = []
+        for name, (kind, help_, samples) in self._families.items():
+            lines.append(f"# HELP {name} {help_}")
+            lines.append(f"# TYPE {name} {kind}")
+            lines.extend(samples)
+        return "\n".join(lines) + "\n"
 
 
 def render_metrics(doc: Mapping[str, Any] | None, thresholds: Thresholds | None = None) -> str:
@@ -74,10 +83,10 @@ def render_metrics(doc: Mapping[str, Any] | None, thresholds: Thresholds | None 
     out = _Out()
     if doc is None:
         out.metric("streamer_up", "gauge", "1 when a collector publishes status.", 0)
-        return "\n".join(out.lines) + "\n"
+        return out.text()
     view = build_view(doc, thresholds=thresholds, check_pid=False)
     _render(out, view, doc)
-    return "\n".join(out.lines) + "\n"
+    return out.text()
 
 
 def _render(out: _Out, view: StatusView, doc: Mapping[str, Any]) -> None:
