@@ -338,11 +338,36 @@ class CsvSink(Sink):
         groups: dict[_Target, list] = {}
         unclosed = unknown = 0
         now_ms = 0
+        # Fast path: a run of trades of one symbol and period (the common case) appends
+        # to the previous group without building and hashing a target tuple per record.
+        run: list | None = None
+        run_symbol = run_market = run_exchange = ""
+        run_period = -1
         for r in batch:
             cls = r.__class__
             if cls is Trade:
-                kind, t, interval = layout.AGGTRADE, r.transact_time, ""
-            elif cls is DepthUpdate:
+                t = r.transact_time
+                if t >= 100_000_000_000_000:  # microseconds
+                    t //= 1000
+                period = t // span
+                if (
+                    run is not None
+                    and period == run_period
+                    and r.symbol == run_symbol
+                    and r.market == run_market
+                    and r.exchange == run_exchange
+                ):
+                    run.append(r)
+                    continue
+                run_symbol, run_market, run_exchange = r.symbol, r.market, r.exchange
+                run_period = period
+                target = (layout.AGGTRADE, run_exchange, run_market, run_symbol, "", period)
+                run = groups.get(target)
+                if run is None:
+                    run = groups[target] = []
+                run.append(r)
+                continue
+            if cls is DepthUpdate:
                 kind, t, interval = layout.DEPTH, r.event_time, ""
             elif cls is BookSnapshot:
                 kind, t, interval = layout.ORDERBOOK, r.event_time or r.receive_time, ""
