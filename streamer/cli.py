@@ -162,16 +162,19 @@ def _run(
         typer.Option(help="Comma-separated plugins to enable (default: all installed)."),
     ] = None,
     symbols: Annotated[
-        str | None, typer.Option(help=f"Without --config: symbols [{DEFAULT_SYMBOLS}].")
+        str | None, typer.Option(help=f"Without --config: symbols (default {DEFAULT_SYMBOLS}).")
     ] = None,
     streams: Annotated[
-        str | None, typer.Option(help=f"Without --config: stream types [{DEFAULT_STREAMS}].")
+        str | None,
+        typer.Option(help=f"Without --config: stream types (default {DEFAULT_STREAMS})."),
     ] = None,
     data_dir: Annotated[
-        str | None, typer.Option("--data-dir", help="Without --config: CSV directory [./data].")
+        str | None,
+        typer.Option("--data-dir", help="Without --config: CSV directory (default ./data)."),
     ] = None,
     market: Annotated[
-        str | None, typer.Option(help="Without --config: exchange market [spot].")
+        str | None,
+        typer.Option(help="Without --config: spot or usdm (default spot)."),
     ] = None,
     rest_url: Annotated[
         str | None, typer.Option("--rest-url", help="Without --config: REST base URL.")

@@ -58,6 +58,8 @@ class ChildSpec:
 def setup_logging(level: int) -> None:
     """Log to stderr with the process name, replacing any earlier set-up."""
     logging.basicConfig(level=level, format=LOG_FORMAT, stream=sys.stderr, force=True)
+    # httpx logs every request at INFO; REST calls are counted, not logged.
+    logging.getLogger("httpx").setLevel(max(level, logging.WARNING))
 
 
 def partition(symbols: Sequence[str], workers: int) -> list[list[str]]:
