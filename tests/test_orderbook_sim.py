@@ -194,3 +194,36 @@ async def test_200_symbols_starting_at_once_stay_within_the_rest_budget(start_si
     latest = {b.symbol: b for b in h.books()}
     assert len(latest) == 200
     h.check_against_truth(list(latest.values()), 20)
+
+
+async def test_mass_reconnect_resyncs_only_broken_books_and_stays_within_budget(
+    start_sim,
+) -> None:
+    symbols = [f"R{i:03d}USDT" for i in range(100)]
+    sim = start_sim(seed=4, spot_symbols=symbols, usdm_symbols=[], book_levels=150)
+    h = SimHarness(sim, "spot", symbols, interval="1s", snapshot_limit=100, verify_interval="off")
+    async with anyio.create_task_group() as tg:
+        h.start(tg)
+        await h.wait(h.all_live, 20, "100 books to sync")
+        for symbol in symbols:  # every book misses an event across the reconnect
+            sim.faults.drop_depth(symbol, 1)
+        sim.faults.close_connections(abrupt=True)
+        await h.wait(lambda: h.counters.total("resyncs") >= 100, 15, "100 sequence gaps")
+        await h.wait(
+            lambda: h.all_live() and h.in_flight == 0, 25, "every book live after reconnect"
+        )
+        h.stream.flush()
+        tg.cancel_scope.cancel()
+    sim_counters = sim.truth.counters()
+    for name in ("rest_429", "rest_418", "rest_bans"):
+        assert sum(v for (n, _, _), v in sim_counters.items() if n == name) == 0, name
+    assert h.peak_in_flight <= 2
+    resyncs = h.counters.total("resyncs")
+    assert resyncs == 100 and h.counters.total("reconnects") >= 100
+    # Only books whose sequence actually broke were fetched again, once each.
+    assert h.counters.total("snapshots_fetched") == 100 + resyncs
+    markers = [r for r in h.out if type(r) is Marker]
+    assert len(markers) == resyncs
+    assert {m.reason for m in markers} <= {"sequence gap after reconnect"}
+    latest = {b.symbol: b for b in h.books()}
+    h.check_against_truth(list(latest.values()), 20)
