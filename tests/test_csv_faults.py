@@ -316,3 +316,25 @@ def test_fsync_policy(tmp_path: Path, policy: str, expected: int) -> None:
     # flush: every file written at every flush; rotation: both day-1 files when the day
     # changed, then both day-2 files at close.
     assert fio.fsyncs == expected
+
+
+def test_rotation_closes_past_files_of_every_stream(tmp_path: Path) -> None:
+    from streamer.core.records import Marker
+
+    sink, counters = make_sink(tmp_path)
+
+    async def scenario():
+        for day in range(5):
+            t0 = T0 + day * DAY
+            batch = trades("AAAUSDT", 1 + 10 * day, 3, t0) + trades("BBBUSDT", 1 + 10 * day, 3, t0)
+            batch.append(Marker("binance", "usdm", "AAAUSDT", "aggtrade", "gap", 1, 2, t0, "x"))
+            await sink.write(batch)
+            await sink.flush()
+            # Only the current day's files stay open: trades of 2 symbols + 1 markers file.
+            assert counters.get("files_open") == 3
+        await sink.close()
+
+    asyncio.run(scenario())
+    assert counters.get("files_open") == 0
+    assert len(list((tmp_path / "binance/usdm/markers/AAAUSDT").iterdir())) == 5
+    assert len(list((tmp_path / "binance/usdm/aggTrades/BBBUSDT").iterdir())) == 5

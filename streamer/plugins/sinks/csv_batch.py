@@ -419,7 +419,7 @@ class CsvSink(Sink):
             records = self._dedupe(sk, kind, records)
             if not records:
                 return
-            self._rotate(f)
+        self._rotate(f)
         rows = len(records)
         if kind == layout.DEPTH:
             rows = sum(layout.depth_rows(r) for r in records)
