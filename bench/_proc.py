@@ -108,6 +108,9 @@ class TreeSampler:
         self._ticks: dict[tuple[int, int], int] = {}
         self._mark: dict[tuple[int, int], int] = {}
         self._usage = TreeUsage()
+        #: Peaks over the sampler's whole life (not reset by :meth:`mark`).
+        self.lifetime_peak_rss = 0
+        self.lifetime_peak_pss = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="tree-sampler", daemon=True)
 
@@ -168,6 +171,7 @@ class TreeSampler:
             u.samples += 1
             u.processes = max(u.processes, len(seen))
             u.peak_rss = max(u.peak_rss, rss_sum)
+            self.lifetime_peak_rss = max(self.lifetime_peak_rss, rss_sum)
             u.rss_series.append((time.monotonic(), rss_sum))
             take_pss = u.samples % self._pss_every == 1
         if take_pss:
@@ -176,3 +180,4 @@ class TreeSampler:
                 total = sum(p for p in pss if p is not None)
                 with self._lock:
                     self._usage.peak_pss = max(self._usage.peak_pss, total)
+                    self.lifetime_peak_pss = max(self.lifetime_peak_pss, total)

@@ -110,7 +110,8 @@ class _Collector:
                         }
                     )
             self.book_meta[symbol] = (data["u"], data["E"])
-        elif kind == "kline":
+        elif kind == "kline" and data["k"]["x"]:
+            # Closed bars only, like the collector's kline stream.
             k = data["k"]
             self.rows[(symbol, "1m")].append(
                 {

@@ -1,0 +1,273 @@
+"""The feed process and the three subjects the harness measures on it.
+
+* :class:`FeedProcess` runs ``_feed.py`` in its own process and talks to its control
+  endpoints (rate, stats).
+* :class:`BareSubject` (``bare_receive.py``), :class:`BaselineSubject`
+  (``baseline_collector.py``) and :class:`CollectorSubject` (``streamer run --plugins
+  binance,csv`` with every stream type and the order book) are started on the feed, report
+  their receive lag and, where they write CSV, the latency to the row appearing on disk.
+
+Every subject runs in its own process tree so that :class:`_proc.TreeSampler` can charge
+it exactly its own CPU and memory.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+from _client import STREAM_SUFFIXES, symbol_names
+from _tail import CsvTailer
+
+BENCH = Path(__file__).resolve().parent
+PYTHON = sys.executable
+
+
+class FeedProcess:
+    """``_feed.py`` in a subprocess, serving REST and WebSocket on one loopback port."""
+
+    def __init__(self, symbols: int, workdir: Path) -> None:
+        self.symbols = symbols
+        log = open(workdir / f"feed-{symbols}.log", "wb")  # noqa: SIM115 - lives with the process
+        self.proc = subprocess.Popen(
+            [PYTHON, str(BENCH / "_feed.py"), "--symbols", str(symbols), "--rate", "0"],
+            stdout=subprocess.PIPE,
+            stderr=log,
+        )
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline().decode()
+        if not line.startswith("READY"):
+            raise RuntimeError(f"feed failed to start: {line!r} (see {log.name})")
+        self.port = int(line.split()[1])
+        self.http = f"http://127.0.0.1:{self.port}"
+        self.ws = f"ws://127.0.0.1:{self.port}"
+
+    def _get(self, path: str) -> dict[str, Any]:
+        with urllib.request.urlopen(self.http + path, timeout=10) as resp:
+            return json.loads(resp.read())
+
+    def set_rate(self, rate: float) -> None:
+        """Change the generated events per second (the schedule restarts now)."""
+        self._get(f"/_bench/rate?value={rate:.0f}")
+
+    def stats(self) -> dict[str, Any]:
+        """``generated``, ``backlog``, ``connections``, ``bytes_sent``..."""
+        return self._get("/_bench/stats")
+
+    def stop(self) -> None:
+        """Terminate the feed process."""
+        self.proc.terminate()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def connections_for(symbols: int, per_conn: int = 200) -> int:
+    """Connections a subject opens for ``symbols`` symbols (three streams per symbol)."""
+    return -(-symbols * len(STREAM_SUFFIXES) // per_conn)
+
+
+class Subject:
+    """Base: a process tree measured on the feed."""
+
+    name = "subject"
+    writes_csv = True
+
+    def __init__(self, feed: FeedProcess, symbols: int, workdir: Path) -> None:
+        self.feed = feed
+        self.symbols = symbols
+        self.workdir = workdir
+        self.out = workdir / f"{self.name}-out"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.tailer: CsvTailer | None = None
+
+    @property
+    def pid(self) -> int:
+        """The root of the subject's process tree."""
+        assert self.proc is not None
+        return self.proc.pid
+
+    def start(self) -> None:
+        """Start the process(es); returns once launched (see :meth:`wait_ready`)."""
+        raise NotImplementedError
+
+    def ready(self) -> bool:
+        """True once every connection is open (and books are synced, for the collector)."""
+        return self.feed.stats()["connections"] >= connections_for(self.symbols)
+
+    def received(self, t0: float, t1: float) -> list[int]:
+        """Receive lag samples (ms, receive time minus ``E``) seen in ``[t0, t1)``."""
+        if self.tailer is None:
+            return []
+        return [s.received for s in self.tailer.window(t0, t1)]
+
+    def written(self, t0: float, t1: float) -> list[int]:
+        """Row-on-disk latency samples (ms, poll wall clock minus ``E``) in ``[t0, t1)``."""
+        if self.tailer is None:
+            return []
+        return [s.written for s in self.tailer.window(t0, t1)]
+
+    def alive(self) -> bool:
+        """True while the root process runs."""
+        return self.proc is not None and self.proc.poll() is None
+
+    def stop(self, timeout: float = 60.0) -> int | None:
+        """SIGINT (drain and flush), then SIGKILL after ``timeout``; returns the exit code."""
+        if self.tailer is not None:
+            self.tailer.stop()
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        return self.proc.returncode
+
+
+class _ClientSubject(Subject):
+    """A reference client printing ``_client.Reporter`` lines on stdout."""
+
+    script = ""
+
+    def __init__(self, feed: FeedProcess, symbols: int, workdir: Path) -> None:
+        super().__init__(feed, symbols, workdir)
+        self._lags: list[tuple[float, list[int]]] = []
+        self._lock = threading.Lock()
+
+    def _args(self) -> list[str]:
+        return ["--url", self.feed.ws, "--symbols", str(self.symbols)]
+
+    def start(self) -> None:
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.proc = subprocess.Popen(
+            [PYTHON, str(BENCH / self.script), *self._args()],
+            stdout=subprocess.PIPE,
+            stderr=open(self.workdir / f"{self.name}.log", "ab"),  # noqa: SIM115
+            start_new_session=True,
+        )
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        assert self.proc is not None and self.proc.stdout is not None
+        for line in self.proc.stdout:
+            try:
+                report = json.loads(line)
+            except ValueError:
+                continue
+            with self._lock:
+                self._lags.append((time.monotonic(), report["lag"]))
+
+    def received(self, t0: float, t1: float) -> list[int]:
+        with self._lock:
+            return [lag for t, lags in self._lags if t0 <= t < t1 for lag in lags]
+
+
+class BareSubject(_ClientSubject):
+    """The limit: receive only."""
+
+    name = "bare"
+    writes_csv = False
+    script = "bare_receive.py"
+
+
+class BaselineSubject(_ClientSubject):
+    """The earlier design: json.loads, a log line per update, pandas to_csv per batch."""
+
+    name = "baseline"
+    script = "baseline_collector.py"
+
+    def _args(self) -> list[str]:
+        return [*super()._args(), "--out", str(self.out)]
+
+    def start(self) -> None:
+        super().start()
+        # aggTrades columns match the collector's: event_time 8, receive_time 9.
+        self.tailer = CsvTailer(str(self.out / "*" / "*-aggTrades.csv"), 8, 9).start()
+
+
+class CollectorSubject(Subject):
+    """``streamer run --plugins binance,csv`` with aggtrade, depth, kline 1m and orderbook."""
+
+    name = "collector"
+
+    def __init__(self, feed: FeedProcess, symbols: int, workdir: Path, workers: int = 0):
+        super().__init__(feed, symbols, workdir)
+        self.workers = workers
+        self.state = workdir / f"{self.name}-state"
+        self.config = workdir / f"{self.name}-{symbols}.yaml"
+
+    def write_config(self) -> Path:
+        """The YAML pipeline (JSON is valid YAML) pointing the adapter at the feed."""
+        config = {
+            "pipelines": [
+                {
+                    "name": "bench",
+                    "exchange": "binance",
+                    "options": {
+                        "market": "spot",
+                        "rest_url": self.feed.http,
+                        "ws_url": self.feed.ws,
+                        # The feed is local: let every book sync at once instead of
+                        # pacing snapshots at Binance's 6000 weight per minute.
+                        "rest_weight_limit": 1_000_000,
+                    },
+                    "symbols": symbol_names(self.symbols),
+                    "streams": {
+                        "aggtrade": {},
+                        "depth": {},
+                        "kline": {"intervals": ["1m"]},
+                        "orderbook": {"levels": 20, "interval": "1s", "snapshot_limit": 100},
+                    },
+                    "sinks": ["csv"],
+                    "workers": self.workers,
+                }
+            ],
+            "sinks": {"csv": {"type": "csv", "path": str(self.out)}},
+            "runtime": {"state_dir": str(self.state), "status_interval": 0.5},
+        }
+        self.config.write_text(json.dumps(config, indent=1))
+        return self.config
+
+    def start(self) -> None:
+        self.write_config()
+        streamer = Path(PYTHON).with_name("streamer")
+        cmd = [str(streamer), "run", "--config", str(self.config), "--plugins", "binance,csv"]
+        self.command = " ".join(["streamer", *cmd[1:]])
+        self.proc = subprocess.Popen(
+            [*cmd, "--quiet"],
+            stdout=open(self.workdir / f"{self.name}.log", "ab"),  # noqa: SIM115
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        pattern = self.out / "binance" / "spot" / "aggTrades" / "*" / "*.csv"
+        # Spot aggTrades columns: event_time 8, receive_time 9.
+        self.tailer = CsvTailer(str(pattern), 8, 9).start()
+
+    def status(self) -> dict[str, Any]:
+        """The runtime's merged counters (``{}`` before the first publication)."""
+        try:
+            status = json.loads((self.state / "status.json").read_bytes())
+        except (OSError, ValueError):
+            return {}
+        totals = dict(status.get("pipelines", {}).get("bench", {}).get("totals", {}))
+        for key, value in status.get("sinks", {}).get("csv", {}).get("totals", {}).items():
+            totals[f"csv.{key}"] = value
+        return totals
+
+    def ready(self) -> bool:
+        if not super().ready():
+            return False
+        return self.status().get("snapshots_fetched", 0) >= self.symbols
