@@ -461,6 +461,7 @@ def _mib(value: float) -> str:
 def render(report: dict[str, Any]) -> str:
     """The generated part of BENCHMARKS.md."""
     m, plan = report["machine"], report["plan"]
+    nan = float("nan")
     s = report["summary"]
     med, ratios = s["median"], s["ratios"]
     lines = [
@@ -567,12 +568,22 @@ def render(report: dict[str, Any]) -> str:
             "| average msg/s | CPU (cores) | CPU s per M | peak RSS (tree) | peak PSS | processes "
             "| max feed backlog | row p50 / p99 | row p99 in bursts | bytes written |",
             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
-            f"| {_f(full.get('average_rate', float('nan')))} | {_f(full.get('cpu_share', float('nan')), '.2f')} "
-            f"| {_f(full.get('cpu_per_m', float('nan')), '.1f')} | {_mib(full.get('peak_rss', float('nan')))} "
-            f"| {_mib(full.get('peak_pss', float('nan')))} | {full.get('processes', 'n/a')} "
-            f"| {full.get('max_backlog', 'n/a')} "
-            f"| {_f(full.get('written_p50', float('nan')))} / {_f(full.get('written_p99', float('nan')))} ms "
-            f"| {_f(full.get('burst_written_p99', float('nan')))} ms | {_mib(full.get('bytes_written', float('nan')))} |",
+            "| "
+            + " | ".join(
+                [
+                    _f(full.get("average_rate", nan)),
+                    _f(full.get("cpu_share", nan), ".2f"),
+                    _f(full.get("cpu_per_m", nan), ".1f"),
+                    _mib(full.get("peak_rss", nan)),
+                    _mib(full.get("peak_pss", nan)),
+                    str(full.get("processes", "n/a")),
+                    str(full.get("max_backlog", "n/a")),
+                    f"{_f(full.get('written_p50', nan))} / {_f(full.get('written_p99', nan))} ms",
+                    f"{_f(full.get('burst_written_p99', nan))} ms",
+                    _mib(full.get("bytes_written", nan)),
+                ]
+            )
+            + " |",
         ]
     lines += ["", "### Ramps, round by round", ""]
     lines += [
