@@ -108,10 +108,10 @@ def test_disk_full_keeps_rows_and_retries(tmp_path: Path, caplog: pytest.LogCapt
     with caplog.at_level(logging.ERROR, logger=LOG.name):
         asyncio.run(scenario())
     assert [int(r[0]) for r in rows_of(trade_file(tmp_path))[1:]] == list(range(1, 21))
-    assert counters.get("write_errors") == 3
+    assert counters.total("write_errors") == 3
     assert counters.get("write_errors", "BTCUSDT", "aggtrade") == 3
     assert counters.get("rows_buffered") == 0
-    assert counters.get("rows_dropped") == 0
+    assert counters.total("rows_dropped") == 0
     disk_full_lines = [r for r in caplog.records if "disk full" in r.getMessage()]
     assert len(disk_full_lines) == 1  # rate-limited: one clear line, not one per flush
     assert "retry buffer" in disk_full_lines[0].getMessage()
@@ -133,7 +133,7 @@ def test_overflow_is_dropped_counted_and_reported_as_gap(tmp_path: Path) -> None
 
     asyncio.run(scenario())
     assert [int(r[0]) for r in rows_of(trade_file(tmp_path))[1:]] == [*range(1, 11), 26, 27]
-    assert counters.get("rows_dropped") == 15
+    assert counters.total("rows_dropped") == 15
     assert counters.get("rows_dropped", "BTCUSDT", "aggtrade") == 15
     assert counters.get("gap_markers") == 1
     markers = rows_of(tmp_path / "binance/usdm/markers/BTCUSDT/BTCUSDT-markers-2026-11-23.csv")
@@ -159,7 +159,7 @@ def test_permission_denied_by_hook_then_recovers(
     with caplog.at_level(logging.ERROR, logger=LOG.name):
         asyncio.run(scenario())
     assert "permission denied" in caplog.text
-    assert counters.get("write_errors") == 2
+    assert counters.total("write_errors") == 2
     assert [int(r[0]) for r in rows_of(trade_file(tmp_path))[1:]] == [1, 2, 3, 4, 5]
 
 
@@ -176,7 +176,7 @@ def test_permission_denied_by_chmod(tmp_path: Path) -> None:
         try:
             await sink.write(trades("BTCUSDT", 1, 3))
             await sink.flush()
-            assert counters.get("write_errors") >= 1
+            assert counters.total("write_errors") >= 1
             assert sink.pending_rows == 3
         finally:
             folder.chmod(0o700)

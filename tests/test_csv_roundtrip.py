@@ -247,7 +247,7 @@ def test_roundtrip_every_stream(tmp_path: Path, market: str, gz: bool) -> None:
         [str(T0 + 60), "orderbook", "resync", "0", "0", 'a, "b"'],
     ]
     n_depth = sum(max(1, len(d.bids) + len(d.asks)) for d in dp)
-    assert counters.get("rows_written") == 50 + 30 + n_depth + 20 + 2
+    assert counters.total("rows_written") == 50 + 30 + n_depth + 20 + 2
     assert counters.get("rows_written", "BTCUSDT", "aggtrade") == 50
     assert counters.get("bytes_written") == sum(
         p.stat().st_size for p in tmp_path.rglob("*") if p.is_file()
@@ -341,7 +341,7 @@ def test_holdings_resume_and_no_duplicates(tmp_path: Path) -> None:
         StreamKey("binance", "spot", "BTCUSDT", "orderbook"): bk[1].last_update_id,
         StreamKey("binance", "usdm", "ETHUSDT", "depth"): dp[1].last_update_id,
     }
-    assert counters.get("rows_duplicate") == 30 + 3 + 2 + 2
+    assert counters.total("rows_duplicate") == 30 + 3 + 2 + 2
     folder = tmp_path / "binance/spot/aggTrades/BTCUSDT"
     ids = []
     for path in sorted(folder.iterdir()):

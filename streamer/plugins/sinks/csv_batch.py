@@ -175,12 +175,13 @@ class CsvSink(Sink):
     """Writes records to CSV files; see the module docstring for layout and guarantees.
 
     ``io`` replaces the system calls used for writing (tests inject faults with it).
-    Counters (in ``context.counters``): ``rows_written``, ``bytes_written``, ``flushes``,
-    ``write_errors``, ``rows_dropped``, ``rows_duplicate``, ``records_invalid``,
-    ``klines_unclosed``, ``torn_repairs``, ``files_reopened``, ``files_conflict``,
-    ``book_levels_truncated``, ``gap_markers``; gauges ``rows_buffered`` (rows waiting for
-    a retry after a failed write) and ``files_open``. ``rows_written``,
-    ``rows_dropped`` and ``rows_duplicate`` are also kept per (symbol, stream).
+    Counters (in ``context.counters``), per (symbol, stream): ``rows_written``,
+    ``rows_dropped``, ``rows_duplicate``, ``write_errors``; process-wide:
+    ``bytes_written``, ``file_flushes``, ``records_invalid``, ``klines_unclosed``,
+    ``rows_quoted``, ``torn_repairs``, ``files_reopened``, ``files_conflict``,
+    ``book_levels_truncated``, ``gap_markers``, ``rows_dropped`` (rows still unwritten at
+    close); gauges ``rows_buffered`` (rows waiting for a retry after a failed write) and
+    ``files_open``. Use ``Counters.total`` for a sum over symbols.
     """
 
     Options = Options
@@ -451,7 +452,6 @@ class CsvSink(Sink):
                     kept.append(r)
                     last = k
         if len(kept) != len(records):
-            self._counters.incr("rows_duplicate", n=len(records) - len(kept))
             self._counters.incr("rows_duplicate", sk.symbol, sk.stream, len(records) - len(kept))
         if kept:
             self._accepted[sk] = last
@@ -524,7 +524,6 @@ class CsvSink(Sink):
             drop = self._drops[(sk, reason)] = _Drop(first, _time_of(dropped[0]), reason)
         drop.last_key = _key(f.kind, dropped[-1])
         drop.rows += rows
-        self._counters.incr("rows_dropped", n=rows)
         self._counters.incr("rows_dropped", sk.symbol, sk.stream, rows)
         self._log.error(
             "rows_dropped",
@@ -673,7 +672,7 @@ class CsvSink(Sink):
         f.pending = [full[done:]] if done < len(full) else []
         f.pending_rows -= rows
         self._pending_rows -= rows
-        self._counters.incr("rows_written", n=rows)
+        self._counters.incr("rows_written", f.symbol, _stream_of(f), rows)
         self._counters.incr("bytes_written", n=done)
 
     def _check_identity(self, f: _File) -> None:
@@ -721,7 +720,7 @@ class CsvSink(Sink):
                 del self._dirty[target]
             else:
                 errors += 1
-        self._counters.incr("flushes")
+        self._counters.incr("file_flushes")
         if errors:
             self._failing = True
         else:
@@ -766,14 +765,10 @@ class CsvSink(Sink):
         f.size += len(data)
         rows = f.pending_rows
         counters = self._counters
-        counters.incr("rows_written", n=rows)
         counters.incr("bytes_written", n=len(data))
-        if f.stream is not None:
-            counters.incr("rows_written", f.symbol, f.stream.stream, rows)
-            if f.pending_key is not None:
-                self._durable[f.stream] = f.pending_key
-        else:
-            counters.incr("rows_written", f.symbol, layout.MARKERS, rows)
+        counters.incr("rows_written", f.symbol, _stream_of(f), rows)
+        if f.stream is not None and f.pending_key is not None:
+            self._durable[f.stream] = f.pending_key
         self._pending_rows -= rows
         f.pending = []
         f.pending_rows = 0
@@ -793,8 +788,7 @@ class CsvSink(Sink):
     def _on_error(self, f: _File, exc: OSError, op: str) -> None:
         reason = _reason(exc)
         self._failure_reason = self._failure_reason or reason
-        self._counters.incr("write_errors")
-        self._counters.incr("write_errors", f.symbol, f.stream.stream if f.stream else "markers")
+        self._counters.incr("write_errors", f.symbol, _stream_of(f))
         self._log.error(
             reason.split(":")[0].replace(" ", "_"),
             "cannot %s %s: %s (%s); %d rows wait in the retry buffer (max_buffered_rows %d) "
@@ -858,6 +852,10 @@ class CsvSink(Sink):
                 self._pending_rows,
             )
         self._closed = True
+
+
+def _stream_of(f: _File) -> str:
+    return f.stream.stream if f.stream is not None else layout.MARKERS
 
 
 def _key(kind: str, record) -> int:
