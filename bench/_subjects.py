@@ -203,9 +203,17 @@ class CollectorSubject(Subject):
 
     name = "collector"
 
-    def __init__(self, feed: FeedProcess, symbols: int, workdir: Path, workers: int = 0):
+    def __init__(
+        self,
+        feed: FeedProcess,
+        symbols: int,
+        workdir: Path,
+        workers: int = 0,
+        env: dict[str, str] | None = None,
+    ) -> None:
         super().__init__(feed, symbols, workdir)
         self.workers = workers
+        self.env = env
         self.state = workdir / f"{self.name}-state"
         self.config = workdir / f"{self.name}-{symbols}.yaml"
 
@@ -251,6 +259,7 @@ class CollectorSubject(Subject):
             stdout=open(self.workdir / f"{self.name}.log", "ab"),  # noqa: SIM115
             stderr=subprocess.STDOUT,
             start_new_session=True,
+            env={**os.environ, **self.env} if self.env else None,
         )
         pattern = self.out / "binance" / "spot" / "aggTrades" / "*" / "*.csv"
         # Spot aggTrades columns: event_time 8, receive_time 9.

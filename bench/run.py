@@ -87,6 +87,8 @@ class Plan:
     burst_rate: float = 40_000
     burst_s: float = 8.0
     burst_every: float = 40.0
+    #: Collector worker processes (0: the runtime's default for the symbol count).
+    workers: int = 0
     micro: bool = True
     full: bool = True
 
@@ -221,7 +223,10 @@ def measure_subject(
     name: str, feed: FeedProcess, plan: Plan, workdir: Path, log: Any
 ) -> dict[str, Any]:
     """Start one subject on ``feed``, take the 20k step and the ramp, stop it."""
-    subject = SUBJECTS[name](feed, plan.symbols, workdir)
+    if name == "collector":
+        subject: Subject = CollectorSubject(feed, plan.symbols, workdir, workers=plan.workers)
+    else:
+        subject = SUBJECTS[name](feed, plan.symbols, workdir)
     feed.set_rate(0)
     subject.start()
     sampler = TreeSampler(subject.pid).start()
@@ -275,7 +280,7 @@ def _step_line(s: Step) -> str:
 def full_market(plan: Plan, workdir: Path, log: Any) -> dict[str, Any]:
     """The collector on ``full_symbols`` symbols: base rate with periodic bursts."""
     feed = FeedProcess(plan.full_symbols, workdir)
-    subject = CollectorSubject(feed, plan.full_symbols, workdir / "full")
+    subject = CollectorSubject(feed, plan.full_symbols, workdir / "full", workers=plan.workers)
     (workdir / "full").mkdir(exist_ok=True)
     result: dict[str, Any] = {"symbols": plan.full_symbols}
     sampler = None
@@ -347,6 +352,103 @@ def full_market(plan: Plan, workdir: Path, log: Any) -> dict[str, Any]:
         shutil.rmtree(subject.out, ignore_errors=True)
         feed.stop()
     return result
+
+
+def profile_collector(plan: Plan, workdir: Path, rate: float, seconds: float, log: Any) -> str:
+    """cProfile every process of the collector at ``rate`` for ``seconds``; a text report.
+
+    Uses ``bench/_profile/sitecustomize.py``. cProfile slows Python code down (roughly 1.5-2x
+    on call-heavy code), so read the shares, not the absolute times.
+    """
+    import pstats
+
+    prof_dir = workdir / "profile"
+    prof_dir.mkdir(exist_ok=True)
+    env = {
+        "PYTHONPATH": os.pathsep.join(
+            [str(BENCH / "_profile"), *filter(None, [os.environ.get("PYTHONPATH")])]
+        ),
+        "STREAMER_BENCH_PROFILE": str(prof_dir),
+    }
+    feed = FeedProcess(plan.symbols, workdir)
+    subject = CollectorSubject(feed, plan.symbols, workdir, workers=plan.workers, env=env)
+    try:
+        subject.start()
+        feed.set_rate(plan.warm_rate)
+        _wait_ready(subject, plan.ready_timeout)
+        feed.set_rate(rate)
+        s0 = feed.stats()
+        time.sleep(seconds)
+        s1 = feed.stats()
+        feed.set_rate(0)
+    finally:
+        subject.stop()
+        feed.stop()
+    achieved = (s1["generated"] - s0["generated"]) / seconds
+    out = [f"collector profiled at {rate:.0f} msg/s asked, {achieved:.0f} msg/s delivered"]
+    for path in sorted(prof_dir.glob("*.pstats")):
+        stats = pstats.Stats(str(path))
+        total = stats.total_tt  # type: ignore[attr-defined]
+        areas: dict[str, float] = {}
+        rows = []
+        for (filename, line, func), (_, _, tt, _, _) in stats.stats.items():  # type: ignore[attr-defined]
+            area = _area(filename, func)
+            areas[area] = areas.get(area, 0.0) + tt
+            rows.append((tt, f"{_short(filename)}:{line}({func})"))
+        out.append(f"\n== {path.stem}: {total:.2f} s profiled")
+        out.append(
+            "by area (own time): "
+            + ", ".join(
+                f"{a} {t / total:.0%}" for a, t in sorted(areas.items(), key=lambda x: -x[1])[:9]
+            )
+            if total
+            else "no samples"
+        )
+        for tt, where in sorted(rows, reverse=True)[:15]:
+            out.append(f"  {tt:7.3f} s {tt / total if total else 0:5.1%}  {where}")
+    text = "\n".join(out)
+    (workdir / "profile.txt").write_text(text)
+    log(f"profile written to {workdir / 'profile.txt'}")
+    return text
+
+
+def _short(filename: str) -> str:
+    for marker in ("site-packages/", "streamer/", "lib/python3"):
+        i = filename.find(marker)
+        if i >= 0:
+            return filename[i:]
+    return filename
+
+
+_AREAS = (
+    ("websockets/", "websockets"),
+    ("plugins/exchanges/binance/", "binance adapter+decode"),
+    ("plugins/streams/_book", "order book"),
+    ("plugins/streams/", "stream types"),
+    ("plugins/sinks/", "csv sink"),
+    ("core/runtime/", "runtime (batches, channels)"),
+    ("streamer/core/", "core"),
+    ("asyncio/", "asyncio"),
+    ("anyio/", "anyio"),
+    ("multiprocessing/", "multiprocessing"),
+    ("httpx", "httpx"),
+)
+
+
+def _area(filename: str, func: str) -> str:
+    for marker, area in _AREAS:
+        if marker in filename:
+            return area
+    if filename == "~":
+        # C functions: attribute the big ones by name.
+        if "msgspec" in func or "decode" in func or "encode" in func:
+            return "msgspec (C)"
+        if "select" in func or "poll" in func:
+            return "waiting (select/poll)"
+        if "recv" in func or "send" in func or "write" in func or "read" in func:
+            return "socket/file I/O (C)"
+        return "other builtins"
+    return "other"
 
 
 def run_micro(quick: bool, log: Any) -> list[dict[str, Any]]:
@@ -666,10 +768,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--only", help="comma-separated subjects: bare,baseline,collector")
     ap.add_argument("--no-micro", action="store_true", help="skip the micro-benchmarks")
     ap.add_argument("--no-full", action="store_true", help="skip the full-market case")
+    ap.add_argument("--workers", type=int, help="collector worker processes (default: auto)")
     ap.add_argument("--full-seconds", type=float, help="length of the full-market case")
     ap.add_argument("--output", type=Path, help="markdown file to update")
     ap.add_argument("--json", type=Path, help="also write the raw results here")
     ap.add_argument("--keep", action="store_true", help="keep the work directory")
+    ap.add_argument(
+        "--profile",
+        type=float,
+        metavar="RATE",
+        help="only cProfile the collector's processes at RATE msg/s and print the report",
+    )
     args = ap.parse_args(argv)
 
     plan = Plan.quick_plan() if args.quick else Plan()
@@ -684,6 +793,8 @@ def main(argv: list[str] | None = None) -> int:
             ap.error(f"unknown subject(s): {', '.join(sorted(unknown))}")
     if args.full_seconds:
         plan.full_s = args.full_seconds
+    if args.workers is not None:
+        plan.workers = args.workers
     plan.micro = not args.no_micro
     plan.full = not args.no_full
 
@@ -701,6 +812,9 @@ def main(argv: list[str] | None = None) -> int:
         "rounds": [],
     }
     log(f"work directory {workdir}; load {report['load_before']}")
+    if args.profile:
+        print(profile_collector(plan, workdir, args.profile, plan.measure_s * 2, log))
+        return 0
     status = 0
     try:
         if plan.micro:
