@@ -905,7 +905,8 @@ class SimServer:
             except (asyncio.IncompleteReadError, ConnectionError):
                 return
             now = time.monotonic()
-            conn.incoming.append(now)
+            if opcode != wire.OP_CLOSE:  # pings, pongs and messages count; a goodbye does not
+                conn.incoming.append(now)
             while conn.incoming and conn.incoming[0] <= now - 1.0:
                 conn.incoming.popleft()
             if len(conn.incoming) > limit:
