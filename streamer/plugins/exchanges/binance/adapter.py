@@ -80,6 +80,8 @@ class BinanceOptions(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     rotate_after: str = "23h"
     #: Also replace every connection daily at this UTC time ("HH:MM"); empty disables.
     rotate_at: str = ""
+    #: How long a replaced connection stays open after its successor delivered data.
+    rotation_overlap: str = "2s"
     #: Reconnect a connection that delivered nothing for this long.
     no_data_timeout: str = "60s"
     #: Longest pause between reconnect attempts.
@@ -101,8 +103,8 @@ class BinanceOptions(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
         # Validation errors become msgspec.ValidationError, which the config loader turns
         # into "pipelines[0].options: ..." messages.
         try:
-            for name in ("rotate_after", "no_data_timeout", "reconnect_backoff_max",
-                         "rest_timeout", "backfill_max_age"):  # fmt: skip
+            for name in ("rotate_after", "rotation_overlap", "no_data_timeout",
+                         "reconnect_backoff_max", "rest_timeout", "backfill_max_age"):  # fmt: skip
                 parse_duration(getattr(self, name))
         except ValueError as exc:
             raise msgspec.ValidationError(str(exc)) from None
@@ -267,6 +269,7 @@ class BinanceAdapter(ExchangeAdapter):
             backoff_max=parse_duration(opts.reconnect_backoff_max),
             rotate_after=parse_duration(opts.rotate_after),
             rotate_at_second=_rotate_at_second(opts.rotate_at) if opts.rotate_at else None,
+            overlap=parse_duration(opts.rotation_overlap),
         )
         self.connections = ConnectionManager(
             groups,
