@@ -13,6 +13,7 @@ from streamer.core.api import SequenceRule, StreamContext
 from streamer.core.metrics import Counters
 from streamer.core.plugins import Registry, make_plugin_manager
 from streamer.core.records import BookSnapshot, DepthUpdate, Marker, Trade
+from streamer.plugins.streams import _book as B
 from streamer.plugins.streams.orderbook import (
     STREAM,
     OrderBookOptions,
@@ -398,3 +399,16 @@ def test_snapshot_limit_is_capped_and_rounded() -> None:
 def test_bad_options_fail_at_start_with_a_clear_message(options: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         Harness(n=1, **options)
+
+
+def test_on_record_going_live_works_outside_an_event_loop() -> None:
+    # The runtime may call on_record from a plain callback; scheduling the first
+    # verification there must not need a running task.
+    h = Harness(n=1, verify_interval="10m", interval="update")
+    h.step("S0USDT")
+    sync = h.stream.book("S0USDT")
+    assert sync.on_snapshot(h.truths["S0USDT"].snapshot(1000)) == B.BRIDGING_WAIT
+    h.step("S0USDT")
+    assert sync.live
+    assert "S0USDT" in h.stream._next_verify
+    h.check_books_equal_truth(20)

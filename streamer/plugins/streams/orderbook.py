@@ -401,13 +401,15 @@ class OrderBookStream(StreamType):
         every = self._verify_every
         # Jitter spreads the fetches of books that synced together; a retry comes sooner.
         span = self._rng.uniform(0.05, 0.15) if retry else self._rng.uniform(0.5, 1.5)
-        self._next_verify[symbol] = anyio.current_time() + every * span
+        # time.monotonic, not anyio.current_time: this also runs from on_record, which
+        # may be called outside any task.
+        self._next_verify[symbol] = time.monotonic() + every * span
 
     async def _verify_loop(self) -> None:
         tick = min(1.0, self._verify_every / 4)
         while True:
             await anyio.sleep(tick)
-            now = anyio.current_time()
+            now = time.monotonic()
             for symbol, due in list(self._next_verify.items()):
                 sync = self._syncs[symbol]
                 if now < due or not sync.live or sync.verifying:
