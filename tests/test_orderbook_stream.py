@@ -412,3 +412,13 @@ def test_on_record_going_live_works_outside_an_event_loop() -> None:
     assert sync.live
     assert "S0USDT" in h.stream._next_verify
     h.check_books_equal_truth(20)
+
+
+def test_options_from_yaml_numbers_and_unknown_keys() -> None:
+    import msgspec
+
+    options = msgspec.convert({"interval": 0, "verify_interval": 600}, OrderBookOptions)
+    h = Harness(n=1, interval=options.interval, verify_interval=options.verify_interval)
+    assert h.stream._emit_every and h.stream._verify_every == 600.0
+    with pytest.raises(msgspec.ValidationError, match="levls"):
+        msgspec.convert({"levls": 5}, OrderBookOptions)

@@ -45,13 +45,13 @@ class OrderBookOptions(msgspec.Struct, forbid_unknown_fields=True, kw_only=True)
     levels: int = 20
     #: How often to write each book: a duration (``"1s"``), or ``"update"``/``"0"`` for a
     #: snapshot after every applied update.
-    interval: str = "1s"
+    interval: str | float = "1s"
     #: Depth of the REST snapshot; capped by the exchange's maximum and rounded up to a
     #: value its API accepts (Binance spot: up to 5000, USD-M: 5..1000 fixed steps).
     snapshot_limit: int = 1000
     #: How often each book is compared with a fresh snapshot (jittered per symbol);
     #: ``"0"`` or ``"off"`` disables verification.
-    verify_interval: str = "10m"
+    verify_interval: str | float = "10m"
     #: Depth update speed requested from the adapter (``"100ms"``); empty for its default.
     speed: str = ""
     #: Updates buffered per symbol while waiting for a snapshot; past it the oldest half
@@ -76,9 +76,11 @@ def effective_snapshot_limit(requested: int, rule: SequenceRule) -> int:
     return allowed[-1]
 
 
-def _parse_interval(text: str) -> float:
+def _parse_interval(text: str | float) -> float:
     """Seconds between snapshots; 0.0 means after every update."""
-    if text.strip().lower() in ("update", "0"):
+    if isinstance(text, str) and text.strip().lower() in ("update", "0"):
+        return 0.0
+    if not isinstance(text, str) and text == 0:
         return 0.0
     seconds = parse_duration(text)
     if seconds <= 0:
@@ -86,8 +88,10 @@ def _parse_interval(text: str) -> float:
     return seconds
 
 
-def _parse_verify(text: str) -> float:
-    if text.strip().lower() in ("off", "0", "none", ""):
+def _parse_verify(text: str | float) -> float:
+    if isinstance(text, str) and text.strip().lower() in ("off", "0", "none", ""):
+        return 0.0
+    if not isinstance(text, str) and text == 0:
         return 0.0
     seconds = parse_duration(text)
     if seconds < 1:
