@@ -338,3 +338,72 @@ def test_rotation_closes_past_files_of_every_stream(tmp_path: Path) -> None:
     assert counters.get("files_open") == 0
     assert len(list((tmp_path / "binance/usdm/markers/AAAUSDT").iterdir())) == 5
     assert len(list((tmp_path / "binance/usdm/aggTrades/BBBUSDT").iterdir())) == 5
+
+
+def test_disk_full_with_gzip_cuts_the_partial_member(tmp_path: Path) -> None:
+    import gzip
+
+    fio = FaultyIO()
+    sink, counters = make_sink(tmp_path, fio, gzip=True)
+    path = tmp_path / "binance/usdm/aggTrades/BTCUSDT/BTCUSDT-aggTrades-2026-11-23.csv.gz"
+
+    async def scenario():
+        await sink.write(trades("BTCUSDT", 1, 5))
+        await sink.flush()
+        fio.fail_write = errno.ENOSPC
+        await sink.write(trades("BTCUSDT", 6, 5))
+        await sink.flush()
+        text = gzip.decompress(path.read_bytes()).decode()  # still a valid gzip file
+        assert [int(line.split(",")[0]) for line in text.splitlines()[1:]] == [1, 2, 3, 4, 5]
+        fio.fail_write = None
+        await sink.close()
+
+    asyncio.run(scenario())
+    text = gzip.decompress(path.read_bytes()).decode()
+    assert [int(line.split(",")[0]) for line in text.splitlines()[1:]] == list(range(1, 11))
+    assert counters.total("write_errors") == 1
+
+
+def test_buffer_bound_in_bytes(tmp_path: Path) -> None:
+    fio = FaultyIO()
+    sink, counters = make_sink(tmp_path, fio, max_buffered_mb=1)
+
+    async def scenario():
+        fio.fail_write = errno.ENOSPC
+        for first in range(1, 40_001, 5000):  # about 3 MB of rows
+            await sink.write(trades("BTCUSDT", first, 5000))
+            await sink.flush()
+        assert sink.pending_rows < 20_000
+        fio.fail_write = None
+        await sink.close()
+
+    asyncio.run(scenario())
+    written = [int(r[0]) for r in rows_of(trade_file(tmp_path))[1:]]
+    assert written == list(range(1, len(written) + 1))
+    assert counters.total("rows_dropped") == 40_000 - len(written) > 0
+    markers = rows_of(tmp_path / "binance/usdm/markers/BTCUSDT/BTCUSDT-markers-2026-11-23.csv")
+    assert markers[1][2:] == ["gap", str(len(written) + 1), "40000", "disk full"]
+
+
+def test_out_of_descriptors_closes_half_and_retries(tmp_path: Path) -> None:
+    class LimitedIO(FaultyIO):
+        def open(self, path: str) -> int:
+            if len(self.open_fds) >= 4:
+                raise OSError(errno.EMFILE, "Too many open files", path)
+            return super().open(path)
+
+    fio = LimitedIO()
+    sink, counters = make_sink(tmp_path, fio, max_open_files=50)
+
+    async def scenario():
+        batch = []
+        for i in range(10):
+            batch += trades(f"S{i}USDT", 1, 3)
+        await sink.write(batch)
+        await sink.close()
+
+    asyncio.run(scenario())
+    assert counters.get("fd_limit_hits") >= 1
+    assert counters.total("write_errors") == 0
+    for i in range(10):
+        assert len(rows_of(trade_file(tmp_path, f"S{i}USDT"))) == 4

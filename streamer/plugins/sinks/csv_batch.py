@@ -69,6 +69,8 @@ class Options(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     max_open_files: int = 256
     #: Rows kept for retry while writes fail; beyond it rows are dropped and reported.
     max_buffered_rows: int = 1_000_000
+    #: ... and at most this many megabytes of encoded rows (order-book rows are large).
+    max_buffered_mb: int = 256
     #: Levels per side in orderbook files; default: the depth of a new file's first snapshot.
     book_levels: int | None = None
 
@@ -78,7 +80,7 @@ class Options(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
         seconds = parse_duration(self.flush_interval)
         if seconds <= 0:
             raise ValueError("flush_interval must be positive")
-        for name in ("flush_rows", "max_open_files", "max_buffered_rows"):
+        for name in ("flush_rows", "max_open_files", "max_buffered_rows", "max_buffered_mb"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")
         if self.flush_rows > self.max_buffered_rows:
@@ -119,6 +121,7 @@ class _File:
         "levels",
         "path",
         "pending",
+        "pending_bytes",
         "pending_key",
         "pending_rows",
         "retired",
@@ -147,6 +150,7 @@ class _File:
         self.created = False
         self.pending: list[bytes] = []
         self.pending_rows = 0
+        self.pending_bytes = 0
         self.pending_key: int | None = None
         self.retired = False
         #: File size before a failed write that could not be cut back (see ``_reconcile``).
@@ -208,6 +212,8 @@ class CsvSink(Sink):
         self._accepted: dict[StreamKey, int] = {}
         self._durable: dict[StreamKey, int] = {}
         self._pending_rows = 0
+        self._pending_bytes = 0
+        self._max_bytes = options.max_buffered_mb * 1_000_000
         self._failing = False
         self._failure_reason: str | None = None
         self._drops: dict[tuple[StreamKey, str], _Drop] = {}
@@ -400,7 +406,10 @@ class CsvSink(Sink):
             self._log.warning("invalid_record", "ignored %d records of unknown type", unknown)
         for target, records in groups.items():
             self._accept(target, records)
-            if self._pending_rows >= self._opts.flush_rows and not self._failing:
+            if not self._failing and (
+                self._pending_rows >= self._opts.flush_rows
+                or self._pending_bytes >= self._max_bytes // 2
+            ):
                 self._flush_sync()
         if time.monotonic() - self._last_flush >= self._flush_seconds:
             self._flush_sync()
@@ -424,13 +433,18 @@ class CsvSink(Sink):
         rows = len(records)
         if kind == layout.DEPTH:
             rows = sum(layout.depth_rows(r) for r in records)
-        if kind != layout.MARKERS and self._pending_rows + rows > self._opts.max_buffered_rows:
+        if kind != layout.MARKERS and (
+            self._pending_rows + rows > self._opts.max_buffered_rows
+            or self._pending_bytes >= self._max_bytes
+        ):
             records, rows = self._drop_overflow(f, records)
             if not records:
                 return
         data = self._encode(f, records, rows)
         f.pending.append(data)
         f.pending_rows += rows
+        f.pending_bytes += len(data)
+        self._pending_bytes += len(data)
         if sk is not None:
             f.pending_key = _key(kind, records[-1])
         self._pending_rows += rows
@@ -499,6 +513,8 @@ class CsvSink(Sink):
     def _drop_overflow(self, f: _File, records: list) -> tuple[list, int]:
         """Keep the prefix of ``records`` that fits the retry buffer; drop the rest."""
         room = self._opts.max_buffered_rows - self._pending_rows
+        if self._pending_bytes >= self._max_bytes:
+            room = 0
         kept_rows = 0
         cut = 0
         if f.kind == layout.DEPTH:
@@ -527,7 +543,8 @@ class CsvSink(Sink):
         self._counters.incr("rows_dropped", sk.symbol, sk.stream, rows)
         self._log.error(
             "rows_dropped",
-            "retry buffer full (%d rows, max_buffered_rows): dropped %d rows of %s %s; "
+            "retry buffer full (%d rows, max_buffered_rows/max_buffered_mb): dropped %d rows "
+            "of %s %s; "
             "a gap marker follows once writing works again",
             self._pending_rows,
             rows,
@@ -597,7 +614,7 @@ class CsvSink(Sink):
             self._made_dirs.add(f.directory)
         for _attempt in range(3):
             existed = os.path.exists(f.path)
-            fd = self._io.open(f.path)
+            fd = self._open_fd(f.path)
             try:
                 st = os.fstat(fd)
                 identity = (st.st_dev, st.st_ino)
@@ -616,6 +633,26 @@ class CsvSink(Sink):
             self._counters.set("files_open", len(self._open_lru))
             return
         raise OSError(errno.EBUSY, "file keeps being replaced while opening", f.path)
+
+    def _open_fd(self, path: str) -> int:
+        """Open ``path``; when the process runs out of descriptors, close half of ours and
+        retry once (``max_open_files`` is above what the system allows)."""
+        try:
+            return self._io.open(path)
+        except OSError as exc:
+            if exc.errno not in (errno.EMFILE, errno.ENFILE) or not self._open_lru:
+                raise
+        self._counters.incr("fd_limit_hits")
+        self._log.warning(
+            "fd_limit",
+            "out of file descriptors with %d files open; lower max_open_files (%d)",
+            len(self._open_lru),
+            self._opts.max_open_files,
+        )
+        for _ in range(max(1, len(self._open_lru) // 2)):
+            _, victim = self._open_lru.popitem(last=False)
+            self._close_file(victim, sync=False)
+        return self._io.open(path)
 
     def _adopt(self, f: _File, size: int, same_file: bool) -> bool:
         """Check a file before appending: repair a torn tail, match the header.
@@ -672,6 +709,8 @@ class CsvSink(Sink):
         f.pending = [full[done:]] if done < len(full) else []
         f.pending_rows -= rows
         self._pending_rows -= rows
+        self._pending_bytes -= f.pending_bytes - (len(full) - done)
+        f.pending_bytes = len(full) - done
         self._counters.incr("rows_written", f.symbol, _stream_of(f), rows)
         self._counters.incr("bytes_written", n=done)
 
@@ -770,8 +809,10 @@ class CsvSink(Sink):
         if f.stream is not None and f.pending_key is not None:
             self._durable[f.stream] = f.pending_key
         self._pending_rows -= rows
+        self._pending_bytes -= f.pending_bytes
         f.pending = []
         f.pending_rows = 0
+        f.pending_bytes = 0
         f.pending_key = None
         return True
 
