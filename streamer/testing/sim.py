@@ -862,7 +862,10 @@ class SimServer:
             return
         if spec.kind == "depth" and (market, name) not in self._depth:
             self._depth[(market, name)] = _DepthWindow(mk.last_update_id)
-        elif spec.kind == "kline" and (market, name) not in self._klines:
+        elif (
+            spec.kind == "kline" and mk.last_time is not None and (market, name) not in self._klines
+        ):
+            # Before the first tick the state is created lazily, so no bar predates the market.
             self._klines[(market, name)] = self._new_kline_state(market, spec.symbol, spec)
 
     def _unsubscribe(self, conn: _Conn, names: list[str]) -> None:
