@@ -407,3 +407,22 @@ def test_out_of_descriptors_closes_half_and_retries(tmp_path: Path) -> None:
     assert counters.total("write_errors") == 0
     for i in range(10):
         assert len(rows_of(trade_file(tmp_path, f"S{i}USDT"))) == 4
+
+
+def test_failed_fsync_is_counted_and_never_rewrites_rows(tmp_path: Path) -> None:
+    class NoSyncIO(FaultyIO):
+        def fsync(self, fd: int) -> None:
+            raise OSError(errno.EIO, "injected fsync failure")
+
+    sink, counters = make_sink(tmp_path, NoSyncIO(), fsync="flush")
+
+    async def scenario():
+        for first in (1, 4):
+            await sink.write(trades("BTCUSDT", first, 3))
+            await sink.flush()
+        await sink.close()
+
+    asyncio.run(scenario())
+    assert [int(r[0]) for r in rows_of(trade_file(tmp_path))[1:]] == [1, 2, 3, 4, 5, 6]
+    assert counters.get("fsync_errors") == 2
+    assert counters.total("write_errors") == 0

@@ -245,7 +245,7 @@ class CsvSink(Sink):
         self._flush_sync()
 
     async def close(self) -> None:
-        """Flush, fsync (unless ``fsync: never``) and close every file."""
+        """Flush, fsync (policy ``rotation``) and close every file."""
         self._close_sync()
 
     @property
@@ -742,7 +742,8 @@ class CsvSink(Sink):
             if sync:
                 self._io.fsync(fd)
         except OSError as exc:
-            self._on_error(f, exc, "fsync")
+            self._counters.incr("fsync_errors")
+            self._log.error("fsync_error", "cannot fsync %s: %s", f.path, exc)
         finally:
             # Nothing is left to do with a descriptor that will not close.
             with contextlib.suppress(OSError):
@@ -790,15 +791,21 @@ class CsvSink(Sink):
             except OSError:
                 self._undo(f, before)
                 raise
-            if self._opts.fsync == "flush":
+        except OSError as exc:
+            self._on_error(f, exc, "write")
+            return False
+        self._written(f, data)
+        if self._opts.fsync == "flush":
+            # The rows are in the file now; a failed fsync must not make us write them again.
+            try:
                 self._io.fsync(f.fd)
                 if f.created:
                     self._io.fsync_dir(f.directory)
                     f.created = False
-        except OSError as exc:
-            self._on_error(f, exc, "write")
-            return False
-        return self._written(f, data)
+            except OSError as exc:
+                self._counters.incr("fsync_errors")
+                self._log.error("fsync_error", "cannot fsync %s: %s", f.path, exc)
+        return True
 
     def _written(self, f: _File, data: bytes) -> bool:
         f.size += len(data)
