@@ -473,3 +473,17 @@ def test_options_are_validated() -> None:
 def test_registered_as_csv_entry_point() -> None:
     pm, _ = make_plugin_manager(["csv"])
     assert Registry.from_manager(pm).sink("csv") is CsvSink
+
+
+def test_odd_strings_in_depth_and_books_are_quoted(tmp_path: Path) -> None:
+    dp = depth("usdm", "ETHUSDT", 2, T0, seed=16)
+    dp[1] = msgspec.structs.replace(dp[1], bids=[("1,5", "2")], asks=[("3", 'x"y')])
+    bk = books("spot", "BTCUSDT", 2, 2, T0, seed=17)
+    bk[1] = msgspec.structs.replace(bk[1], bids=[("9,9", "1")], asks=[])
+    sink, counters = make_sink(tmp_path)
+    run(write_all(sink, dp + bk))
+    rows = read_csv(tmp_path / "binance/usdm/depth/ETHUSDT/ETHUSDT-depth-2026-11-23.csv")
+    assert parse_depth(rows[1:], "usdm", "ETHUSDT") == dp
+    rows = read_csv(tmp_path / "binance/spot/orderbook/BTCUSDT/BTCUSDT-orderbook-2026-11-23.csv")
+    assert [parse_book(r, "spot", "BTCUSDT") for r in rows[1:]] == bk
+    assert counters.get("rows_quoted") > 0

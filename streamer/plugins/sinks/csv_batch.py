@@ -183,9 +183,10 @@ class CsvSink(Sink):
     ``rows_dropped``, ``rows_duplicate``, ``write_errors``; process-wide:
     ``bytes_written``, ``file_flushes``, ``records_invalid``, ``klines_unclosed``,
     ``rows_quoted``, ``torn_repairs``, ``files_reopened``, ``files_conflict``,
-    ``book_levels_truncated``, ``gap_markers``, ``rows_dropped`` (rows still unwritten at
-    close); gauges ``rows_buffered`` (rows waiting for a retry after a failed write) and
-    ``files_open``. Use ``Counters.total`` for a sum over symbols.
+    ``book_levels_truncated``, ``gap_markers``, ``fd_limit_hits``, ``fsync_errors``,
+    ``rows_dropped`` (rows still unwritten at close); gauges ``rows_buffered`` (rows
+    waiting for a retry after a failed write) and ``files_open``. Use ``Counters.total``
+    for a sum over symbols.
     """
 
     Options = Options
