@@ -422,3 +422,21 @@ def test_options_from_yaml_numbers_and_unknown_keys() -> None:
     assert h.stream._emit_every and h.stream._verify_every == 600.0
     with pytest.raises(msgspec.ValidationError, match="levls"):
         msgspec.convert({"levls": 5}, OrderBookOptions)
+
+
+def test_exchange_without_order_books_is_rejected_at_start() -> None:
+    class NoBooks(FakeExchange):
+        @property
+        def sequence_rule(self) -> SequenceRule:
+            raise NotImplementedError("no depth")
+
+    context = StreamContext(
+        pipeline="t",
+        exchange=NoBooks({}),
+        symbols=["X"],
+        emit=lambda r: None,
+        counters=Counters(),
+        logger=logging.getLogger("t"),
+    )
+    with pytest.raises(ValueError, match="does not serve order books"):
+        OrderBookStream(OrderBookOptions(), context)

@@ -53,6 +53,8 @@ class OrderBookOptions(msgspec.Struct, forbid_unknown_fields=True, kw_only=True)
     #: ``"0"`` or ``"off"`` disables verification.
     verify_interval: str | float = "10m"
     #: Depth update speed requested from the adapter (``"100ms"``); empty for its default.
+    #: Keep it equal to the ``depth`` stream's speed in the same pipeline: both receive
+    #: every depth update of the pipeline, whatever speed it was subscribed at.
     speed: str = ""
     #: Updates buffered per symbol while waiting for a snapshot; past it the oldest half
     #: is dropped (counted as ``buffer_overflows``).
@@ -138,7 +140,12 @@ class OrderBookStream(StreamType):
         if options.buffer_limit < 2:
             raise ValueError(f"orderbook: buffer_limit must be >= 2, got {options.buffer_limit}")
         exchange = context.exchange
-        self._rule: SequenceRule = exchange.sequence_rule
+        try:
+            self._rule: SequenceRule = exchange.sequence_rule
+        except NotImplementedError:
+            raise ValueError(
+                f"orderbook: exchange {type(exchange).__name__} does not serve order books"
+            ) from None
         self.snapshot_limit = effective_snapshot_limit(options.snapshot_limit, self._rule)
         if options.levels > self.snapshot_limit:
             raise ValueError(
