@@ -32,26 +32,37 @@ PYTHON = sys.executable
 
 
 class FeedProcess:
-    """``_feed.py`` in a subprocess, serving REST and WebSocket on one loopback port."""
+    """A feed in a subprocess, serving REST and WebSocket on one loopback port.
 
-    def __init__(self, symbols: int, workdir: Path) -> None:
+    ``kind="sim"``: the package's simulator in high-rate mode (``_simfeed.py``);
+    ``kind="own"``: the harness's own generator (``_feed.py``). Both take the same control
+    requests (rate, stats) and serve the same symbols and mix.
+    """
+
+    def __init__(self, symbols: int, workdir: Path, kind: str = "sim") -> None:
         self.symbols = symbols
-        log = open(workdir / f"feed-{symbols}.log", "wb")  # noqa: SIM115 - lives with the process
-        self.proc = subprocess.Popen(
-            [PYTHON, str(BENCH / "_feed.py"), "--symbols", str(symbols), "--rate", "0"],
-            stdout=subprocess.PIPE,
-            stderr=log,
-        )
+        self.kind = kind
+        log = open(workdir / f"feed-{kind}-{symbols}.log", "ab")  # noqa: SIM115
+        if kind == "sim":
+            cmd = [PYTHON, str(BENCH / "_simfeed.py"), "--symbols", str(symbols)]
+        elif kind == "own":
+            cmd = [PYTHON, str(BENCH / "_feed.py"), "--symbols", str(symbols), "--rate", "0"]
+        else:
+            raise ValueError(f"unknown feed {kind!r} (expected 'sim' or 'own')")
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log)
         assert self.proc.stdout is not None
         line = self.proc.stdout.readline().decode()
         if not line.startswith("READY"):
+            self.proc.kill()
             raise RuntimeError(f"feed failed to start: {line!r} (see {log.name})")
-        self.port = int(line.split()[1])
+        ports = line.split()[1:]
+        self.port = int(ports[0])
+        self.control = f"http://127.0.0.1:{ports[-1]}"
         self.http = f"http://127.0.0.1:{self.port}"
         self.ws = f"ws://127.0.0.1:{self.port}"
 
     def _get(self, path: str) -> dict[str, Any]:
-        with urllib.request.urlopen(self.http + path, timeout=10) as resp:
+        with urllib.request.urlopen(self.control + path, timeout=10) as resp:
             return json.loads(resp.read())
 
     def set_rate(self, rate: float) -> None:

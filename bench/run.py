@@ -89,6 +89,8 @@ class Plan:
     burst_every: float = 40.0
     #: Collector worker processes (0: the runtime's default for the symbol count).
     workers: int = 0
+    #: ``sim`` (the package's simulator in high-rate mode) or ``own`` (``_feed.py``).
+    feed: str = "sim"
     micro: bool = True
     full: bool = True
 
@@ -279,7 +281,7 @@ def _step_line(s: Step) -> str:
 
 def full_market(plan: Plan, workdir: Path, log: Any) -> dict[str, Any]:
     """The collector on ``full_symbols`` symbols: base rate with periodic bursts."""
-    feed = FeedProcess(plan.full_symbols, workdir)
+    feed = FeedProcess(plan.full_symbols, workdir, plan.feed)
     subject = CollectorSubject(feed, plan.full_symbols, workdir / "full", workers=plan.workers)
     (workdir / "full").mkdir(exist_ok=True)
     result: dict[str, Any] = {"symbols": plan.full_symbols}
@@ -370,7 +372,7 @@ def profile_collector(plan: Plan, workdir: Path, rate: float, seconds: float, lo
         ),
         "STREAMER_BENCH_PROFILE": str(prof_dir),
     }
-    feed = FeedProcess(plan.symbols, workdir)
+    feed = FeedProcess(plan.symbols, workdir, plan.feed)
     subject = CollectorSubject(feed, plan.symbols, workdir, workers=plan.workers, env=env)
     try:
         subject.start()
@@ -768,6 +770,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--only", help="comma-separated subjects: bare,baseline,collector")
     ap.add_argument("--no-micro", action="store_true", help="skip the micro-benchmarks")
     ap.add_argument("--no-full", action="store_true", help="skip the full-market case")
+    ap.add_argument(
+        "--feed",
+        choices=("sim", "own"),
+        default="sim",
+        help="sim: streamer.testing high-rate mode (default); own: bench/_feed.py",
+    )
     ap.add_argument("--workers", type=int, help="collector worker processes (default: auto)")
     ap.add_argument("--full-seconds", type=float, help="length of the full-market case")
     ap.add_argument("--output", type=Path, help="markdown file to update")
@@ -795,6 +803,7 @@ def main(argv: list[str] | None = None) -> int:
         plan.full_s = args.full_seconds
     if args.workers is not None:
         plan.workers = args.workers
+    plan.feed = args.feed
     plan.micro = not args.no_micro
     plan.full = not args.no_full
 
@@ -820,7 +829,7 @@ def main(argv: list[str] | None = None) -> int:
         if plan.micro:
             log("micro-benchmarks")
             report["micro"] = run_micro(plan.quick, log)
-        feed = FeedProcess(plan.symbols, workdir)
+        feed = FeedProcess(plan.symbols, workdir, plan.feed)
         try:
             for i in range(plan.runs):
                 log(f"round {i + 1}/{plan.runs} on {plan.symbols} symbols")
