@@ -109,6 +109,8 @@ def run(
 ) -> int:
     """Run ``config`` until SIGINT/SIGTERM or ``duration`` seconds; returns the exit code.
 
+    ``duration`` counts from when every worker process is up.
+
     ``enabled_plugins``: entry-point plugin names to load (``None``: all installed; the
     built-in stream types are always loaded). ``extra_plugin_modules``: import paths of
     modules registered as plugins in every process (how tests add inline plugins).

@@ -390,7 +390,10 @@ class Supervisor:
         for i, name in enumerate(sorted(self.sink_types)):
             self._sink_paths[name] = os.path.join(self._dir, f"sink{i}.sock")
         listener = await anyio.create_unix_listener(os.path.join(self._dir, "ctl.sock"))
-        deadline = None if self.duration is None else time.monotonic() + self.duration
+        # ``duration`` counts from when every worker is up (spawning takes a while), but
+        # gives up waiting for that after a generous start-up allowance.
+        deadline = None
+        latest = None if self.duration is None else time.monotonic() + self.duration + 30
         try:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(self._serve_control, listener)
@@ -405,7 +408,9 @@ class Supervisor:
                 while not self._stopping:
                     self._reap()
                     self._start_due()
-                    if deadline is not None and time.monotonic() >= deadline:
+                    if deadline is None and latest is not None and self._workers_up():
+                        deadline = time.monotonic() + self.duration
+                    if latest is not None and time.monotonic() >= min(deadline or latest, latest):
                         self.request_stop("duration elapsed")
                         break
                     with anyio.move_on_after(_TICK):
@@ -423,6 +428,9 @@ class Supervisor:
         self._state = "stopped"
         self._publish()
         return code
+
+    def _workers_up(self) -> bool:
+        return all(c.conn is not None for c in self.children if c.kind == "worker")
 
     async def _shutdown(self) -> int:
         deadline = time.monotonic() + self.runtime.shutdown_timeout
