@@ -7,9 +7,10 @@ does: encode the batch and append it to its file (the sink: ``write`` + ``flush`
 ``write(2)`` per file). The baselines, on the same records, are what the earlier
 collector did: build a DataFrame and ``to_csv(mode="a")`` (``pandas frame+to_csv``), and,
 more favourable to pandas, ``to_csv`` alone on a frame built outside the timer
-(``pandas to_csv``). Every figure is the median of ``--runs`` runs in this process;
-ratios are against the baselines measured in the same run. pandas is only needed here and
-in tests, never by the package.
+(``pandas to_csv``). Every figure is the median of ``--runs`` runs in this process
+(``--clock cpu`` times CPU seconds instead of wall seconds, which is steadier on a shared
+machine); ratios are against the baselines measured in the same run. pandas is only needed
+here and in tests, never by the package.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from streamer.core.records import BookSnapshot, Trade
 from streamer.plugins.sinks.csv_batch import CsvSink, Options
 
 T0 = 1_795_392_000_000
+_clock = time.perf_counter
 
 
 def make_trades(n: int, seed: int) -> list[Trade]:
@@ -74,11 +76,11 @@ def time_sink(root: Path, chunks: list[list], gz: bool) -> tuple[float, int]:
 
     async def go() -> float:
         await sink.open()
-        start = time.perf_counter()
+        start = _clock()
         for chunk in chunks:
             await sink.write(chunk)
             await sink.flush()
-        elapsed = time.perf_counter() - start
+        elapsed = _clock() - start
         await sink.close()
         return elapsed
 
@@ -126,17 +128,17 @@ def time_pandas(
     import pandas as pd
 
     path.unlink(missing_ok=True)
-    start = time.perf_counter()
+    start = _clock()
     for i, chunk in enumerate(chunks):
         frame = pd.DataFrame(to_rows(chunk), columns=columns)
         frame.to_csv(path, mode="a", header=i == 0, index=False)
-    with_frame = time.perf_counter() - start
+    with_frame = _clock() - start
     frames = [pd.DataFrame(to_rows(chunk), columns=columns) for chunk in chunks]
     path.unlink()
-    start = time.perf_counter()
+    start = _clock()
     for i, frame in enumerate(frames):
         frame.to_csv(path, mode="a", header=i == 0, index=False)
-    only = time.perf_counter() - start
+    only = _clock() - start
     return with_frame, only
 
 
@@ -176,7 +178,16 @@ def main() -> None:
     parser.add_argument("--book-rows", type=int, default=20_000, help="orderbook rows per run")
     parser.add_argument("--batch", type=int, default=2000, help="records per batch")
     parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument(
+        "--clock",
+        choices=["wall", "cpu"],
+        default="wall",
+        help="cpu: this process's CPU time (steadier when other work shares the machine)",
+    )
     args = parser.parse_args()
+    global _clock
+    _clock = time.process_time if args.clock == "cpu" else time.perf_counter
+    print(f"clock: {args.clock}")
     with tempfile.TemporaryDirectory(prefix="bench_csv_") as tmpdir:
         tmp = Path(tmpdir)
         trades = batches(make_trades(args.rows, seed=1), args.batch)
