@@ -487,3 +487,31 @@ def test_odd_strings_in_depth_and_books_are_quoted(tmp_path: Path) -> None:
     rows = read_csv(tmp_path / "binance/spot/orderbook/BTCUSDT/BTCUSDT-orderbook-2026-11-23.csv")
     assert [parse_book(r, "spot", "BTCUSDT") for r in rows[1:]] == bk
     assert counters.get("rows_quoted") > 0
+
+
+def test_gzip_toggled_within_a_day_holdings_take_the_newest_key(tmp_path: Path) -> None:
+    tr = trades("spot", "BTCUSDT", 20, 1, T0, seed=18)
+    sink, _ = make_sink(tmp_path)
+    run(write_all(sink, tr[:10]))
+    sink, counters = make_sink(tmp_path, gzip=True)
+    run(write_all(sink, tr[5:]))  # overlaps what the plain file holds
+    assert counters.total("rows_duplicate") == 5
+    sink, _ = make_sink(tmp_path)
+    held = run(sink.holdings())
+    assert held[StreamKey("binance", "spot", "BTCUSDT", "aggtrade")] == 20
+    folder = tmp_path / "binance/spot/aggTrades/BTCUSDT"
+    gz_rows = read_csv(folder / "BTCUSDT-aggTrades-2026-11-23.csv.gz")
+    assert [int(r[0]) for r in gz_rows[1:]] == list(range(11, 21))
+
+
+def test_marker_without_time_goes_to_todays_file(tmp_path: Path) -> None:
+    import time
+
+    marker = Marker("binance", "usdm", "BTCUSDT", "depth", "resync", 0, 0, 0, "startup")
+    sink, _ = make_sink(tmp_path)
+    before = time.strftime("%Y-%m-%d", time.gmtime())
+    run(write_all(sink, [marker]))
+    after = time.strftime("%Y-%m-%d", time.gmtime())
+    (path,) = (tmp_path / "binance/usdm/markers/BTCUSDT").iterdir()
+    assert path.name in {f"BTCUSDT-markers-{day}.csv" for day in (before, after)}
+    assert read_csv(path)[1] == ["0", "depth", "resync", "0", "0", "startup"]
