@@ -440,3 +440,16 @@ def test_exchange_without_order_books_is_rejected_at_start() -> None:
     )
     with pytest.raises(ValueError, match="does not serve order books"):
         OrderBookStream(OrderBookOptions(), context)
+
+
+async def test_verifications_run_one_at_a_time() -> None:
+    h = Harness(n=6, verify_interval="1s", delay=0.02, snapshot_concurrency=2)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(h.stream.run)
+        await h.sync_all()
+        assert h.exchange.peak_in_flight == 2  # syncs use every worker
+        h.exchange.peak_in_flight = 0
+        await h.wait(lambda: all(h.count("verifications", s) >= 1 for s in h.truths), 8)
+        tg.cancel_scope.cancel()
+    assert h.exchange.peak_in_flight == 1
+    assert h.counters.total("verify_mismatches") == 0

@@ -169,6 +169,7 @@ class OrderBookStream(StreamType):
         self._sync_queue: dict[str, None] = {}
         self._verify_queue: dict[str, None] = {}
         self._sync_in_flight: set[str] = set()
+        self._verifying_now = False
         self._retries: dict[str, int] = {}
         self._next_verify: dict[str, float] = {}
         self._reconnected_at: dict[str, float] = {}
@@ -329,7 +330,9 @@ class OrderBookStream(StreamType):
                 symbol = next(iter(self._sync_queue))
                 del self._sync_queue[symbol]
                 return symbol, False
-            if self._verify_queue:
+            # One verification at a time: with many symbols they would otherwise take the
+            # whole REST budget; syncs (and other REST users) only ever wait behind one.
+            if self._verify_queue and not self._verifying_now:
                 symbol = next(iter(self._verify_queue))
                 del self._verify_queue[symbol]
                 return symbol, True
@@ -348,6 +351,8 @@ class OrderBookStream(StreamType):
                 if not sync.needs_snapshot:
                     continue
                 self._sync_in_flight.add(symbol)
+            else:
+                self._verifying_now = True
             try:
                 snapshot = await exchange.fetch_book_snapshot(symbol, self.snapshot_limit)
             except Exception as exc:
@@ -361,6 +366,10 @@ class OrderBookStream(StreamType):
                 else:
                     self._retry_later(symbol)
                 continue
+            finally:
+                if verify:
+                    self._verifying_now = False
+                    self._wake()
             self._sync_in_flight.discard(symbol)
             self._counters.incr("snapshots_fetched", symbol, STREAM)
             if verify:
