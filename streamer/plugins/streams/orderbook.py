@@ -279,7 +279,9 @@ class OrderBookStream(StreamType):
             f"orderbook_{counter}", "%s: %s (%s); resyncing this book", symbol, reason, sync.detail
         )
         now = _now_ms()
-        first = sync.local_id + 1
+        # The first update id without a correct book: after a crossed book or a failed
+        # verification the book at local_id itself is wrong.
+        first = sync.local_id if code in (B.CROSSED, B.MISMATCH) else sync.local_id + 1
         if code == B.MISMATCH:
             self._marker(symbol, "verify_mismatch", first, now, reason)
         self._marker(symbol, "resync", first, now, reason)
