@@ -147,8 +147,8 @@ def test_crossed_update_discards_the_book() -> None:
 def test_crossed_or_malformed_snapshot_is_rejected() -> None:
     sync = B.BookSync("BTCUSDT", SPOT_RULE)
     sync.feed(up(101, 101))
-    assert sync.on_snapshot(snap(100, [("101", "1")], [("100", "1")])) == B.MALFORMED
-    assert sync.on_snapshot(snap(100, [("x", "1")], ASKS)) == B.MALFORMED
+    assert sync.on_snapshot(snap(100, [("101", "1")], [("100", "1")])) == B.BAD_SNAPSHOT
+    assert sync.on_snapshot(snap(100, [("x", "1")], ASKS)) == B.BAD_SNAPSHOT
     assert sync.needs_snapshot
     assert sync.on_snapshot(snap(100, BIDS, ASKS)) == B.SYNCED
 
@@ -259,6 +259,21 @@ def test_verify_compares_only_what_both_snapshots_cover_and_refreshes_deep_level
     deeper = [("100.00", "1.0"), ("99.50", "2.0"), ("99.00", "3.0"), ("98.00", "6.0")]
     assert sync.begin_verify(snap(101, deeper, ASKS)) == B.VERIFIED
     assert sync.top(10)[0] == deeper  # the deeper level now known from the fresh snapshot
+
+
+def test_bad_verification_snapshot_keeps_the_book() -> None:
+    sync = live_spot(100)
+    assert sync.begin_verify(snap(101, [("101", "1")], [("100.5", "1")])) == B.BAD_SNAPSHOT
+    assert sync.begin_verify(snap(101, [("?", "1")], ASKS)) == B.BAD_SNAPSHOT
+    assert sync.live and not sync.verifying
+
+
+def test_malformed_buffered_update_breaks_the_sync_not_the_snapshot() -> None:
+    sync = B.BookSync("BTCUSDT", SPOT_RULE)
+    sync.feed(up(101, 101))
+    sync.feed(up(102, 102, asks=[("1.0", "-5")]))
+    assert sync.on_snapshot(snap(100, BIDS, ASKS)) == B.MALFORMED
+    assert sync.needs_snapshot and sync.buffered == 0
 
 
 def test_verify_snapshot_older_than_the_book_is_retried() -> None:

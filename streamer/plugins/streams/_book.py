@@ -67,6 +67,8 @@ MISMATCH = 14
 VERIFY_PENDING = 15
 #: Verification: the fresh snapshot is older than the live book; try again later.
 VERIFY_STALE = 16
+#: The REST snapshot itself is unusable (bad level or crossed): fetch another one.
+BAD_SNAPSHOT = 17
 
 #: Codes after which the book was discarded and a new snapshot is needed.
 BREAKS = frozenset({GAP, CROSSED, MALFORMED, MISMATCH})
@@ -395,7 +397,7 @@ class BookSync:
         """Apply a REST snapshot to a book that needs one; returns a result code.
 
         :data:`REFETCH` when it is older than the buffered updates (buffer kept),
-        :data:`MALFORMED` when it is unusable or crossed, :data:`SYNCED` when the buffered
+        :data:`BAD_SNAPSHOT` when it is unusable or crossed, :data:`SYNCED` when the buffered
         updates bridged it, :data:`BRIDGING_WAIT` when no buffered update reaches past it
         yet, a code in :data:`BREAKS` when the buffered updates broke it,
         :data:`IGNORED` when the book is not waiting for a snapshot.
@@ -414,10 +416,10 @@ class BookSync:
             book = LocalBook.from_snapshot(snapshot)
         except MalformedLevel as exc:
             self.detail = f"bad snapshot: {exc}"
-            return MALFORMED
+            return BAD_SNAPSHOT
         if book.crossed():
             self.detail = f"crossed snapshot at lastUpdateId={last}"
-            return MALFORMED
+            return BAD_SNAPSHOT
         self.book = book
         self.local_id = last
         self.state = BRIDGING
@@ -457,7 +459,8 @@ class BookSync:
         """Start comparing the live book with a fresh REST snapshot.
 
         Returns :data:`VERIFY_STALE` (snapshot older than the book: retry later),
-        :data:`IGNORED` (book not live), :data:`VERIFIED`/:data:`MISMATCH` (compared now), or
+        :data:`BAD_SNAPSHOT` (unusable or crossed snapshot), :data:`IGNORED` (book not
+        live), :data:`VERIFIED`/:data:`MISMATCH` (compared now), or
         :data:`VERIFY_PENDING`: the snapshot is held and the outcome comes from :meth:`feed`
         once an update reaches its id (the update that reaches it is applied to both books,
         as when syncing, so both sit at that update's id when compared).
@@ -468,7 +471,10 @@ class BookSync:
             shadow = LocalBook.from_snapshot(snapshot)
         except MalformedLevel as exc:
             self.detail = f"bad verification snapshot: {exc}"
-            return VERIFY_STALE
+            return BAD_SNAPSHOT
+        if shadow.crossed():
+            self.detail = f"crossed verification snapshot at {snapshot.last_update_id}"
+            return BAD_SNAPSHOT
         if snapshot.last_update_id < self.local_id:
             return VERIFY_STALE
         self._shadow = shadow

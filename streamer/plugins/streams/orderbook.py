@@ -390,7 +390,7 @@ class OrderBookStream(StreamType):
         if code == B.REFETCH:
             self._counters.incr("snapshot_refetches", symbol, STREAM)
             self._retry_later(symbol)
-        elif code == B.MALFORMED:
+        elif code == B.BAD_SNAPSHOT:
             self._counters.incr("bad_snapshots", symbol, STREAM)
             self._log.warning("orderbook_bad_snapshot", "%s: %s; refetching", symbol, sync.detail)
             self._retry_later(symbol)
@@ -450,6 +450,10 @@ class OrderBookStream(StreamType):
             self._schedule_verify(symbol)  # the next one waits until this one is done
         elif code == B.VERIFY_STALE:
             self._counters.incr("verify_retries", symbol, STREAM)
+            self._schedule_verify(symbol, retry=True)
+        elif code == B.BAD_SNAPSHOT:
+            self._counters.incr("bad_snapshots", symbol, STREAM)
+            self._log.warning("orderbook_bad_snapshot", "%s: %s", symbol, sync.detail)
             self._schedule_verify(symbol, retry=True)
         elif code == B.MISMATCH:
             self._on_break(sync, code)
