@@ -455,3 +455,17 @@ async def test_verifications_run_one_at_a_time() -> None:
         tg.cancel_scope.cancel()
     assert h.exchange.peak_in_flight == 1
     assert h.counters.total("verify_mismatches") == 0
+
+
+async def test_bad_verification_snapshot_is_counted_and_retried_without_resync() -> None:
+    h = Harness(n=1, verify_interval="1s")
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(h.stream.run)
+        await h.sync_all()
+        crossed = BookSnapshot("binance", "spot", "S0USDT", 10**9, 0, 0, [("2", "1")], [("1", "1")])
+        h.exchange.canned["S0USDT"] = [crossed]
+        await h.wait(lambda: h.count("bad_snapshots", "S0USDT") == 1, 5)
+        assert h.stream.book("S0USDT").live
+        await h.wait(lambda: h.count("verifications", "S0USDT") >= 1, 5)
+        tg.cancel_scope.cancel()
+    assert h.count("resyncs", "S0USDT") == 0 and h.markers() == []
