@@ -213,7 +213,8 @@ def _run(
             cfg = load_config(config)
             source = str(config)
         else:
-            symbol_list = _split(symbols if symbols is not None else DEFAULT_SYMBOLS)
+            raw_symbols = _split(symbols if symbols is not None else DEFAULT_SYMBOLS)
+            symbol_list = [s if s == "all" else s.upper() for s in raw_symbols]
             if not symbol_list:
                 raise _UsageError("--symbols: the symbol list is empty")
             stream_list = _split(streams if streams is not None else DEFAULT_STREAMS)

@@ -154,6 +154,8 @@ class LinesOptions(msgspec.Struct, forbid_unknown_fields=True):
     write_delay: float = 0.0
     close_delay: float = 0.0
     flush_interval: str = "200ms"
+    #: Raise from the N-th ``write`` of each process (0: never).
+    fail_on_write: int = 0
 
 
 class LinesSink(Sink):
@@ -166,6 +168,9 @@ class LinesSink(Sink):
         self._file = open(os.path.join(self.options.path, "records.jsonl"), "ab")  # noqa: SIM115
 
     async def write(self, batch: Sequence[Record]) -> None:
+        self._writes = getattr(self, "_writes", 0) + 1
+        if self._writes == self.options.fail_on_write:
+            raise OSError("synthetic write failure")
         if self.options.write_delay:
             await anyio.sleep(self.options.write_delay)
         self._file.write(b"".join(msgspec.json.encode(r) + b"\n" for r in batch))

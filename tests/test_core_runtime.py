@@ -125,6 +125,21 @@ def test_crashing_adapter_is_restarted_with_backoff_and_backfilled(tmp_path, cap
     assert any("restarting in" in r.getMessage() for r in caplog.records)
 
 
+def test_failing_sink_write_restarts_writer_and_workers_without_gap(tmp_path, caplog):
+    sinks = synth_config(tmp_path)["sinks"]
+    sinks["a"]["fail_on_write"] = 15
+    code, status = run_inline(tmp_path, duration=4, sinks=sinks)
+    assert code == 0
+    assert status["children"]["sink.a"]["restarts"] >= 1
+    assert status["children"]["synth.worker0"]["restarts"] >= 1
+    symbols = ["AAA", "BBB", "CCC", "DDD"]
+    a = read_lines(tmp_path / "a")
+    assert_contiguous(a, symbols)
+    assert_contiguous(read_lines(tmp_path / "b"), symbols)
+    assert any("sink.a" in r.getMessage() and "exited with code 1" in r.getMessage()
+               for r in caplog.records)  # fmt: skip
+
+
 def test_overflow_is_counted_and_reported_as_markers(tmp_path):
     code, status = run_inline(
         tmp_path,
