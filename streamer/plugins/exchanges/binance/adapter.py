@@ -184,7 +184,9 @@ class BinanceAdapter(ExchangeAdapter):
     async def list_symbols(self) -> list[SymbolInfo]:
         """Every instrument of the market from exchangeInfo (also adopts its weight limit)."""
         weight = 20 if self.market == "spot" else 1
-        body = await self.rest.get(f"{self._prefix}/exchangeInfo", {}, weight)
+        # Few attempts: this runs at start-up and in `streamer symbols`, where a wrong URL
+        # should fail fast rather than back off for minutes.
+        body = await self.rest.get(f"{self._prefix}/exchangeInfo", {}, weight, max_attempts=3)
         info = decode_exchange_info(body)
         limit = info.request_weight_per_minute()
         if limit and not self.opts.rest_weight_limit:

@@ -30,8 +30,11 @@ from streamer.core.metrics import Counters
 from .decode import decode_rest_error
 
 
-class RestError(Exception):
+class RestError(OSError):
     """A REST call failed for good (a non-retryable 4xx, or retries exhausted).
+
+    It is an ``OSError`` so that callers treating network trouble generically (the CLI's
+    ``streamer symbols``) report it as such.
 
     ``status`` is the HTTP status (0 for a transport failure); ``code`` is Binance's error
     code from the body when there was one.
@@ -163,11 +166,20 @@ class RestClient:
     def _backoff(self, attempt: int, base: float) -> float:
         return min(self.backoff_max, base * 2 ** (attempt - 1)) * (0.5 + self._rng.random() / 2)
 
-    async def get(self, path: str, params: Mapping[str, object], weight: int) -> bytes:
+    async def get(
+        self,
+        path: str,
+        params: Mapping[str, object],
+        weight: int,
+        *,
+        max_attempts: int | None = None,
+    ) -> bytes:
         """The body of ``GET base_url + path?params`` once it succeeds.
 
-        Raises :class:`RestError` for a non-retryable answer or when retries run out.
+        Raises :class:`RestError` for a non-retryable answer or when ``max_attempts``
+        (default: the client's) failed attempts have been made.
         """
+        attempts_allowed = max_attempts or self.max_attempts
         url = self.base_url + path
         attempt = 0
         bans = 0
@@ -214,7 +226,7 @@ class RestClient:
                     self._log.warning(
                         "rest_403", "HTTP 403 from %s: backing off %.1f s", self.base_url, wait
                     )
-                    if attempt >= self.max_attempts:
+                    if attempt >= attempts_allowed:
                         raise RestError(f"GET {path}: {failure}", 403)
                     continue
                 if status >= 500:
@@ -231,7 +243,7 @@ class RestClient:
                         err.code if err else None,
                     )
             attempt += 1
-            if attempt >= self.max_attempts:
+            if attempt >= attempts_allowed:
                 raise RestError(f"GET {path}: {failure} (gave up after {attempt} attempts)")
             wait = self._backoff(attempt, base)
             self._counters.incr("rest_retries")
