@@ -137,6 +137,10 @@ def test_rows_columns_come_from_the_published_counters():
     ]
     sink = view.sinks[0]
     assert (sink.written, sink.flushed, sink.queue_depth) == (2990, 2900, 2)
+    # A sink counting rows only per stream: the sum over its streams.
+    doc = make_doc()
+    del doc["sinks"]["csv"]["process"]["rows_written"]
+    assert view_of(doc).sinks[0].flushed == 990 + 1890
 
 
 def test_rates_over_two_documents_and_over_the_age_with_one():

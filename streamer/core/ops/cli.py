@@ -210,7 +210,10 @@ def _daemon_stop(
 
 def _final_line(view) -> str:
     """What the last status says about the run that just ended."""
-    written = ", ".join(f"{s.name} {s.written} written/{s.flushed} flushed" for s in view.sinks)
+    written = ", ".join(
+        f"{s.name} {s.written} written/{'-' if s.flushed is None else s.flushed} flushed"
+        for s in view.sinks
+    )
     messages = sum(p.messages for p in view.pipelines)
     ended = "exit code " + ("?" if view.exit_code is None else str(view.exit_code))
     if view.state != "stopped":

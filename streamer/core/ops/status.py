@@ -343,7 +343,7 @@ def _sinks(
             name=name,
             type=str(sink.get("type", "")),
             written=written,
-            flushed=_first(process, "rows_flushed", "rows_written"),
+            flushed=_sink_flushed(sink),
             rate=_rate(written, _first(prev_totals, "records_written"), window, age),
             queue_depth=child.queue_depth if child else 0,
             duplicates_dropped=_first(totals, "duplicates_dropped") or 0,
@@ -361,6 +361,20 @@ def _sinks(
                 )
             )
     return per_stream
+
+
+def _sink_flushed(sink: Mapping[str, Any]) -> int | None:
+    """Rows a sink has written to its files: its process-wide count when it keeps one,
+    else the sum over its streams (sinks may count either way; never add both)."""
+    process = _dict(sink.get("process"))
+    found = _first(process, "rows_flushed", "rows_written")
+    if found is not None:
+        return found
+    per_stream = [
+        _first(counters, "rows_flushed", "rows_written") for counters in _streams_of(sink).values()
+    ]
+    known = [n for n in per_stream if n is not None]
+    return sum(known) if known else None
 
 
 def _min(values: Iterable[int | None]) -> int | None:
