@@ -189,13 +189,19 @@ class Faults:
                         setattr(self, name, left - 1)
                         return name[1:]
         plan = self.plan
-        if plan.duplicate_every and self._every("dup", plan.duplicate_every):
-            return "duplicate"
-        if plan.reorder_every and self._every("reorder", plan.reorder_every):
-            return "reorder"
-        if plan.malformed_every and self._every("malformed", plan.malformed_every):
-            return "malformed"
-        return ""
+        if not (plan.duplicate_every or plan.reorder_every or plan.malformed_every):
+            return ""
+        # Each cadence counts every message on its own; the first that fires wins.
+        fired = [
+            name
+            for name, n in (
+                ("duplicate", plan.duplicate_every),
+                ("reorder", plan.reorder_every),
+                ("malformed", plan.malformed_every),
+            )
+            if self._every(name, n)
+        ]
+        return fired[0] if fired else ""
 
     def take_rest_fault(self, path: str) -> RestFault | None:
         """The fault for this REST request, if any."""
