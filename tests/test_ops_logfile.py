@@ -6,6 +6,7 @@ import logging
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from streamer.core.ops.logfile import RotatingWriter, pump, setup_file_logging
@@ -102,3 +103,33 @@ def test_setup_file_logging_writes_greppable_lines_and_rotates(tmp_path: Path):
     assert files(log) == ["run.log", "run.log.1"]
     last = log.read_text().splitlines()[-1]
     assert "WARNING streamer.test.ops: [overflow] dropped records=19 symbol=BTCUSDT" in last
+
+
+def test_redirect_to_log_collects_this_process_and_its_children(tmp_path: Path):
+    log = tmp_path / "run.log"
+    script = (
+        "import logging, subprocess, sys\n"
+        "from streamer.core.ops.logfile import redirect_to_log\n"
+        f"pump = redirect_to_log({str(log)!r}, max_bytes=200, backups=20)\n"
+        "logging.basicConfig(level=logging.INFO, stream=sys.stderr)\n"
+        "for i in range(10):\n"
+        "    logging.getLogger('streamer.x').info('parent line=%02d', i)\n"
+        "subprocess.run([sys.executable, '-c', \"import sys; print('child says hi', flush=True);"
+        " sys.stderr.write('child error\\\\n')\"], check=True)\n"
+        "print('parent stdout', flush=True)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=30)
+    assert done.returncode == 0 and done.stdout == b"" and done.stderr == b""
+    # The pump exits once every writer closed the pipe; wait for its last write.
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and not (log.exists() and "parent stdout" in log.read_text()):
+        time.sleep(0.05)
+    names = files(log)
+    assert len(names) >= 2  # rotated at 200 bytes
+    text = "".join((tmp_path / n).read_text() for n in sorted(names[1:], reverse=True))
+    text += log.read_text()
+    lines = text.splitlines()
+    assert [line for line in lines if "parent line" in line] == [
+        f"INFO:streamer.x:parent line={i:02d}" for i in range(10)
+    ]
+    assert "child says hi" in lines and "child error" in lines and lines[-1] == "parent stdout"

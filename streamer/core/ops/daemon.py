@@ -34,7 +34,7 @@ from typing import Literal
 
 import msgspec
 
-from .logfile import DEFAULT_BACKUPS, DEFAULT_MAX_BYTES
+from .logfile import DEFAULT_BACKUPS, DEFAULT_MAX_BYTES, pump_command
 
 PIDFILE_NAME = "streamer.pid"
 LOGFILE_NAME = "streamer.log"
@@ -376,10 +376,7 @@ def start(
         child_env.setdefault("PYTHONUNBUFFERED", "1")
         child_env["STREAMER_DAEMON"] = "1"
         pump = subprocess.Popen(
-            [
-                sys.executable, "-m", "streamer.core.ops.logfile", str(paths.log_file),
-                "--max-bytes", str(log_max_bytes), "--backups", str(log_backups),
-            ],
+            pump_command(paths.log_file, log_max_bytes, log_backups),
             stdin=subprocess.PIPE,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,

@@ -2,13 +2,17 @@
 
 Two ways in:
 
+* :func:`redirect_to_log` points this process's stdout and stderr (and so those of every
+  child it starts afterwards) into a pipe read by a separate pump process that writes
+  ``PATH`` and rotates it by size. This is what ``streamer run --log-file PATH`` should
+  call: with several processes writing, only one of them may rotate the file, and a
+  :class:`logging.handlers.RotatingFileHandler` per process would race.
+* :class:`RotatingWriter` + :func:`pump` are that pump (``python -m
+  streamer.core.ops.logfile PATH`` runs it on standard input); the daemon starts one too.
+  The log then rotates even for output that never goes through :mod:`logging` (tracebacks
+  of a dying child, warnings printed by libraries) and even when the supervisor is killed.
 * :func:`setup_file_logging` installs a :class:`logging.handlers.RotatingFileHandler` on
-  the root logger; the runtime calls it when ``streamer run --log-file PATH`` is given.
-* :class:`RotatingWriter` + :func:`pump` rotate a *byte stream* (a pipe carrying the
-  stdout/stderr of ``streamer run`` and all its children). The daemon uses this, so the log
-  rotates even for output that never goes through :mod:`logging` (tracebacks of a dying
-  child, warnings printed by libraries) and even when the supervisor itself is killed.
-  ``python -m streamer.core.ops.logfile PATH`` runs the pump on standard input.
+  the root logger, for single-process tools.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import argparse
 import logging
 import logging.handlers
 import os
+import subprocess
 import sys
 from pathlib import Path
 from typing import BinaryIO
@@ -53,6 +58,45 @@ def setup_file_logging(
     if root.level == logging.NOTSET or root.level > level:
         root.setLevel(level)
     return handler
+
+
+def pump_command(path: str | os.PathLike[str], max_bytes: int, backups: int) -> list[str]:
+    """The command line of a log pump writing ``path``."""
+    return [
+        sys.executable, "-m", "streamer.core.ops.logfile", str(path),
+        "--max-bytes", str(max_bytes), "--backups", str(backups),
+    ]  # fmt: skip
+
+
+def redirect_to_log(
+    path: str | os.PathLike[str],
+    *,
+    max_bytes: int = DEFAULT_MAX_BYTES,
+    backups: int = DEFAULT_BACKUPS,
+) -> subprocess.Popen[bytes]:
+    """Send file descriptors 1 and 2 of this process to a rotated log at ``path``.
+
+    Starts the pump in its own session (a Ctrl-C or a kill of this process group does not
+    stop it; it exits when the last writer closes the pipe) and returns it. Children started
+    afterwards inherit the redirection, so every process of a run shares one log.
+    """
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    pump_process = subprocess.Popen(
+        pump_command(path, max_bytes, backups),
+        stdin=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+        close_fds=True,
+    )
+    assert pump_process.stdin is not None
+    for stream in (sys.stdout, sys.stderr):
+        if stream is not None:
+            stream.flush()
+    os.dup2(pump_process.stdin.fileno(), 1)
+    os.dup2(pump_process.stdin.fileno(), 2)
+    pump_process.stdin.close()
+    return pump_process
 
 
 class RotatingWriter:
