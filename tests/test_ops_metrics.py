@@ -9,7 +9,12 @@ import httpx
 import pytest
 from test_ops_status import NOW_MS, make_doc
 
-from streamer.core.ops.metrics import file_source, render_metrics, serve_metrics
+from streamer.core.ops.metrics import (
+    file_source,
+    metrics_endpoint,
+    render_metrics,
+    serve_metrics,
+)
 
 SAMPLE = re.compile(r'^[a-z_]+(\{([a-z_]+="([^"\\]|\\.)*",?)*\})? -?[0-9.e+]+$')
 
@@ -99,3 +104,71 @@ def test_a_broken_document_is_a_500_not_a_dead_endpoint():
             tg.cancel_scope.cancel()
 
     anyio.run(main)
+
+
+@pytest.mark.timeout(30)
+def test_metrics_endpoint_logs_a_busy_port_and_returns(caplog):
+    import logging
+    import socket
+
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen()
+    port = busy.getsockname()[1]
+    logger = logging.getLogger("streamer.test.metrics")
+    try:
+        with caplog.at_level(logging.ERROR):
+            anyio.run(metrics_endpoint, lambda: None, port, logger)
+            anyio.run(metrics_endpoint, lambda: None, 0, logger)  # off: returns at once
+    finally:
+        busy.close()
+    assert [r.getMessage() for r in caplog.records] == [
+        f"[metrics] cannot listen on 127.0.0.1:{port} (Address already in use); "
+        "running without the metrics endpoint"
+    ]
+
+
+@pytest.mark.timeout(60)
+def test_metrics_command_serves_the_status_file(tmp_path):
+    import json
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    (tmp_path / "status.json").write_text(json.dumps(make_doc()))
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    script = (
+        "import typer\n"
+        "from streamer.core.ops.cli import add_commands\n"
+        "app = typer.Typer()\n"
+        "@app.callback()\n"
+        "def root():\n"
+        "    pass\n"
+        "add_commands(app)\n"
+        "app()\n"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", script, "metrics", "--state-dir", str(tmp_path), "--port",
+         str(port)],
+        stderr=subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                r = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5)
+                break
+            except httpx.TransportError:
+                assert time.monotonic() < deadline, "the endpoint never came up"
+                time.sleep(0.1)
+        assert r.status_code == 200
+        assert (
+            'streamer_messages_total{pipeline="spot",symbol="ETHUSDT",stream="aggtrade"} 1900'
+            in r.text
+        )
+    finally:
+        proc.terminate()
+        proc.wait(10)

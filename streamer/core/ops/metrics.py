@@ -18,6 +18,7 @@ listed in ``docs/operations.md``.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -315,3 +316,24 @@ async def serve_metrics(
 
     async with listener:
         await listener.serve(handler)
+
+
+async def metrics_endpoint(
+    source: StatusSource, port: int, logger: logging.Logger, host: str = "127.0.0.1"
+) -> None:
+    """:func:`serve_metrics` for the supervisor: a port that cannot be bound is logged once
+    (``[metrics]``) and the run continues without the endpoint; ``port <= 0`` does nothing.
+
+    Wiring, in ``Supervisor.run``'s task group::
+
+        tg.start_soon(metrics_endpoint, self.status, self.runtime.metrics_port, log)
+    """
+    if port <= 0:
+        return
+    try:
+        await serve_metrics(source, port, host)
+    except OSError as exc:
+        logger.error(
+            "[metrics] cannot listen on %s:%d (%s); running without the metrics endpoint",
+            host, port, exc.strerror or exc,
+        )  # fmt: skip
