@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 
 import anyio
 import msgspec
@@ -22,6 +23,7 @@ from streamer.core.api import ExchangeContext, StreamContext, StreamKey
 from streamer.core.metrics import Counters
 from streamer.core.records import DepthUpdate, Kline, Marker, Record, Trade
 from streamer.plugins.exchanges.binance import BinanceAdapter, BinanceOptions
+from streamer.plugins.exchanges.binance.decode import FrameDecoder
 from streamer.plugins.streams.aggtrade import AggTradeOptions, AggTradeStream
 from streamer.plugins.streams.depth import DepthOptions, DepthStream
 from streamer.plugins.streams.kline import KlineOptions, KlineStream
@@ -306,3 +308,60 @@ async def test_unknown_symbol_and_unsupported_interval_are_startup_errors():
         with pytest.raises(ValueError, match="1s"):
             h._stream(KlineStream, KlineOptions(intervals=["1s"]), None)
         await h.adapter.aclose()
+
+
+DATA = Path(__file__).resolve().parents[1].parent / "shared/research/data"
+
+
+def _ws_payload(frame: bytes) -> bytes:
+    """The payload of one unmasked server WebSocket frame (the replay stores them framed)."""
+    size = frame[1] & 0x7F
+    return frame[{126: 4, 127: 10}.get(size, 2) :]
+
+
+@pytest.mark.parametrize(
+    ("capture", "market"),
+    [("BINANCE_FUTURES", "usdm"), ("BINANCE_US", "spot"), ("BINANCE", "spot")],
+)
+async def test_replayed_capture_yields_every_recorded_aggtrade_and_closed_kline(capture, market):
+    if not DATA.is_dir():
+        pytest.skip(f"recorded captures not available at {DATA}")
+    cfg = SimConfig(replay=capture, replay_speed=0, data_dir=str(DATA))
+    async with SimServer(cfg) as sim:
+        decoder = FrameDecoder(market)
+        expected_trades, expected_klines, symbols = [], [], set()
+        for frame in sim.replay.frames:
+            if "@aggTrade" in frame.stream or "@kline_1m" in frame.stream:
+                record = decoder.decode(_ws_payload(frame.combined_frame), 0)
+                symbols.add(record.symbol)
+                if isinstance(record, Trade):
+                    expected_trades.append(record)
+                elif record.closed:
+                    expected_klines.append(record)
+        h = Harness(sim, market, sorted(symbols), intervals=("1m",), no_data_timeout="60s")
+
+        def done() -> bool:
+            got = sum(isinstance(r, Trade) for r in h.out)
+            return got >= len(expected_trades) and sum(isinstance(r, Kline) for r in h.out) >= len(
+                expected_klines
+            )
+
+        async def scenario(h: Harness) -> None:
+            await h.wait_for(done)
+            await anyio.sleep(0.2)
+
+        await h.run(scenario)
+
+    def key(r):
+        return msgspec.structs.replace(r, receive_time=0)
+
+    trades = [key(r) for r in h.out if isinstance(r, Trade)]
+    klines = [key(r) for r in h.out if isinstance(r, Kline)]
+    by_symbol = sorted(expected_trades, key=lambda t: (t.symbol, t.trade_id))
+    assert sorted(trades, key=lambda t: (t.symbol, t.trade_id)) == [key(t) for t in by_symbol]
+    assert sorted(klines, key=lambda k: k.symbol) == sorted(
+        (key(k) for k in expected_klines), key=lambda k: k.symbol
+    )
+    assert h.markers() == [], "a recorded capture has no gap"
+    if capture == "BINANCE_FUTURES":
+        assert len(klines) == 4 and len([t for t in trades if t.symbol == "SUSHIUSDT"]) == 40
