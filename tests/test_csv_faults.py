@@ -426,3 +426,19 @@ def test_failed_fsync_is_counted_and_never_rewrites_rows(tmp_path: Path) -> None
     assert [int(r[0]) for r in rows_of(trade_file(tmp_path))[1:]] == [1, 2, 3, 4, 5, 6]
     assert counters.get("fsync_errors") == 2
     assert counters.total("write_errors") == 0
+
+
+def test_batch_larger_than_the_buffer_without_disk_errors(tmp_path: Path) -> None:
+    sink, counters = make_sink(tmp_path, max_buffered_rows=10, flush_rows=10)
+
+    async def scenario():
+        await sink.write(trades("BTCUSDT", 1, 4))  # pending, then flushed to make room
+        await sink.write(trades("BTCUSDT", 5, 8))
+        await sink.write(trades("BTCUSDT", 13, 25))  # more than the bound at once
+        await sink.close()
+
+    asyncio.run(scenario())
+    assert [int(r[0]) for r in rows_of(trade_file(tmp_path))[1:]] == list(range(1, 23))
+    assert counters.total("rows_dropped") == 15
+    markers = rows_of(tmp_path / "binance/usdm/markers/BTCUSDT/BTCUSDT-markers-2026-11-23.csv")
+    assert markers[1][2:] == ["gap", "23", "37", "buffer full"]

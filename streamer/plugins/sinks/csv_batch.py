@@ -434,13 +434,13 @@ class CsvSink(Sink):
         rows = len(records)
         if kind == layout.DEPTH:
             rows = sum(layout.depth_rows(r) for r in records)
-        if kind != layout.MARKERS and (
-            self._pending_rows + rows > self._opts.max_buffered_rows
-            or self._pending_bytes >= self._max_bytes
-        ):
-            records, rows = self._drop_overflow(f, records)
-            if not records:
-                return
+        if kind != layout.MARKERS and self._over_bound(rows):
+            if not self._failing:
+                self._flush_sync()  # a huge batch, not a failing disk: make room first
+            if self._over_bound(rows):
+                records, rows = self._drop_overflow(f, records)
+                if not records:
+                    return
         data = self._encode(f, records, rows)
         f.pending.append(data)
         f.pending_rows += rows
@@ -450,6 +450,12 @@ class CsvSink(Sink):
             f.pending_key = _key(kind, records[-1])
         self._pending_rows += rows
         self._dirty[target] = f
+
+    def _over_bound(self, rows: int) -> bool:
+        return (
+            self._pending_rows + rows > self._opts.max_buffered_rows
+            or self._pending_bytes >= self._max_bytes
+        )
 
     def _dedupe(self, sk: StreamKey, kind: str, records: list) -> list:
         last = self._accepted.get(sk, -1)
@@ -534,7 +540,7 @@ class CsvSink(Sink):
         )
         sk = f.stream
         assert sk is not None  # markers are never dropped
-        reason = self._failure_reason or "write error"
+        reason = self._failure_reason or "buffer full"
         drop = self._drops.get((sk, reason))
         first = _key(f.kind, dropped[0])
         if drop is None:
@@ -545,8 +551,7 @@ class CsvSink(Sink):
         self._log.error(
             "rows_dropped",
             "retry buffer full (%d rows, max_buffered_rows/max_buffered_mb): dropped %d rows "
-            "of %s %s; "
-            "a gap marker follows once writing works again",
+            "of %s %s; a gap marker follows once writing works again",
             self._pending_rows,
             rows,
             sk.symbol,
