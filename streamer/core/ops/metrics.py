@@ -31,6 +31,9 @@ from .status import StatusError, StatusView, Thresholds, build_view, read_docume
 
 StatusSource = Callable[[], Mapping[str, Any] | None]
 
+#: Streams that are order books (resync/verification series instead of gap series).
+_BOOK_STREAMS = frozenset({"orderbook"})
+
 _CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 _MAX_REQUEST = 16384
 
@@ -69,6 +72,13 @@ class _Out:
         shown = f"{name}{{{label_text}}}" if label_text else name
         # repr keeps every digit of a float (epoch seconds must not become 1.764e+09).
         family[2].append(f"{shown} {value!r}" if isinstance(value, float) else f"{shown} {value}")
+
+    def sample(self, name: str, kind: str, help_: str, value: float | int, labels: str) -> None:
+        """Like :meth:`metric` with the label text already escaped and joined."""
+        family = self._families.get(name)
+        if family is None:
+            family = self._families[name] = (kind, help_, [])
+        family[2].append(f"{name}{{{labels}}} {value!r}")
 
     def text(self) -> str:
         lines = []
@@ -148,50 +158,71 @@ def _render(out: _Out, view: StatusView, doc: Mapping[str, Any]) -> None:
             p.pending_records,
             **lab,
         )
+    # Per stream: a few series each (2000 symbols x 4 streams is already 40k series).
     for r in view.streams:
-        lab = {"pipeline": r.pipeline, "symbol": r.symbol, "stream": r.stream}
-        m("streamer_messages_total", "counter", "Records produced per stream.", r.messages, **lab)
-        m(
-            "streamer_records_written_total",
-            "counter",
-            "Records handed to the sinks (min over sinks).",
-            r.written,
-            **lab,
+        lab = (
+            f'pipeline="{_escape(r.pipeline)}",symbol="{_escape(r.symbol)}",'
+            f'stream="{_escape(r.stream)}"'
         )
-        m(
-            "streamer_rows_flushed_total",
-            "counter",
-            "Rows durably in files (min over sinks).",
-            r.flushed,
-            **lab,
+        sample = out.sample
+        sample(
+            "streamer_messages_total", "counter", "Records produced per stream.", r.messages, lab
         )
-        m("streamer_gaps_found_total", "counter", "Gaps detected.", r.gaps_found, **lab)
-        m("streamer_gaps_filled_total", "counter", "Gaps filled from REST.", r.gaps_filled, **lab)
-        m("streamer_book_resyncs_total", "counter", "Order book resyncs.", r.resyncs, **lab)
-        m(
-            "streamer_book_verifications_total",
-            "counter",
-            "Order book verifications.",
-            r.verifications,
-            **lab,
-        )
+        if r.flushed is not None:
+            sample(
+                "streamer_rows_flushed_total",
+                "counter",
+                "Rows durably in files (the lowest over the sinks).",
+                r.flushed,
+                lab,
+            )
+        if r.stream in _BOOK_STREAMS:
+            sample("streamer_book_resyncs_total", "counter", "Order book resyncs.", r.resyncs, lab)
+            sample(
+                "streamer_book_verifications_total",
+                "counter",
+                "Order book verifications.",
+                r.verifications,
+                lab,
+            )
+        else:
+            sample(
+                "streamer_gaps_found_total",
+                "counter",
+                "Gaps detected (trades, klines).",
+                r.gaps_found,
+                lab,
+            )
+            sample(
+                "streamer_gaps_filled_total",
+                "counter",
+                "Gaps filled from REST.",
+                r.gaps_filled,
+                lab,
+            )
         if r.last_event_time:
-            m(
+            sample(
                 "streamer_last_event_time_seconds",
                 "gauge",
                 "Exchange time of the last event.",
                 r.last_event_time / 1000.0,
-                **lab,
+                lab,
             )
-        m("streamer_lag_seconds", "gauge", "Status time minus the last event time.", r.lag, **lab)
+        if r.lag is not None:
+            sample(
+                "streamer_lag_seconds",
+                "gauge",
+                "Status time minus the last event time.",
+                r.lag,
+                lab,
+            )
         for flag in r.flags:
-            m(
+            sample(
                 "streamer_stream_flagged",
                 "gauge",
                 "1 per flag raised on a stream.",
                 1,
-                flag=flag,
-                **lab,
+                f'{lab},flag="{flag}"',
             )
     for s in view.sinks:
         lab = {"sink": s.name}
@@ -274,7 +305,11 @@ async def _handle(stream: SocketStream, source: StatusSource, thresholds: Thresh
             status, body = "405 Method Not Allowed", "only GET\n"
         elif path == "/metrics":
             try:
-                status, body = "200 OK", render_metrics(source(), thresholds)
+                # The source is called in the loop (it may read the supervisor's state);
+                # rendering thousands of series goes to a thread to keep the loop free.
+                doc = source()
+                text = await anyio.to_thread.run_sync(render_metrics, doc, thresholds)
+                status, body = "200 OK", text
             except Exception as exc:  # a broken document must not kill the endpoint
                 status, body = "500 Internal Server Error", f"cannot render: {exc}\n"
         elif path == "/":
