@@ -289,15 +289,3 @@ def test_cli_daemon_stop_reports_graceful_and_forced(fake):
         app, ["daemon", "stop", "--state-dir", str(paths.state_dir), "--timeout", "0.3"]
     )
     assert result.exit_code == 1 and "forced stop of pid" in result.output
-
-
-def test_cli_state_dir_that_run_cannot_use_is_refused(tmp_path):
-    from streamer.core.ops.cli import _run_accepts
-
-    if _run_accepts("--state-dir"):
-        pytest.skip("'streamer run' accepts --state-dir: the daemon forwards it")
-    result = CliRunner().invoke(
-        ops_app(), ["daemon", "start", "--state-dir", str(tmp_path / "elsewhere")]
-    )
-    assert result.exit_code == 2
-    assert "differs from where 'streamer run' publishes" in result.output

@@ -9,6 +9,7 @@ Every command finds the state directory the same way: ``--state-dir``, else the
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
 import time
 from pathlib import Path
@@ -33,14 +34,15 @@ from .status import (
 )
 
 DEFAULT_STATE_DIR = ".streamer"
+STATE_DIR_ENV = "STREAMER_STATE_DIR"
 _EXTRA = {"allow_extra_args": True, "ignore_unknown_options": True}
 
 StateDirOpt = Annotated[
     Path | None,
     typer.Option(
         "--state-dir",
-        envvar="STREAMER_STATE_DIR",
-        help="State directory [runtime.state_dir of --config, else .streamer].",
+        help="State directory [runtime.state_dir of --config, else $STREAMER_STATE_DIR, "
+        "else .streamer].",
     ),
 ]
 ConfigOpt = Annotated[
@@ -82,8 +84,12 @@ def _paths(
     log_file: Path | None = None,
 ) -> d.DaemonPaths:
     if state_dir is None:
-        state_dir = Path(_config_state_dir(config)[0]) if config else Path(DEFAULT_STATE_DIR)
+        state_dir = Path(_config_state_dir(config)[0]) if config else _env_state_dir()
     return d.DaemonPaths.for_state_dir(state_dir, pidfile=pidfile, log_file=log_file)
+
+
+def _env_state_dir() -> Path:
+    return Path(os.environ.get(STATE_DIR_ENV) or DEFAULT_STATE_DIR)
 
 
 def _run_accepts(flag: str) -> bool:
@@ -111,6 +117,8 @@ def _start_args(
     """Where the run will publish, and the ``streamer run`` arguments to get it there."""
     run_args = (["--config", str(config)] if config else []) + forwarded
     natural = Path(_config_state_dir(config)[0]) if config else Path(DEFAULT_STATE_DIR)
+    if state_dir is None and not config and os.environ.get(STATE_DIR_ENV):
+        state_dir = _env_state_dir()
     if state_dir is None or state_dir.absolute() == natural.absolute():
         return d.DaemonPaths.for_state_dir(natural), run_args
     if _run_accepts("--state-dir"):
