@@ -195,3 +195,71 @@ def test_spot_btcusdt_continues_across_midnight_without_gap() -> None:
     assert book.sync.stats.applied > 3449 * 1.5
     assert not set(book.codes) & B.BREAKS
     assert book.sync.stats.stale == 0
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("name", ["BINANCE", "BINANCE_US", "BINANCE_FUTURES", "BINANCE_DELIVERY"])
+async def test_replay_through_the_stream_type(name: str) -> None:
+    """The same captures through ``OrderBookStream`` (snapshots served by a fake adapter)."""
+    import logging
+
+    import anyio
+    from test_orderbook_fakes import FakeExchange
+
+    from streamer.core.api import StreamContext
+    from streamer.core.metrics import Counters
+    from streamer.core.records import BookSnapshot
+    from streamer.plugins.streams.orderbook import STREAM, OrderBookOptions, OrderBookStream
+
+    market, rule = KIND[name]
+    decoder = decode.FrameDecoder(market)
+    snapshots: dict[str, BookSnapshot] = {}
+    updates: list[DepthUpdate] = []
+    for ev in load(name):
+        if ev.kind == "rest" and "depth" in ev.url:
+            symbol = parse_qs(urlparse(ev.url).query)["symbol"][0]
+            snapshots.setdefault(
+                symbol, decode.decode_depth_snapshot(ev.payload, symbol, market, 0)
+            )
+        elif ev.kind == "ws":
+            record = decoder.decode(ev.payload, ev.local_time_ns // 1_000_000)
+            if type(record) is DepthUpdate:
+                updates.append(record)
+    exchange = FakeExchange({}, rule, market)
+    exchange.canned = {symbol: [snap] for symbol, snap in snapshots.items()}
+    out: list = []
+    counters = Counters()
+    stream = OrderBookStream(
+        OrderBookOptions(interval="update", verify_interval="off"),
+        StreamContext(
+            pipeline="replay",
+            exchange=exchange,
+            symbols=sorted(snapshots),
+            emit=out.append,
+            counters=counters,
+            logger=logging.getLogger("test.replay"),
+        ),
+    )
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(stream.run)
+        for update in updates:  # all buffered before the worker runs: one drain per symbol
+            stream.on_record(update)
+        with anyio.fail_after(5):
+            while not all(stream.book(s).live for s in snapshots):
+                await anyio.sleep(0.005)
+        tg.cancel_scope.cancel()
+    for symbol, (dropped, applied) in GOLDEN[name].items():
+        assert counters.get("updates_dropped", symbol, STREAM) == dropped, symbol
+        assert counters.get("updates_applied", symbol, STREAM) == applied, symbol
+    assert counters.total("resyncs") == 0 and counters.total("snapshots_fetched") == len(snapshots)
+    futures = rule.style == "futures"
+    for symbol, snap in snapshots.items():
+        naive = NaiveBook(snap.bids, snap.asks)
+        for update in updates:
+            if update.symbol == symbol and (
+                update.last_update_id > snap.last_update_id
+                or (futures and update.last_update_id == snap.last_update_id)
+            ):
+                naive.apply(update)
+        last = [r for r in out if type(r) is BookSnapshot and r.symbol == symbol][-1]
+        assert (last.bids, last.asks) == naive.top(20), symbol

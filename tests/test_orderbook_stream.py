@@ -42,6 +42,7 @@ class Harness:
             self.truths, FUTURES_RULE if futures else SPOT_RULE, market, delay=delay
         )
         self.out: list = []
+        self.delivered: dict[str, int] = {}
         self.counters = Counters()
         context = StreamContext(
             pipeline="test",
@@ -57,6 +58,7 @@ class Harness:
     def step(self, symbol: str, deliver: bool = True) -> DepthUpdate:
         update = self.truths[symbol].step()
         if deliver:
+            self.delivered[symbol] = self.delivered.get(symbol, 0) + 1
             self.stream.on_record(update)
         return update
 
@@ -120,6 +122,9 @@ async def test_syncs_every_symbol_and_emits_books_equal_to_truth_on_every_update
         assert h.count("updates_applied", symbol) >= 100
         assert h.count("snapshots_fetched", symbol) == 1
         assert h.count("resyncs", symbol) == 0
+        # Every delivered update is accounted for, including those drained at sync.
+        accounted = h.count("updates_applied", symbol) + h.count("updates_dropped", symbol)
+        assert accounted == h.delivered[symbol]
     assert h.markers() == []
 
 

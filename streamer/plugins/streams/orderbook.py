@@ -381,7 +381,15 @@ class OrderBookStream(StreamType):
 
     def _on_sync_snapshot(self, sync: B.BookSync, snapshot: BookSnapshot) -> None:
         symbol = sync.symbol
+        stats = sync.stats
+        applied, dropped = stats.applied, stats.covered + stats.stale
         code = sync.on_snapshot(snapshot)
+        # The buffered updates were applied or dropped inside on_snapshot: count them too.
+        if stats.applied > applied:
+            self._counters.incr("updates_applied", symbol, STREAM, stats.applied - applied)
+        dropped = stats.covered + stats.stale - dropped
+        if dropped:
+            self._counters.incr("updates_dropped", symbol, STREAM, dropped)
         if code in (B.SYNCED, B.BRIDGING_WAIT, B.IGNORED):
             self._retries.pop(symbol, None)
             if code == B.SYNCED:
