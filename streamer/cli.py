@@ -139,8 +139,16 @@ def build_app() -> typer.Typer:
     config_app.command("check")(_config_check)
     config_app.command("show")(_config_show)
     app.add_typer(config_app, name="config")
+    _add_ops_commands(app)
     _add_plugin_commands(app)
     return app
+
+
+def _add_ops_commands(app: typer.Typer) -> None:
+    # daemon, status, health, metrics: operations commands that live in the core.
+    from .core.ops.cli import add_commands
+
+    add_commands(app)
 
 
 def _add_plugin_commands(app: typer.Typer) -> None:
@@ -184,6 +192,10 @@ def _run(
     ] = None,
     duration: Annotated[
         float | None, typer.Option(help="Stop cleanly after this many seconds.")
+    ] = None,
+    state_dir: Annotated[
+        str | None,
+        typer.Option("--state-dir", help="Where status.json goes (overrides runtime.state_dir)."),
     ] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Log warnings only.")] = False,
     plugin_module: Annotated[
@@ -229,6 +241,8 @@ def _run(
                 ws_url=ws_url,
             )
             source = "command line"
+        if state_dir is not None:
+            cfg.runtime.state_dir = state_dir
         if duration is not None and duration <= 0:
             raise _UsageError("--duration must be positive")
         setup_logging(logging.WARNING if quiet else logging.INFO)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -94,11 +95,14 @@ def test_symbols_lists_trading_symbols_of_an_exchange():
 def test_run_from_flags_and_config_end_to_end(tmp_path):
     path = write_yaml(tmp_path, synth_config(tmp_path), "ok.yaml")
     proc = subprocess.run(
-        [sys.executable, "-m", "streamer", "run", "-c", str(path), "--duration", "1.5", "-q"],
+        [sys.executable, "-m", "streamer", "run", "-c", str(path), "--duration", "1.5", "-q",
+         "--state-dir", str(tmp_path / "elsewhere")],
         cwd=tmp_path, env=subprocess_env(), capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     assert (tmp_path / "a" / "records.jsonl").stat().st_size > 0
+    assert json.loads((tmp_path / "elsewhere" / "status.json").read_text())["exit_code"] == 0
+    assert not (tmp_path / "state").exists()
 
 
 # -- bad input -----------------------------------------------------------------------------------

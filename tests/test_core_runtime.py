@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import signal
+import socket
 import time
 from pathlib import Path
 
+import httpx
 import pytest
 from conftest import load_status, start_streamer, synth_config, wait_for
 from core_plugins import read_lines, read_markers
@@ -209,10 +211,21 @@ def _finish(proc, sig=signal.SIGTERM, timeout: float = 30) -> tuple[int, str]:
     return proc.returncode, err
 
 
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def test_sigterm_flushes_everything_and_exits_zero(tmp_path, write_config):
     state = tmp_path / "state"
-    proc = start_streamer(["run", "--config", str(write_config())], cwd=tmp_path)
+    port = _free_port()
+    config = write_config(runtime={"metrics_port": port})
+    proc = start_streamer(["run", "--config", str(config)], cwd=tmp_path)
     wait_for(lambda: _written(load_status(state)) > 200, what="records written")
+    # The supervisor serves the live status as Prometheus metrics when asked to.
+    metrics = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5)
+    assert metrics.status_code == 200 and "records_written" in metrics.text
     code, err = _finish(proc)
     assert code == 0, err
     status = load_status(state)

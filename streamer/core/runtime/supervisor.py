@@ -399,6 +399,7 @@ class Supervisor:
                 tg.start_soon(self._serve_control, listener)
                 tg.start_soon(self._signals)
                 tg.start_soon(self._status_loop)
+                tg.start_soon(_metrics_endpoint, self.status, self.runtime.metrics_port)
                 log.info(
                     "started: %d worker(s), %d writer(s); status in %s",
                     sum(c.kind == "worker" for c in self.children),
@@ -478,6 +479,15 @@ class Supervisor:
                 child.process.close()
                 child.process = None
         return code
+
+
+async def _metrics_endpoint(source, port: int) -> None:
+    # Prometheus /metrics from the live status (streamer.core.ops); off when port is 0.
+    if port <= 0:
+        return
+    from ..ops.metrics import metrics_endpoint
+
+    await metrics_endpoint(source, port, log)
 
 
 def _unmark(rows) -> dict[StreamKey, int]:
