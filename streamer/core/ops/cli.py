@@ -41,8 +41,8 @@ StateDirOpt = Annotated[
     Path | None,
     typer.Option(
         "--state-dir",
-        help="State directory [runtime.state_dir of --config, else $STREAMER_STATE_DIR, "
-        "else .streamer].",
+        help="State directory (default: runtime.state_dir of --config, else "
+        "$STREAMER_STATE_DIR, else .streamer).",
     ),
 ]
 ConfigOpt = Annotated[
@@ -145,9 +145,11 @@ def _daemon_start(
     ctx: typer.Context,
     state_dir: StateDirOpt = None,
     config: ConfigOpt = None,
-    pidfile: Annotated[Path | None, typer.Option(help="Pidfile [STATE_DIR/streamer.pid].")] = None,
+    pidfile: Annotated[
+        Path | None, typer.Option(help="Pidfile (default: STATE_DIR/streamer.pid).")
+    ] = None,
     log_file: Annotated[
-        Path | None, typer.Option(help="Log file [STATE_DIR/streamer.log].")
+        Path | None, typer.Option(help="Log file (default: STATE_DIR/streamer.log).")
     ] = None,
     log_max_bytes: Annotated[
         int, typer.Option(help="Rotate the log at this size (0: never).")
@@ -191,11 +193,14 @@ def _stop_timeout(paths: d.DaemonPaths) -> float:
 def _daemon_stop(
     state_dir: StateDirOpt = None,
     config: ConfigOpt = None,
-    pidfile: Annotated[Path | None, typer.Option(help="Pidfile [STATE_DIR/streamer.pid].")] = None,
+    pidfile: Annotated[
+        Path | None, typer.Option(help="Pidfile (default: STATE_DIR/streamer.pid).")
+    ] = None,
     timeout: Annotated[
         float | None,
         typer.Option(
-            help="Seconds to wait for a clean drain before killing [shutdown_timeout+15]."
+            help="Seconds to wait for a clean drain before killing "
+            "(default: shutdown_timeout + 15)."
         ),
     ] = None,
 ) -> None:
@@ -232,7 +237,9 @@ def _final_line(view) -> str:
 def _daemon_status(
     state_dir: StateDirOpt = None,
     config: ConfigOpt = None,
-    pidfile: Annotated[Path | None, typer.Option(help="Pidfile [STATE_DIR/streamer.pid].")] = None,
+    pidfile: Annotated[
+        Path | None, typer.Option(help="Pidfile (default: STATE_DIR/streamer.pid).")
+    ] = None,
 ) -> None:
     """Is the background collector running? Exit codes as LSB init scripts:
     0 running, 1 dead but the pidfile exists, 3 not running."""
@@ -261,7 +268,7 @@ def _daemon_restart(
     state_dir: StateDirOpt = None,
     config: ConfigOpt = None,
     timeout: Annotated[
-        float | None, typer.Option(help="Stop timeout [shutdown_timeout+15].")
+        float | None, typer.Option(help="Stop timeout (default: shutdown_timeout + 15).")
     ] = None,
     wait: Annotated[
         float, typer.Option(help="Seconds to wait for every child to run.")
@@ -371,7 +378,9 @@ def _health(
 def _metrics(
     state_dir: StateDirOpt = None,
     config: ConfigOpt = None,
-    port: Annotated[int, typer.Option(help="TCP port [runtime.metrics_port, else 9108].")] = 0,
+    port: Annotated[
+        int, typer.Option(help="TCP port (default: runtime.metrics_port, else 9108).")
+    ] = 0,
     host: Annotated[str, typer.Option(help="Address to bind.")] = "127.0.0.1",
 ) -> None:
     """Serve /metrics (Prometheus text) from the status file until Ctrl-C."""
