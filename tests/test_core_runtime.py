@@ -314,3 +314,26 @@ def test_second_signal_forces_exit(tmp_path, write_config):
     assert code == 130, err
     assert time.monotonic() - started < 10
     assert "forcing exit" in err
+
+
+def _gone(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return True
+    return state in ("Z", "X")  # a zombie nobody reaped yet has exited
+
+
+def test_children_do_not_outlive_a_killed_supervisor(tmp_path, write_config):
+    state = tmp_path / "state"
+    proc = start_streamer(["run", "--config", str(write_config())], cwd=tmp_path)
+    status = wait_for(
+        lambda: (s := load_status(state)) and _written(s) > 200 and s, what="records written"
+    )
+    children = [c["pid"] for c in status["children"].values()]
+    assert len(children) == 4
+    proc.kill()
+    proc.communicate(timeout=10)
+    wait_for(lambda: all(_gone(pid) for pid in children), timeout=20, what="orphans to exit")
+    # Orphaned workers still sent what they held and the writers flushed it.
+    assert_contiguous(read_lines(tmp_path / "a"), ["AAA", "BBB", "CCC", "DDD"])
