@@ -40,6 +40,8 @@ class SynthOptions(msgspec.Struct, forbid_unknown_fields=True):
     rate: int = 200
     #: Crash ``stream`` after this many seconds (0: never).
     crash_after: float = 0.0
+    #: ``list_symbols`` fails as if the exchange were unreachable.
+    unreachable: bool = False
 
 
 def make_trade(symbol: str, trade_id: int, receive_time: int = 0) -> Trade:
@@ -71,6 +73,8 @@ class SynthExchange(ExchangeAdapter):
         return elapsed * self.options.rate // 1000
 
     async def list_symbols(self) -> list[SymbolInfo]:
+        if self.options.unreachable:
+            raise ConnectionRefusedError(111, "Connection refused")
         infos = [SymbolInfo(s, "TRADING", s, "USD") for s in SYMBOLS]
         return [*infos, SymbolInfo("HALTED", "BREAK", "HAL", "USD")]
 

@@ -66,8 +66,8 @@ def test_config_show_prints_every_default(tmp_path):
     result = invoke("config", "show", str(path))
     assert result.exit_code == 0, result.output
     shown = yaml.safe_load(result.stdout)
-    assert shown["pipelines"][0]["options"] == {"epoch_ms": 1_764_000_000_000, "rate": 300,
-                                               "crash_after": 0.0}  # fmt: skip
+    options = {"epoch_ms": 1_764_000_000_000, "rate": 300, "crash_after": 0.0}
+    assert shown["pipelines"][0]["options"] == {**options, "unreachable": False}
     assert shown["sinks"]["a"]["write_delay"] == 0.0
     assert shown["runtime"]["batch_size"] == 2000
     assert shown["runtime"]["status_interval"] == 0.2
@@ -174,6 +174,14 @@ def test_run_with_unknown_symbol_fails_before_starting(tmp_path):
     data = synth_config(tmp_path, pipeline={"symbols": ["AAA", "ZZZ"]})
     result = invoke("run", "--config", str(write_yaml(tmp_path, data)))
     assert_one_line_error(result, "unknown symbol(s) on synth test: ZZZ")
+
+
+def test_run_with_unreachable_exchange_fails_in_one_line(tmp_path):
+    data = synth_config(tmp_path, pipeline={"options": {"unreachable": True}})
+    result = invoke("run", "--config", str(write_yaml(tmp_path, data)))
+    assert_one_line_error(
+        result, "pipelines[0]: cannot list the symbols of synth", "Connection refused"
+    )
 
 
 def test_run_rejects_flags_that_need_no_config(tmp_path):

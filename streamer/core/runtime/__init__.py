@@ -80,6 +80,11 @@ async def plan_pipelines(
                 symbols = await adapter.resolve_symbols(cfg.symbols)
             except ValueError as exc:
                 raise ValueError(f"{source}: pipelines[{index}].symbols: {exc}") from None
+            except Exception as exc:  # unreachable exchange, third-party adapter bug...
+                raise ValueError(
+                    f"{source}: pipelines[{index}]: cannot list the symbols of "
+                    f"{cfg.exchange}: {type(exc).__name__}: {exc}"
+                ) from None
         finally:
             await adapter.aclose()
         if not symbols:
