@@ -364,8 +364,10 @@ def _symbols(
 
         try:
             infos = anyio.run(fetch)
-        except OSError as exc:
-            raise ValueError(f"cannot list symbols of {exchange}: {exc}") from None
+        except Exception as exc:  # unreachable exchange, third-party adapter bug...
+            raise ValueError(
+                f"cannot list the symbols of {exchange}: {type(exc).__name__}: {exc}"
+            ) from None
     shown = 0
     for info in sorted(infos, key=lambda i: i.symbol):
         if quote and info.quote_asset != quote.upper():

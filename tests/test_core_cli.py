@@ -176,6 +176,17 @@ def test_run_with_unknown_symbol_fails_before_starting(tmp_path):
     assert_one_line_error(result, "unknown symbol(s) on synth test: ZZZ")
 
 
+def test_symbols_of_unreachable_exchange_fails_in_one_line(monkeypatch):
+    import core_plugins
+
+    async def refused(self):
+        raise ConnectionRefusedError(111, "Connection refused")
+
+    monkeypatch.setattr(core_plugins.SynthExchange, "list_symbols", refused)
+    result = invoke("symbols", "--exchange", "synth", "--market", "")
+    assert_one_line_error(result, "cannot list the symbols of synth", "Connection refused")
+
+
 def test_run_with_unreachable_exchange_fails_in_one_line(tmp_path):
     data = synth_config(tmp_path, pipeline={"options": {"unreachable": True}})
     result = invoke("run", "--config", str(write_yaml(tmp_path, data)))
