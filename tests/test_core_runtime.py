@@ -7,6 +7,7 @@ import socket
 import time
 from pathlib import Path
 
+import anyio
 import httpx
 import pytest
 from conftest import load_status, start_streamer, synth_config, wait_for
@@ -14,9 +15,12 @@ from core_plugins import read_lines, read_markers
 
 from streamer.core.api import StreamKey
 from streamer.core.config import parse_config
-from streamer.core.records import Kline, Marker, Trade
+from streamer.core.records import Kline, Marker, Trade, encode_batch
 from streamer.core.runtime import HighWater, auto_workers, partition, read_status, run
+from streamer.core.runtime.bootstrap import ChildSpec, PluginSelection
+from streamer.core.runtime.channels import FrameError, FrameReader, frame
 from streamer.core.runtime.keys import stream_key
+from streamer.core.runtime.writer import Writer
 
 PLUGINS = ["core_plugins"]
 
@@ -337,3 +341,67 @@ def test_children_do_not_outlive_a_killed_supervisor(tmp_path, write_config):
     wait_for(lambda: all(_gone(pid) for pid in children), timeout=20, what="orphans to exit")
     # Orphaned workers still sent what they held and the writers flushed it.
     assert_contiguous(read_lines(tmp_path / "a"), ["AAA", "BBB", "CCC", "DDD"])
+
+
+# -- channel and writer units ----------------------------------------------------------------
+class _Chunks:
+    """A byte receive stream that returns fixed chunks, then ends."""
+
+    def __init__(self, *chunks: bytes) -> None:
+        self._chunks = list(chunks)
+
+    async def receive(self, max_bytes: int = 65536) -> bytes:
+        if not self._chunks:
+            raise anyio.EndOfStream
+        return self._chunks.pop(0)
+
+    async def aclose(self) -> None:
+        pass
+
+
+def test_frame_reader_discards_a_frame_cut_short_by_eof():
+    async def main():
+        whole = frame(b"first") + frame(b"")
+        reader = FrameReader(_Chunks(whole[:3], whole[3:], frame(b"second")[:-2]))
+        return [await reader.receive() for _ in range(3)]
+
+    assert anyio.run(main) == [b"first", b"", None]
+
+
+def test_frame_reader_rejects_an_impossible_length():
+    async def main():
+        return await FrameReader(_Chunks(b"\xff\xff\xff\xff" + b"x" * 10)).receive()
+
+    with pytest.raises(FrameError, match="exceeds"):
+        anyio.run(main)
+
+
+class _MemorySink:
+    def __init__(self) -> None:
+        self.rows: list = []
+
+    async def write(self, batch) -> None:
+        self.rows.extend(batch)
+
+
+def test_writer_counts_corrupt_batches_and_dropped_duplicates(tmp_path, caplog):
+    config = parse_config(synth_config(tmp_path))
+    spec = ChildSpec(
+        kind="writer", child="sink.a", incarnation=1, plugins=PluginSelection(),
+        config=config, control_path="", log_level=20, sink_paths={}, sink="a",
+    )  # fmt: skip
+    writer = Writer(spec)
+    sink = _MemorySink()
+    key = StreamKey("ex", "spot", "X", "aggtrade")
+    writer._high_water = HighWater({key: 2})
+
+    async def main():
+        assert await writer._write(sink, b"\x93garbage") is False
+        return await writer._write(sink, encode_batch([_trade(i) for i in (1, 2, 3, 4, 4)]))
+
+    assert anyio.run(main) is True
+    assert [r.trade_id for r in sink.rows] == [3, 4]
+    assert writer.counters.get("batches_corrupt") == 1
+    assert writer.counters.get("duplicates_dropped", "X", "aggtrade") == 3
+    assert writer.counters.get("records_written", "X", "aggtrade") == 2
+    assert "corrupt_batch" in caplog.text
