@@ -361,3 +361,7 @@ class ConnectionManager:
             self._counters.incr("ws_disconnects")
             live.ended.set()
             self._flush_message_count()
+            # On cancellation (shutdown) nothing else would release the socket.
+            transport = getattr(live.ws, "transport", None)
+            if transport is not None:
+                transport.abort()
