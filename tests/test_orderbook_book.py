@@ -161,12 +161,26 @@ def test_malformed_live_update_discards_the_book() -> None:
 
 def test_buffer_overflow_drops_oldest_half_and_still_syncs() -> None:
     sync = B.BookSync("BTCUSDT", SPOT_RULE, buffer_limit=4)
+    sync.fetching = True  # a snapshot request is in flight
     codes = [sync.feed(up(i, i)) for i in range(101, 106)]
     assert codes == [B.BUFFERED] * 4 + [B.OVERFLOW]
     assert sync.buffered == 3 and sync.stats.overflows == 1
     assert sync.on_snapshot(snap(100, BIDS, ASKS)) == B.REFETCH  # oldest kept is 103
     assert sync.on_snapshot(snap(103, BIDS, ASKS)) == B.SYNCED
     assert sync.local_id == 105
+
+
+def test_buffer_keeps_only_recent_updates_until_the_request_is_in_flight() -> None:
+    sync = B.BookSync("BTCUSDT", SPOT_RULE, buffer_limit=100, recent_limit=10)
+    codes = [sync.feed(up(i, i)) for i in range(101, 112)]
+    assert codes == [B.BUFFERED] * 10 + [B.TRIMMED]
+    assert sync.buffered == 5 and sync.stats.trimmed == 6 and sync.stats.overflows == 0
+    sync.fetching = True
+    assert [sync.feed(up(i, i)) for i in range(112, 150)] == [B.BUFFERED] * 38
+    assert sync.buffered == 43
+    sync.fetching = False
+    assert sync.on_snapshot(snap(106, BIDS, ASKS)) == B.SYNCED  # first kept is U=107
+    assert sync.local_id == 149
 
 
 def test_broken_chain_while_buffering_restarts_the_buffer() -> None:
@@ -178,9 +192,11 @@ def test_broken_chain_while_buffering_restarts_the_buffer() -> None:
     assert sync.on_snapshot(snap(109, BIDS, ASKS)) == B.SYNCED
 
 
-def test_buffer_limit_must_hold_at_least_two() -> None:
+def test_buffer_limits_must_hold_at_least_two() -> None:
     with pytest.raises(ValueError, match="buffer_limit"):
         B.BookSync("X", SPOT_RULE, buffer_limit=1)
+    with pytest.raises(ValueError, match="recent_limit"):
+        B.BookSync("X", SPOT_RULE, recent_limit=1)
 
 
 # -- futures rules ------------------------------------------------------------------------

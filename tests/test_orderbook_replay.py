@@ -230,7 +230,8 @@ async def test_replay_through_the_stream_type(name: str) -> None:
     out: list = []
     counters = Counters()
     stream = OrderBookStream(
-        OrderBookOptions(interval="update", verify_interval="off"),
+        # Every update is fed before the snapshot worker runs, so keep them all queued.
+        OrderBookOptions(interval="update", verify_interval="off", queued_buffer_limit=10**6),
         StreamContext(
             pipeline="replay",
             exchange=exchange,

@@ -401,6 +401,7 @@ def test_snapshot_limit_is_capped_and_rounded() -> None:
         ({"verify_interval": "100ms"}, "at least 1s"),
         ({"snapshot_concurrency": 0}, "snapshot_concurrency"),
         ({"buffer_limit": 1}, "buffer_limit"),
+        ({"queued_buffer_limit": 0}, "queued_buffer_limit"),
     ],
 )
 def test_bad_options_fail_at_start_with_a_clear_message(options: dict, message: str) -> None:

@@ -13,7 +13,11 @@ levels are one reversed slice: no sort per snapshot.
 Sync. :class:`BookSync` is a small state machine, one per symbol:
 
 * ``WAITING``: no book. Updates are buffered as a contiguous chain (a break in the chain
-  restarts the buffer at the breaking update; overflow drops the oldest half).
+  restarts the buffer at the breaking update). Until the snapshot request is actually
+  in flight (:attr:`BookSync.fetching`) only the newest ``recent_limit`` updates are kept:
+  a snapshot taken later covers older ones anyway, and thousands of symbols queued for
+  snapshots at start-up must not hold minutes of updates each. In flight, up to
+  ``buffer_limit`` are kept; past that the oldest half is dropped (an overflow).
 * ``BRIDGING``: a REST snapshot was applied; updates it covers are dropped; the first update
   that reaches past it must bridge it, otherwise the snapshot is too old (refetch).
 * ``LIVE``: every update must continue the previous one; anything else discards this book
@@ -38,7 +42,8 @@ APPLIED = 0
 BUFFERED = 1
 #: The update was buffered, but it did not continue the buffer: the buffer restarted with it.
 BUFFER_RESTART = 2
-#: The update was buffered and the buffer overflowed: its oldest half was dropped.
+#: The update was buffered and the buffer overflowed while a snapshot request was in
+#: flight: its oldest half was dropped.
 OVERFLOW = 3
 #: Ignored: already applied (a duplicate or an older update, ``u <= local``).
 STALE = 4
@@ -69,6 +74,9 @@ VERIFY_PENDING = 15
 VERIFY_STALE = 16
 #: The REST snapshot itself is unusable (bad level or crossed): fetch another one.
 BAD_SNAPSHOT = 17
+#: The update was buffered; no snapshot request was in flight, so only the most recent
+#: updates are kept and the oldest ones were trimmed (normal while queued).
+TRIMMED = 18
 
 #: Codes after which the book was discarded and a new snapshot is needed.
 BREAKS = frozenset({GAP, CROSSED, MALFORMED, MISMATCH})
@@ -219,10 +227,19 @@ class LocalBook:
 class SyncStats:
     """What one :class:`BookSync` has done since it was created (plain ints, cheap)."""
 
-    __slots__ = ("applied", "buffer_restarts", "covered", "overflows", "refetches", "stale")
+    __slots__ = (
+        "applied",
+        "buffer_restarts",
+        "covered",
+        "overflows",
+        "refetches",
+        "stale",
+        "trimmed",
+    )
 
     def __init__(self) -> None:
         self.applied = 0
+        self.trimmed = 0
         self.covered = 0
         self.stale = 0
         self.refetches = 0
@@ -248,11 +265,13 @@ class BookSync:
         "_buffer",
         "_buffer_limit",
         "_futures",
+        "_recent_limit",
         "_shadow",
         "_shadow_id",
         "book",
         "detail",
         "event_time",
+        "fetching",
         "local_id",
         "receive_time",
         "state",
@@ -260,12 +279,26 @@ class BookSync:
         "symbol",
     )
 
-    def __init__(self, symbol: str, rule: SequenceRule, buffer_limit: int = 5000) -> None:
+    def __init__(
+        self,
+        symbol: str,
+        rule: SequenceRule,
+        buffer_limit: int = 5000,
+        recent_limit: int | None = None,
+    ) -> None:
         if buffer_limit < 2:
             raise ValueError(f"buffer_limit must be >= 2, got {buffer_limit}")
+        if recent_limit is not None and recent_limit < 2:
+            raise ValueError(f"recent_limit must be >= 2, got {recent_limit}")
         self.symbol = symbol
         self._futures = rule.style == "futures"
         self._buffer_limit = buffer_limit
+        self._recent_limit = min(
+            buffer_limit if recent_limit is None else recent_limit, buffer_limit
+        )
+        #: Set by the caller while a sync snapshot request is in flight: the buffer may
+        #: then grow to ``buffer_limit`` (otherwise it keeps the newest ``recent_limit``).
+        self.fetching = False
         self._buffer: list[DepthUpdate] = []
         self._shadow: LocalBook | None = None
         self._shadow_id = 0
@@ -366,11 +399,18 @@ class BookSync:
                 self.stats.buffer_restarts += 1
                 code = BUFFER_RESTART
         buf.append(update)
-        if len(buf) > self._buffer_limit:
-            # Drop the oldest half: the snapshot still to come is newer than them anyway.
-            del buf[: len(buf) // 2]
-            self.stats.overflows += 1
-            code = OVERFLOW
+        if self.fetching:
+            if len(buf) > self._buffer_limit:
+                # Drop the oldest half: the snapshot on its way is most likely newer.
+                del buf[: len(buf) // 2]
+                self.stats.overflows += 1
+                code = OVERFLOW
+        elif len(buf) > self._recent_limit:
+            # Not fetching yet: the snapshot will be taken later, so old updates are useless.
+            cut = len(buf) - self._recent_limit // 2
+            del buf[:cut]
+            self.stats.trimmed += cut
+            code = TRIMMED
         return code
 
     def _bridge(self, update: DepthUpdate) -> int:

@@ -56,9 +56,13 @@ class OrderBookOptions(msgspec.Struct, forbid_unknown_fields=True, kw_only=True)
     #: Keep it equal to the ``depth`` stream's speed in the same pipeline: both receive
     #: every depth update of the pipeline, whatever speed it was subscribed at.
     speed: str = ""
-    #: Updates buffered per symbol while waiting for a snapshot; past it the oldest half
-    #: is dropped (counted as ``buffer_overflows``).
+    #: Updates buffered per symbol while its snapshot request is in flight; past it the
+    #: oldest half is dropped (counted as ``buffer_overflows``).
     buffer_limit: int = 5000
+    #: Updates kept per symbol while its snapshot request waits in the queue (the newest
+    #: ones; a snapshot taken later covers the older ones). Bounds memory when thousands
+    #: of symbols wait for snapshots at start-up.
+    queued_buffer_limit: int = 100
     #: Snapshot requests in flight at once for this stream instance.
     snapshot_concurrency: int = 2
 
@@ -120,9 +124,9 @@ class OrderBookStream(StreamType):
     (covered by a snapshot or already applied), ``updates_buffered``, ``resyncs``,
     ``sequence_gaps``, ``crossed_books``, ``malformed_updates``, ``verifications``,
     ``verify_mismatches``, ``verify_retries``, ``buffer_overflows``, ``buffer_restarts``,
-    ``snapshots_fetched``, ``snapshot_refetches``, ``snapshot_errors``, ``bad_snapshots``,
-    ``books_emitted``, ``reconnects``; ``unknown_symbol`` (no symbol) for updates of
-    symbols this instance does not own.
+    ``buffer_trims``, ``snapshots_fetched``, ``snapshot_refetches``, ``snapshot_errors``,
+    ``bad_snapshots``, ``books_emitted``, ``reconnects``; ``unknown_symbol`` (no symbol)
+    for updates of symbols this instance does not own.
     """
 
     Options = OrderBookOptions
@@ -139,6 +143,10 @@ class OrderBookStream(StreamType):
             )
         if options.buffer_limit < 2:
             raise ValueError(f"orderbook: buffer_limit must be >= 2, got {options.buffer_limit}")
+        if options.queued_buffer_limit < 2:
+            raise ValueError(
+                f"orderbook: queued_buffer_limit must be >= 2, got {options.queued_buffer_limit}"
+            )
         exchange = context.exchange
         try:
             self._rule: SequenceRule = exchange.sequence_rule
@@ -161,7 +169,9 @@ class OrderBookStream(StreamType):
         self._counters = context.counters
         self._log = RateLimitedLog(context.logger)
         self._syncs = {
-            symbol: B.BookSync(symbol, self._rule, options.buffer_limit)
+            symbol: B.BookSync(
+                symbol, self._rule, options.buffer_limit, options.queued_buffer_limit
+            )
             for symbol in context.symbols
         }
         self._emitted: dict[str, int] = {}
@@ -229,7 +239,7 @@ class OrderBookStream(StreamType):
         if code in (B.STALE, B.COVERED):
             incr("updates_dropped", symbol, STREAM)
             return
-        if code in (B.BUFFERED, B.BUFFER_RESTART, B.OVERFLOW):
+        if code in (B.BUFFERED, B.BUFFER_RESTART, B.OVERFLOW, B.TRIMMED):
             incr("updates_buffered", symbol, STREAM)
             if code == B.OVERFLOW:
                 incr("buffer_overflows", symbol, STREAM)
@@ -241,6 +251,8 @@ class OrderBookStream(StreamType):
                 )
             elif code == B.BUFFER_RESTART:
                 incr("buffer_restarts", symbol, STREAM)
+            elif code == B.TRIMMED:
+                incr("buffer_trims", symbol, STREAM)
             self._request(symbol)
             return
         if code == B.SYNCED:  # a live update bridged the snapshot
@@ -353,6 +365,7 @@ class OrderBookStream(StreamType):
                 if not sync.needs_snapshot:
                     continue
                 self._sync_in_flight.add(symbol)
+                sync.fetching = True  # from now on every update may be needed
             else:
                 self._verifying_now = True
             try:
@@ -372,6 +385,8 @@ class OrderBookStream(StreamType):
                 if verify:
                     self._verifying_now = False
                     self._wake()
+                else:
+                    sync.fetching = False
             self._sync_in_flight.discard(symbol)
             self._counters.incr("snapshots_fetched", symbol, STREAM)
             if verify:
