@@ -164,7 +164,9 @@ def bench_apply_stream(snapshot, updates, rule, split) -> None:
         counters=Counters(),
         logger=logging.getLogger("bench"),
     )
-    stream = OrderBookStream(OrderBookOptions(buffer_limit=len(updates) + 10), context)
+    limit = len(updates) + 10
+    options = OrderBookOptions(buffer_limit=limit, queued_buffer_limit=limit)
+    stream = OrderBookStream(options, context)
     on_record = stream.on_record
     for u in updates[:split]:
         on_record(u)
