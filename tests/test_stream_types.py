@@ -207,6 +207,39 @@ async def test_aggtrade_reconnect_catches_up_a_quiet_symbol():
     )
 
 
+async def test_aggtrade_reconnect_without_loss_costs_no_rest_call():
+    ex = FakeExchange()
+    stream, out, _ = make(AggTradeStream, AggTradeOptions(gap_grace="200ms"), ex)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(stream.run)
+        for i in [1, 2, 3]:
+            stream.on_record(trade("AAA", i))
+        stream.on_reconnect(["AAA"], "disconnect")
+        stream.on_record(trade("AAA", 3))  # overlap from the new connection
+        stream.on_record(trade("AAA", 4))  # live resumed exactly where it stopped
+        await anyio.sleep(0.4)
+        tg.cancel_scope.cancel()
+    assert ids(out) == [1, 2, 3, 4]
+    assert ex.trade_calls == [] and markers(out) == []
+
+
+async def test_aggtrade_reconnect_with_loss_fetches_only_the_gap():
+    ex = FakeExchange()
+    ex.trades["AAA"] = {i: trade("AAA", i) for i in range(1, 20)}
+    stream, out, _ = make(AggTradeStream, AggTradeOptions(gap_grace="100ms"), ex)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(stream.run)
+        for i in [1, 2, 3]:
+            stream.on_record(trade("AAA", i))
+        stream.on_reconnect(["AAA"], "disconnect")
+        for i in [8, 9]:
+            stream.on_record(trade("AAA", i))
+        await wait_for(lambda: ids(out) == list(range(1, 10)))
+        tg.cancel_scope.cancel()
+    assert ex.trade_calls == [("AAA", 4, 7)]
+    assert [(m.first_key, m.last_key, m.reason) for m in markers(out)] == [(4, 7, "disconnect")]
+
+
 async def test_aggtrade_resumes_from_sink_holdings_without_duplicates():
     ex = FakeExchange()
     ex.trades["AAA"] = {i: trade("AAA", i) for i in range(90, 160)}
@@ -223,7 +256,8 @@ async def test_aggtrade_resumes_from_sink_holdings_without_duplicates():
         for i in range(150, 160):  # live continues; what the catch-up already wrote is dropped
             stream.on_record(trade("AAA", i))
         tg.cancel_scope.cancel()
-    assert ex.trade_calls[0] == ("AAA", 101, None)
+    # Live trades were already held above the resume point: only the gap is fetched.
+    assert ex.trade_calls[0] == ("AAA", 101, 139)
     assert ids(out) == list(range(101, 160))
     assert markers(out, "filled")[0].reason == "restart"
 

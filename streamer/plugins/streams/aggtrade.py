@@ -196,7 +196,7 @@ class GapFillStream(StreamType):
             seq.last = resume
             seq.request_catch_up()
             state.reason = "restart"
-            self._pending[(symbol, stream)] = 0.0
+            self._pending[(symbol, stream)] = time.monotonic() + self._grace
         self._states[(symbol, stream)] = state
 
     # ------------------------------------------------------------ hot path helpers
@@ -206,7 +206,11 @@ class GapFillStream(StreamType):
         if state is None:
             return
         seq = state.seq
-        if seq.push(record):
+        if not seq.push(record):
+            if seq.wants_catch_up and seq.caught_up():
+                # Live data resumed right after the last record: nothing to fetch.
+                seq.wants_catch_up = False
+        else:
             if len(seq.held) > self._max_held:
                 self._give_up(symbol, stream, state, "hold limit reached")
             elif not state.filling and (symbol, stream) not in self._pending:
@@ -215,13 +219,19 @@ class GapFillStream(StreamType):
                 self._wake.set()
 
     def on_reconnect(self, symbols: Sequence[str], reason: str) -> None:
-        """Schedule a catch-up fill for every stream of ``symbols`` that has a position."""
+        """Schedule a catch-up fill for every stream of ``symbols`` that has a position.
+
+        The fill starts after ``gap_grace``: if live data resumes exactly where it
+        stopped meanwhile, nothing is fetched; if it resumes above, only the gap below it
+        is fetched; if nothing arrives (a quiet symbol), everything up to the newest is.
+        """
         wanted = set(symbols)
+        due = time.monotonic() + self._grace
         for (symbol, stream), state in self._states.items():
             if symbol in wanted and state.seq.last is not None:
                 state.seq.request_catch_up()
                 state.reason = reason
-                self._pending[(symbol, stream)] = 0.0
+                self._pending[(symbol, stream)] = due
         self._wake.set()
 
     # ------------------------------------------------------------ background
@@ -282,10 +292,10 @@ class GapFillStream(StreamType):
         seq = state.seq
         assert seq.last is not None
         gap = seq.gap()
-        catch_up = seq.wants_catch_up
+        # Held live records bound the gap from above, so a catch-up reduces to the gap.
         seq.wants_catch_up = False
         start = gap[0] if gap else seq._next_key(seq.last)
-        end = gap[1] if gap and not catch_up else None
+        end = gap[1] if gap else None
         first = last = fetched_max = None
         count = 0
         async for page in self._fetch(symbol, stream, start, end):
