@@ -54,6 +54,7 @@ def make_doc(**changes: Any) -> dict[str, Any]:
                         "aggtrade": {
                             "records_emitted": 1000,
                             "gaps_filled": 2,
+                            "trades_backfilled": 40,
                             "gaps_unfillable": 1,
                             "last_event_time": NOW_MS - 500,
                         },
@@ -125,7 +126,7 @@ def test_rows_columns_come_from_the_published_counters():
     assert (pipe.workers, pipe.workers_running) == (1, 1)
     btc = row(view, "BTCUSDT", "aggtrade")
     assert (btc.messages, btc.written, btc.flushed) == (1000, 995, 990)
-    assert (btc.gaps_found, btc.gaps_filled) == (3, 2)
+    assert (btc.gaps_found, btc.gaps_filled, btc.backfilled) == (3, 2, 40)
     assert btc.last_event_time == NOW_MS - 500 and btc.lag == pytest.approx(0.5)
     book = row(view, "BTCUSDT", "orderbook")
     assert (book.resyncs, book.verifications, book.written) == (1, 4, None)
@@ -307,7 +308,8 @@ def test_table_json_and_summary_render_every_section():
     assert back == view
     summary = render_summary(view)
     assert summary.startswith("[degraded] up 1.7m")
-    assert "procs 2/2" in summary and "gaps 3" in summary and "flagged 1" in summary
+    assert "procs 2/2" in summary and "gaps 2/3 filled" in summary and "flagged 1" in summary
+    assert "backfilled 40" in summary
 
 
 def test_live_summary_prints_at_most_once_per_interval_and_the_final_state():

@@ -90,6 +90,8 @@ class StreamRow(msgspec.Struct, kw_only=True):
     gaps_filled: int = 0
     resyncs: int = 0
     verifications: int = 0
+    #: Records recovered from REST (``<kind>_backfilled`` counters of the stream).
+    backfilled: int = 0
     #: Seconds without a new message, when known (from history or the event lag).
     idle: float | None = None
     flags: list[str] = msgspec.field(default_factory=list)
@@ -477,6 +479,7 @@ def _stream_row(
         gaps_filled=filled,
         resyncs=_first(counters, "resyncs") or 0,
         verifications=_first(counters, "verifications") or 0,
+        backfilled=sum(_int(v) for k, v in counters.items() if k.endswith("_backfilled")),
     )
     # How long without progress: from history, else from the event lag.
     idle = None
@@ -697,13 +700,14 @@ def render_table(view: StatusView) -> str:
     lines.append("")
     lines += _table(
         ["pipeline", "symbol", "stream", "msgs", "msg/s", "last event", "lag", "written",
-         "flushed", "reconn", "gaps", "filled", "resyncs", "verified", "flags"],
+         "flushed", "reconn", "gaps", "filled", "backfill", "resyncs", "verified", "flags"],
         [
             [r.pipeline, r.symbol, r.stream, _n(r.messages), _r(r.rate),
              time.strftime("%H:%M:%S", time.gmtime(r.last_event_time / 1000))
              if r.last_event_time else "-",
              _s(r.lag), _n(r.written), _n(r.flushed), str(r.reconnects), str(r.gaps_found),
-             str(r.gaps_filled), str(r.resyncs), str(r.verifications), ",".join(r.flags)]
+             str(r.gaps_filled), _n(r.backfilled), str(r.resyncs), str(r.verifications),
+             ",".join(r.flags)]
             for r in view.streams
         ],
     )  # fmt: skip
@@ -738,6 +742,8 @@ def render_summary(view: StatusView) -> str:
     running = sum(c.state == "running" for c in view.children)
     restarts = sum(c.restarts for c in view.children)
     gaps = sum(r.gaps_found for r in view.streams)
+    filled = sum(r.gaps_filled for r in view.streams)
+    backfilled = sum(r.backfilled for r in view.streams)
     flagged = sum(bool(r.flags) for r in view.streams)
     parts = [
         f"up {_s(view.uptime)}",
@@ -748,7 +754,9 @@ def render_summary(view: StatusView) -> str:
     if restarts:
         parts.append(f"restarts {restarts}")
     if gaps:
-        parts.append(f"gaps {gaps}")
+        parts.append(f"gaps {filled}/{gaps} filled")
+    if backfilled:
+        parts.append(f"backfilled {_n(backfilled)}")
     if flagged:
         parts.append(f"flagged {flagged}")
     return f"[{view.health}] " + "  ".join(parts)
