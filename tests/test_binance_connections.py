@@ -183,3 +183,61 @@ async def test_pings_are_answered_with_their_payload_and_age_rotation_precedes_t
         assert c.get("ws_rotations") >= 2 and c.get("ws_reconnects") == 0 and reconnects == []
         ids = [t.trade_id for t in trades]
         assert len(set(ids)) < len(ids), "overlapping connections both delivered (dedup later)"
+
+
+@pytest.mark.anyio
+async def test_bad_frames_are_counted_not_fatal_and_server_shutdown_is_replaced():
+    from websockets.asyncio.server import serve
+
+    def agg(i: int) -> str:
+        body = f'"a":{i},"p":"1.0","q":"2.0","f":{i},"l":{i},"T":1,"m":true,"M":true'
+        return (
+            '{"stream":"btcusdt@aggTrade","data":{"e":"aggTrade","E":1,"s":"BTCUSDT",' + body + "}}"
+        )
+
+    connections = []
+    SHUTDOWN = '{"stream":"!serverShutdown","data":{"e":"serverShutdown","E":5}}'
+
+    async def handler(ws):
+        connections.append(ws.request.path)
+        n = len(connections)
+        if n == 1:
+            for frame in [agg(1), '{"e":"somethingNew","E":1}',
+                          '{"stream":"btcusdt@markPrice","data":{}}', '{"stream":"btcusdt@agg',
+                          '{"code":2,"msg":"Invalid request: too many parameters","id":1}',
+                          '{"result":null,"id":2}', agg(2),
+                          SHUTDOWN]:  # fmt: skip
+                await ws.send(frame)
+        else:
+            await ws.send(agg(2))
+            await ws.send(agg(3))
+        await ws.wait_closed()
+
+    async with serve(handler, "127.0.0.1", 0) as server:
+        port = server.sockets[0].getsockname()[1]
+        a = adapter(ws_url=f"ws://127.0.0.1:{port}", rotation_overlap="100ms")
+        got: list[int] = []
+        reconnects = []
+
+        class Inbox:
+            def on_record(self, record):
+                got.append(record.trade_id)
+
+            def on_reconnect(self, symbols, reason):
+                reconnects.append(reason)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(a.stream, [Subscription("BTCUSDT", "trade")], Inbox())
+            with anyio.fail_after(10):
+                while a.context.counters.get("ws_rotations") < 1:
+                    await anyio.sleep(0.02)
+            tg.cancel_scope.cancel()
+        await a.aclose()
+    c = a.context.counters
+    assert connections == ["/stream?streams=btcusdt@aggTrade"] * 2
+    assert got == [1, 2, 2, 3], "bad frames skipped; the replacement overlaps (dedup later)"
+    assert c.get("malformed_frames", stream="unknown_event") == 1
+    assert c.get("malformed_frames", stream="unknown_stream") == 1
+    assert c.get("malformed_frames", stream="json") == 1
+    assert c.get("ws_control_errors") == 1
+    assert c.get("ws_server_shutdowns") == 1 and c.get("ws_reconnects") == 0 and not reconnects
