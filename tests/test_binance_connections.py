@@ -196,7 +196,7 @@ async def test_bad_frames_are_counted_not_fatal_and_server_shutdown_is_replaced(
         )
 
     connections = []
-    SHUTDOWN = '{"stream":"!serverShutdown","data":{"e":"serverShutdown","E":5}}'
+    shutdown_frame = '{"stream":"!serverShutdown","data":{"e":"serverShutdown","E":5}}'
 
     async def handler(ws):
         connections.append(ws.request.path)
@@ -206,7 +206,7 @@ async def test_bad_frames_are_counted_not_fatal_and_server_shutdown_is_replaced(
                           '{"stream":"btcusdt@markPrice","data":{}}', '{"stream":"btcusdt@agg',
                           '{"code":2,"msg":"Invalid request: too many parameters","id":1}',
                           '{"result":null,"id":2}', agg(2),
-                          SHUTDOWN]:  # fmt: skip
+                          shutdown_frame]:  # fmt: skip
                 await ws.send(frame)
         else:
             await ws.send(agg(2))
