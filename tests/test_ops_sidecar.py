@@ -56,7 +56,7 @@ def test_summary_lines_follow_the_status_and_metrics_are_served(tmp_path: Path):
         wait_for(lambda: "msgs 3500 (500/s)" in out.getvalue(), what="a rate over 1 s")
         publish(state, make_doc(updated_at=first["updated_at"] + 2000, state="stopped"))
     lines = out.getvalue().splitlines()
-    assert lines[-1].startswith("[down]")  # the final document is always shown
+    assert lines[-1].startswith("[stopped]")  # the final document is always shown
     with pytest.raises(httpx.TransportError):
         httpx.get(url, timeout=2)  # the endpoint is gone with the run
 

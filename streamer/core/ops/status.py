@@ -759,7 +759,11 @@ def render_summary(view: StatusView) -> str:
         parts.append(f"backfilled {_n(backfilled)}")
     if flagged:
         parts.append(f"flagged {flagged}")
-    return f"[{view.health}] " + "  ".join(parts)
+    # A run that is ending is not "down": say what it is doing.
+    label = view.state if view.state in ("stopping", "stopped") else view.health
+    if view.state == "stopped" and view.exit_code is not None:
+        label += f", exit code {view.exit_code}"
+    return f"[{label}] " + "  ".join(parts)
 
 
 class LiveSummary:
