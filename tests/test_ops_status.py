@@ -278,10 +278,17 @@ def test_stale_stopped_or_dead_collectors_are_down():
 
 
 def test_unknown_or_missing_fields_do_not_break_the_view():
-    doc = {"pipelines": {"p": {"streams": {"X": {"s": {"odd": "text"}}}, "totals": []}}}
+    doc = {
+        "pipelines": {"p": {"streams": {"X": {"s": {"odd": "text"}}}, "totals": []}},
+        "children": {"c": {"uptime": "soon", "pid": "x", "alive": 1}, "d": []},
+        "sinks": [],
+    }
     view = build_view(doc, check_pid=False, now=0)
     assert view.streams[0].messages == 0 and view.streams[0].written is None
     assert view.pipelines[0].name == "p"
+    assert [(c.name, c.uptime, c.pid, c.state) for c in view.children] == [
+        ("c", 0.0, None, "running")
+    ]
     assert "-" in render_table(view)
 
 

@@ -211,6 +211,10 @@ def _int(value: Any) -> int:
     return value if isinstance(value, int) and not isinstance(value, bool) else 0
 
 
+def _float(value: Any) -> float:
+    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else 0.0
+
+
 def _first(counters: Mapping[str, Any], *names: str) -> int | None:
     for name in names:
         if name in counters:
@@ -307,7 +311,7 @@ def _children(view: StatusView, doc: Mapping[str, Any], th: Thresholds) -> None:
             pid=child.get("pid") if isinstance(child.get("pid"), int) else None,
             state="running" if child.get("alive") else "down",
             restarts=_int(child.get("restarts")),
-            uptime=float(child.get("uptime") or 0.0),
+            uptime=_float(child.get("uptime")),
             last_exit_code=child.get("last_exit_code")
             if isinstance(child.get("last_exit_code"), int)
             else None,
