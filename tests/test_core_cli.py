@@ -141,6 +141,14 @@ def test_bad_pipeline(tmp_path, change, fragments):
     assert_one_line_error(invoke("config", "check", str(write_yaml(tmp_path, data))), *fragments)
 
 
+@pytest.mark.parametrize("key", ["batch_size", "queue_batches", "shutdown_timeout"])
+def test_runtime_settings_must_be_positive(tmp_path, key):
+    data = synth_config(tmp_path, runtime={key: 0})
+    assert_one_line_error(
+        invoke("config", "check", str(write_yaml(tmp_path, data))), f"runtime.{key}: must be > 0"
+    )
+
+
 def test_unknown_sink_type_lists_available(tmp_path):
     sinks = {"a": {"type": "parquet"}, "b": {"type": "lines", "path": "x"}}
     data = synth_config(tmp_path, sinks=sinks)

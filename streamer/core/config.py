@@ -123,7 +123,22 @@ def load_config(path: str | Path) -> Config:
     return parse_config(data, source=str(path))
 
 
+#: Runtime settings that must be positive (the process model cannot work otherwise).
+_POSITIVE_RUNTIME = (
+    "shutdown_timeout",
+    "batch_size",
+    "batch_interval",
+    "queue_batches",
+    "restart_backoff_max",
+    "status_interval",
+)
+
+
 def _check_frame(config: Config, source: str) -> None:
+    for name in _POSITIVE_RUNTIME:
+        value = getattr(config.runtime, name)
+        if value <= 0:
+            raise ConfigError(f"{source}: runtime.{name}: must be > 0, got {value}")
     if not config.pipelines:
         raise ConfigError(f"{source}: pipelines: at least one pipeline is required")
     seen: set[str] = set()
