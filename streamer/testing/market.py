@@ -256,8 +256,12 @@ class SymbolMarket:
 
     _CHECKPOINT_EVERY = 256
 
-    def __init__(self, spec: SymbolSpec, seed: int, book_levels: int = 200) -> None:
+    def __init__(
+        self, spec: SymbolSpec, seed: int, book_levels: int = 200, history_ticks: int = 200_000
+    ) -> None:
         self.spec = spec
+        self._max_history = max(2 * self._CHECKPOINT_EVERY, history_ticks)
+        self._since_checkpoint = 0
         self.lock = threading.RLock()
         self._rng = random.Random(_stable_seed(seed, "market", spec.market, spec.symbol))
         self._levels = max(10, book_levels)
@@ -394,9 +398,23 @@ class SymbolMarket:
         self.last_update_id = last
         self._history_u.append(last)
         self._history.append(changes)
-        if len(self._history) % self._CHECKPOINT_EVERY == 0:
+        self._since_checkpoint += 1
+        if self._since_checkpoint >= self._CHECKPOINT_EVERY:
+            self._since_checkpoint = 0
             self._checkpoints.append((last, len(self._history), dict(self.bids), dict(self.asks)))
+        if len(self._history) > self._max_history:
+            self._trim()
         return TickResult(now, first, last, prev, changes, trades)
+
+    def _trim(self) -> None:
+        """Forget the older half of the book history (bounded memory on long runs)."""
+        keep_from = len(self._history) // 2
+        cp = max((c for c in self._checkpoints if c[1] <= keep_from), key=lambda c: c[1])
+        cut = cp[1]
+        del self._history[:cut]
+        del self._history_u[:cut]
+        self._checkpoints = [(u, i - cut, b, a) for u, i, b, a in self._checkpoints if i >= cut]
+        self.initial_update_id = cp[0]
 
     # -- truth ------------------------------------------------------------------------------
 
@@ -426,7 +444,10 @@ class SymbolMarket:
         else:
             pos = bisect.bisect_left(self._history_u, update_id)
             if pos == len(self._history_u) or self._history_u[pos] != update_id:
-                raise ValueError(f"{self.spec.symbol}: {update_id} is not an event boundary")
+                raise ValueError(
+                    f"{self.spec.symbol}: {update_id} is not an event boundary "
+                    f"(or is older than the {len(self._history)} ticks kept)"
+                )
             index = pos + 1
         cp = max(
             (c for c in self._checkpoints if c[1] <= index),
