@@ -102,9 +102,36 @@ async def test_replay_binance_spot_golden_counts():
     assert all(b[2:] == (0, 0) for b in books.values())
 
 
-async def test_replay_hftbacktest_usdm_golden_counts():
-    books = await _replay_books("usdm_btcusdt_20240808.gz", "/fapi/v1", "futures")
-    assert books == {"BTCUSDT": (4, 6547, 0, 0)}
+async def test_replay_binance_us_golden_counts():
+    books = await _replay_books("BINANCE_US", "/api/v3", "spot")
+    assert books == {
+        "COMPUSDT": (1, 106, 0, 0),
+        "CRVUSDT": (1, 28, 0, 0),
+        "OMGBUSD": (1, 158, 0, 0),
+        "ZRXUSDT": (1, 40, 0, 0),
+    }
+
+
+@pytest.mark.parametrize(
+    ("capture", "prefix", "style", "golden"),
+    [
+        ("usdm_btcusdt_20240808.gz", "/fapi/v1", "futures", (4, 6547, 0, 0)),
+        ("spot_btcusdt_20240808.gz", "/api/v3", "spot", (2, 3449, 0, 0)),
+    ],
+)
+async def test_replay_hftbacktest_golden_counts(capture, prefix, style, golden):
+    books = await _replay_books(capture, prefix, style)
+    assert books == {"BTCUSDT": golden}
+
+
+async def test_replay_serves_recorded_exchange_info():
+    cfg = SimConfig(replay="BINANCE_FUTURES", replay_speed=0, data_dir=str(DATA))
+    async with SimServer(cfg) as sim, httpx.AsyncClient(base_url=sim.rest_url) as client:
+        info = (await client.get("/fapi/v1/exchangeInfo")).json()
+        snap = await client.get("/fapi/v1/depth", params={"symbol": "SUSHIUSDT", "limit": 1000})
+    assert info["serverTime"] == 1626858243909  # the recorded answer, not a synthetic one
+    assert {"SUSHIUSDT", "AKROUSDT"} <= {s["symbol"] for s in info["symbols"]}
+    assert snap.json()["lastUpdateId"] == 600859605926
 
 
 async def test_replay_raw_stream_gets_recorded_data_bytes():

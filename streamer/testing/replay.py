@@ -21,7 +21,7 @@ from urllib.parse import parse_qsl, urlsplit
 import msgspec
 
 from . import _wire as wire
-from .captures import CaptureEvent, read_capture
+from .captures import CaptureEvent, read_capture, shared_data_dir
 
 if TYPE_CHECKING:
     from .sim import SimServer, _Conn
@@ -63,8 +63,25 @@ class ReplaySource:
     @classmethod
     def load(cls, name: str, data_dir: str | None, speed: float = 1.0) -> ReplaySource:
         """Read capture ``name`` (see :func:`streamer.testing.captures.read_capture`)."""
-        events = read_capture(name, Path(data_dir) if data_dir else None)
-        return cls.from_events(name, events, speed)
+        base = Path(data_dir) if data_dir else shared_data_dir()
+        events = read_capture(name, base)
+        source = cls.from_events(name, events, speed)
+        if base is not None:
+            source._load_exchange_info(base, name)
+        return source
+
+    def _load_exchange_info(self, base: Path, name: str) -> None:
+        """Serve the exchangeInfo a cryptofeed capture recorded in ``<name>.0``, if any."""
+        folder = base / "cryptofeed_sample_data"
+        path = (folder if folder.is_dir() else base) / f"{name}.0"
+        if not path.is_file():
+            return
+        with path.open("rb") as fh:
+            first = fh.readline().rstrip(b"\r\n")
+        url, sep, rest = first.partition(b" -> ")
+        _, sep2, body = rest.partition(b": ")
+        if sep and sep2 and body.startswith(b"{"):
+            self.rest[(urlsplit(url.decode()).path, "")] = [body]
 
     @classmethod
     def from_events(cls, name: str, events: list[CaptureEvent], speed: float) -> ReplaySource:
