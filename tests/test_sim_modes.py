@@ -148,3 +148,36 @@ def test_streamer_sim_command_serves_rest_and_ws():
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("tick_ms", 0), ("trade_probability", 2.0), ("replay_speed", -1), ("high_rate_symbols", 0)],
+)
+def test_bad_config_is_rejected_with_a_clear_message(field, value):
+    with pytest.raises(ValueError, match=f"SimConfig: {field}"):
+        SimConfig(**{field: value})
+
+
+def test_cli_reports_bad_options_without_traceback():
+    from streamer.cli import build_app
+
+    result = CliRunner().invoke(build_app(), ["sim", "--port", "0", "--tick-ms", "0"])
+    assert result.exit_code != 0
+    assert "tick_ms must be >= 1" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_cli_reports_port_in_use_and_missing_capture(tmp_path):
+    from streamer.cli import build_app
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        result = CliRunner().invoke(build_app(), ["sim", "--port", str(port)])
+    assert result.exit_code == 1 and "error:" in result.output
+    result = CliRunner().invoke(
+        build_app(), ["sim", "--port", "0", "--replay", "NOPE", "--data-dir", str(tmp_path)]
+    )
+    assert result.exit_code == 1 and "capture 'NOPE' not found" in result.output

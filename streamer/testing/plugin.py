@@ -5,7 +5,8 @@ Importing this module is cheap; the server is imported when the command runs.
 
 from __future__ import annotations
 
-from typing import Annotated
+import contextlib
+from typing import Annotated, Any
 
 import typer
 
@@ -67,57 +68,71 @@ def sim_command(
     ] = 0.0,
 ) -> None:
     """Run a local Binance-protocol simulator (spot + USD-M REST and streams)."""
+    try:
+        _serve(locals())
+    except (ValueError, OSError) as exc:  # bad option, missing capture, port in use
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from None
+
+
+def _serve(o: dict[str, Any]) -> None:
+    """Build the config from the command's options ``o`` and run until interrupted."""
     import asyncio
 
     from .faults import FaultPlan
     from .sim import SimConfig, SimServer
 
     plan = FaultPlan(
-        close_every_s=close_every,
-        close_after_messages=close_after_messages,
-        abrupt=abrupt,
-        drop_depth_every=drop_depth_every,
-        drop_aggtrade_every=drop_aggtrade_every,
-        duplicate_every=duplicate_every,
-        reorder_every=reorder_every,
-        malformed_every=malformed_every,
-        stall_after_s=stall_after,
-        stall_for_s=stall_for,
-        rest_429_every=rest_429_every,
-        rest_5xx_every=rest_5xx_every,
-        slow_snapshot_s=slow_snapshots,
-        shutdown_every_s=shutdown_every,
+        close_every_s=o["close_every"],
+        close_after_messages=o["close_after_messages"],
+        abrupt=o["abrupt"],
+        drop_depth_every=o["drop_depth_every"],
+        drop_aggtrade_every=o["drop_aggtrade_every"],
+        duplicate_every=o["duplicate_every"],
+        reorder_every=o["reorder_every"],
+        malformed_every=o["malformed_every"],
+        stall_after_s=o["stall_after"],
+        stall_for_s=o["stall_for"],
+        rest_429_every=o["rest_429_every"],
+        rest_5xx_every=o["rest_5xx_every"],
+        slow_snapshot_s=o["slow_snapshots"],
+        shutdown_every_s=o["shutdown_every"],
     )
-    extra = {}
-    if weight_limit is not None:
-        extra = {"weight_limit_spot": weight_limit, "weight_limit_usdm": weight_limit}
+    extra: dict[str, Any] = {}
+    if o["weight_limit"] is not None:
+        extra = {"weight_limit_spot": o["weight_limit"], "weight_limit_usdm": o["weight_limit"]}
     config = SimConfig(
-        seed=seed,
-        host=host,
-        port=port,
-        spot_symbols=_symbols(symbols),
-        usdm_symbols=_symbols(usdm_symbols),
-        tick_ms=tick_ms,
-        history_s=history,
-        high_rate=rate,
-        high_rate_symbols=rate_symbols,
-        replay=replay,
-        replay_speed=speed,
-        data_dir=data_dir,
-        ping_interval_s=ping_interval,
-        pong_timeout_s=pong_timeout,
-        max_connection_age_s=max_age,
+        seed=o["seed"],
+        host=o["host"],
+        port=o["port"],
+        spot_symbols=_symbols(o["symbols"]),
+        usdm_symbols=_symbols(o["usdm_symbols"]),
+        tick_ms=o["tick_ms"],
+        history_s=o["history"],
+        high_rate=o["rate"],
+        high_rate_symbols=o["rate_symbols"],
+        replay=o["replay"],
+        replay_speed=o["speed"],
+        data_dir=o["data_dir"],
+        ping_interval_s=o["ping_interval"],
+        pong_timeout_s=o["pong_timeout"],
+        max_connection_age_s=o["max_age"],
         faults=plan,
         **extra,
     )
     server = SimServer(config)
+    if o["replay"]:
+        mode = f"replay of {o['replay']}"
+    elif o["rate"]:
+        mode = f"high-rate {o['rate']} msg/s"
+    else:
+        mode = "synthetic"
 
     async def _main() -> None:
         await server.start()
-        mode = "replay " + replay if replay else f"high-rate {rate} msg/s" if rate else "synthetic"
         typer.echo(
-            f"binance simulator ({mode}) on {server.rest_url} / {server.ws_url} "
-            f"(USD-M streams: {server.ws_url}/public, /market); Ctrl-C to stop",
+            f"binance simulator ({mode}) on {server.rest_url} and {server.ws_url} "
+            f"(USD-M streams under /public and /market); Ctrl-C to stop",
             err=True,
         )
         try:
@@ -125,12 +140,8 @@ def sim_command(
         finally:
             await server.aclose()
 
-    try:
+    with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(_main())
-    except KeyboardInterrupt:
-        pass
-    except FileNotFoundError as exc:
-        raise ValueError(str(exc)) from None
 
 
 @hookimpl

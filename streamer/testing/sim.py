@@ -107,6 +107,26 @@ class SimConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     high_rate: int = 0
     high_rate_symbols: int = 100
 
+    def __post_init__(self) -> None:
+        checks = [
+            (self.tick_ms >= 1, "tick_ms must be >= 1"),
+            (0.0 <= self.trade_probability <= 1.0, "trade_probability must be in [0, 1]"),
+            (self.book_levels >= 1, "book_levels must be >= 1"),
+            (self.history_s >= 0, "history_s must be >= 0"),
+            (self.weight_window_s > 0, "weight_window_s must be > 0"),
+            (self.max_streams >= 1, "max_streams must be >= 1"),
+            (self.max_connection_age_s > 0, "max_connection_age_s must be > 0"),
+            (self.replay_speed >= 0, "replay_speed must be >= 0 (0 = as fast as possible)"),
+            (self.high_rate >= 0, "high_rate must be >= 0"),
+            (1 <= self.high_rate_symbols <= 10_000, "high_rate_symbols must be in 1..10000"),
+            (not (self.replay and self.high_rate), "replay and high_rate are exclusive"),
+        ]
+        for value in (self.ping_interval_s, self.pong_timeout_s):
+            checks.append((value is None or value > 0, "ping/pong times must be > 0"))
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(f"SimConfig: {message}")
+
 
 class _Conn:
     """One WebSocket client connection."""
