@@ -292,3 +292,8 @@ class Sink(ABC):
     async def holdings(self) -> dict[StreamKey, int]:
         """Last key held per stream (aggTrade id, kline open time, book update id)."""
         return {}
+
+    @property
+    def pending_rows(self) -> int:
+        """Rows accepted but not yet durable; the runtime keeps flushing while non-zero."""
+        return 0

@@ -121,7 +121,9 @@ class Writer:
         while True:
             await anyio.sleep(flush_every)
             async with lock:
-                if self._dirty:
+                # A sink still holding rows (say, after a failed write) is retried on the
+                # interval even when no new batch arrives.
+                if self._dirty or sink.pending_rows:
                     await sink.flush()
                     self.counters.incr("flushes")
                     self._dirty = False
