@@ -279,3 +279,28 @@ async def test_weight_window_resets():
             await asyncio.sleep(0.05)
         assert r.status_code == 200
         assert sim.truth.counters()[("rest_429", "", "usdm")] >= 1
+
+
+async def test_spot_rest_time_unit_microsecond(client, sim):
+    micro = {"X-MBX-TIME-UNIT": "MICROSECOND"}
+    trades = sim.truth.trades("spot", "BTCUSDT")
+    start_us = trades[10].transact_time * 1000  # µs parameters are accepted too
+    r = await client.get(
+        "/api/v3/aggTrades",
+        params={"symbol": "BTCUSDT", "startTime": start_us, "limit": 2},
+        headers=micro,
+    )
+    expected = [t for t in trades if t.transact_time * 1000 >= start_us][:2]
+    assert [(t["a"], t["T"]) for t in r.json()] == [
+        (t.trade_id, t.transact_time * 1000) for t in expected
+    ]
+    rows = (
+        await client.get(
+            "/api/v3/klines",
+            params={"symbol": "BTCUSDT", "interval": "1m", "limit": 1},
+            headers=micro,
+        )
+    ).json()
+    assert rows[0][0] % 60_000_000 == 0 and rows[0][6] == rows[0][0] + 59_999_999
+    assert (await client.get("/api/v3/time", headers=micro)).json()["serverTime"] >= 10**15
+    assert (await client.get("/fapi/v1/time", headers=micro)).json()["serverTime"] < 10**15

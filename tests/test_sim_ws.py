@@ -419,3 +419,24 @@ async def test_client_close_is_answered():
         assert ws.close_code == 1000
         await asyncio.sleep(0)
         assert sim.truth.counters()[("ws_open_connections", "", "")] in (0, 1)
+
+
+async def test_spot_time_unit_microsecond():
+    cfg = SimConfig(trade_probability=1.0, start_time_ms=T0)
+    async with SimServer(cfg) as sim:
+        url = f"{sim.ws_url}/stream?streams=btcusdt@aggTrade/btcusdt@kline_1m&timeUnit=MICROSECOND"
+        async with (
+            websockets.connect(url) as micro,
+            websockets.connect(f"{sim.ws_url}/ws/btcusdt@aggTrade") as milli,
+        ):
+            got = await recv_data(micro, 6)
+            plain = await recv_data(milli, 1)
+        with pytest.raises(InvalidStatus):
+            await websockets.connect(f"{sim.ws_url}/public/ws/btcusdt@depth?timeUnit=MICROSECOND")
+        with pytest.raises(InvalidStatus):
+            await websockets.connect(f"{sim.ws_url}/ws/btcusdt@depth?timeUnit=NANOSECOND")
+    assert plain[0]["E"] < 10**15
+    trades = [m["data"] for m in got if m["stream"] == "btcusdt@aggTrade"]
+    klines = [m["data"] for m in got if m["stream"] == "btcusdt@kline_1m"]
+    assert trades and all(t["E"] >= 10**15 and t["T"] >= 10**15 for t in trades)
+    assert all(k["k"]["t"] % 60_000_000 == 0 and k["E"] >= 10**15 for k in klines)

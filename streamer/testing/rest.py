@@ -106,8 +106,14 @@ class RestApi:
         #: symbols without a synthetic market (the high-rate source uses it).
         self.snapshot_hook: Callable[[str, str, int], tuple[int, list, list] | None] | None = None
 
-    def handle(self, market: str, endpoint: str, query: list[tuple[str, str]]) -> bytes:
-        """The JSON body for ``GET /<prefix>/<endpoint>``; raises :class:`ApiError`."""
+    def handle(
+        self, market: str, endpoint: str, query: list[tuple[str, str]], micro: bool = False
+    ) -> bytes:
+        """The JSON body for ``GET /<prefix>/<endpoint>``; raises :class:`ApiError`.
+
+        ``micro`` (spot ``X-MBX-TIME-UNIT: MICROSECOND``) answers times in µs. Spot time
+        parameters may be given in ms or µs either way.
+        """
         allowed = _PARAMS.get(endpoint)
         if allowed is None:
             raise ApiError(-1, f"Unknown endpoint {endpoint}.", 404)
@@ -123,7 +129,14 @@ class RestApi:
                 f"Not all sent parameters were read; read '{len(params) - len(extra)}' "
                 f"parameter(s) but was sent '{len(params)}'.",
             )
+        if market == "spot":
+            for name in ("startTime", "endTime"):
+                value = params.get(name, "")
+                if _INT_RE.match(value) and int(value) >= 10**15:  # µs parameter
+                    params[name] = str(int(value) // 1000)
         body: Any = getattr(self, f"_{endpoint}")(market, params)
+        if micro and market == "spot":
+            body = _micro(endpoint, body)
         return _json.encode(body)
 
     # -- parameter helpers ------------------------------------------------------------------
@@ -346,6 +359,20 @@ class RestApi:
                 ]
             )
         return rows
+
+
+def _micro(endpoint: str, body: Any) -> Any:
+    """Spot answer with times in µs (``X-MBX-TIME-UNIT: MICROSECOND``)."""
+    if isinstance(body, dict) and "serverTime" in body:
+        body["serverTime"] *= 1000
+    elif endpoint == "aggTrades":
+        for row in body:
+            row["T"] *= 1000
+    elif endpoint == "klines":
+        for row in body:
+            row[0] *= 1000
+            row[6] = row[6] * 1000 + 999
+    return body
 
 
 def _symbol_info(s: SymbolSpec) -> dict:

@@ -139,6 +139,7 @@ class _Conn:
         "created",
         "incoming",
         "market",
+        "micro",
         "next_ping",
         "path",
         "ping_deadline",
@@ -155,6 +156,7 @@ class _Conn:
         self.route = route  # "all" (spot), "public" or "market"
         self.path = path
         self.combined = False
+        self.micro = False  # spot ``timeUnit=MICROSECOND``
         self.streams: dict[str, StreamSpec | None] = {}
         self.created = time.monotonic()
         self.incoming: deque[float] = deque()
@@ -697,34 +699,37 @@ class SimServer:
     # -- fan-out ----------------------------------------------------------------------------
 
     def _publish(self, market: str, name: str, kind: str, symbol: str, payload: bytes) -> None:
-        """Send one event of stream ``name`` to every subscriber (raw or combined)."""
+        """Send one event of stream ``name`` to every subscriber (raw or combined, ms or µs)."""
         subs = self._subs.get((market, name))
         if not subs or self._stalled:
             return
-        raw = wire.text_header(len(payload)) + payload
-        wrapped = b'{"stream":"' + name.encode() + b'","data":' + payload + b"}"
-        comb = wire.text_header(len(wrapped)) + wrapped
+        head = b'{"stream":"' + name.encode() + b'","data":'
+        variants = _framed(head, payload)
+        if any(conn.micro for conn in subs):
+            variants += _framed(head, _to_micro(payload))
         fault = self.faults.take_message_fault()
         if fault:
             self.counters.incr(f"fault_{fault}", symbol, kind)
             if fault == "malformed":
-                junk = b'{"stream":"' + name.encode() + b'","data":{"e":'
+                junk = head + b'{"e":'
                 bad = wire.text_header(len(junk)) + junk
                 for conn in list(subs):
                     self._send(conn, bad, "malformed", symbol)
             elif fault == "reorder":
                 # Hold this message back; it goes out right after the next one.
-                self._held[(market, name)] = [raw, comb]
+                self._held[(market, name)] = list(variants)
                 return
-        frames = [(raw, comb)]
+        frames = [variants]
         if fault == "duplicate":
-            frames.append((raw, comb))
+            frames.append(variants)
         held = self._held.pop((market, name), None)
         if held is not None:
-            frames.append((held[0], held[1]))
+            frames.append(tuple(held))
         for conn in list(subs):
-            for r, c in frames:
-                self._send(conn, c if conn.combined else r, kind, symbol)
+            index = (2 if conn.micro else 0) + (1 if conn.combined else 0)
+            for variant in frames:
+                if index < len(variant):
+                    self._send(conn, variant[index], kind, symbol)
 
     def _send(self, conn: _Conn, data: bytes, kind: str, symbol: str) -> None:
         if conn.closing:
@@ -808,6 +813,9 @@ class SimServer:
             names = [n for n in rest[len("/ws/") :].split("/") if n] if rest != "/ws" else []
             combined = False
         error = self._validate_streams(market, names, 0)
+        unit = [v for k, v in req.query if k == "timeUnit"]
+        if unit and (market != "spot" or unit[-1].upper() not in ("MICROSECOND", "MILLISECOND")):
+            error = f"Invalid request: invalid timeUnit {unit[-1]!r}"
         if error:
             self.counters.incr("ws_bad_handshakes")
             writer.write(
@@ -825,6 +833,7 @@ class SimServer:
         assert isinstance(transport, asyncio.Transport)
         conn = _Conn(transport, market, route, req.target)
         conn.combined = combined
+        conn.micro = bool(unit) and unit[-1].upper() == "MICROSECOND"
         ping_interval = cfg.ping_interval_s or _MARKET_DEFAULTS[market][0]
         conn.next_ping = conn.created + ping_interval
         if self.config.faults.close_after_messages:
@@ -1243,7 +1252,8 @@ class SimServer:
         state[1] += weight
         headers = [("X-MBX-USED-WEIGHT-1M", str(int(state[1])))]
         try:
-            body = self.rest.handle(market, endpoint, req.query)
+            micro = req.headers.get("x-mbx-time-unit", "").upper() == "MICROSECOND"
+            body = self.rest.handle(market, endpoint, req.query, micro)
             status = 200
         except ApiError as exc:
             self.counters.incr("rest_errors", "", str(exc.code))
@@ -1272,3 +1282,23 @@ def _fault_body(status: int) -> bytes:
             }
         )
     return _json.encode({"code": -1, "msg": "Simulated error."})
+
+
+def _framed(head: bytes, payload: bytes) -> tuple[bytes, bytes]:
+    """(raw frame, combined frame) for one event payload."""
+    wrapped = head + payload + b"}"
+    return wire.text_header(len(payload)) + payload, wire.text_header(len(wrapped)) + wrapped
+
+
+def _to_micro(payload: bytes) -> bytes:
+    """The same event with its times in µs (spot ``timeUnit=MICROSECOND``)."""
+    body = msgspec.json.decode(payload)
+    if isinstance(body, dict):
+        for key in ("E", "T"):
+            if isinstance(body.get(key), int):
+                body[key] *= 1000
+        k = body.get("k")
+        if isinstance(k, dict):
+            for key in ("t", "T"):
+                k[key] *= 1000
+    return _json.encode(body)
