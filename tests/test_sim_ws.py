@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import json
 
@@ -440,3 +441,34 @@ async def test_spot_time_unit_microsecond():
     klines = [m["data"] for m in got if m["stream"] == "btcusdt@kline_1m"]
     assert trades and all(t["E"] >= 10**15 and t["T"] >= 10**15 for t in trades)
     assert all(k["k"]["t"] % 60_000_000 == 0 and k["E"] >= 10**15 for k in klines)
+
+
+async def test_random_garbage_never_crashes_the_server():
+    import random
+
+    rng = random.Random(1234)
+    async with SimServer(SimConfig(incoming_limit=10_000)) as sim:
+        for _ in range(30):  # random bytes instead of HTTP
+            reader, writer = await asyncio.open_connection("127.0.0.1", sim.port)
+            writer.write(
+                bytes(rng.getrandbits(8) for _ in range(rng.randint(1, 300))) + b"\r\n\r\n"
+            )
+            with contextlib.suppress(ConnectionError, TimeoutError):
+                await asyncio.wait_for(reader.read(200), 2)
+            writer.close()
+        client = await RawClient.connect(f"{sim.ws_url}/ws")
+        pieces = [b"{", b"}", b"[", b"]", b'"method"', b'"id"', b'"params"', b":", b",", b"1"]
+        pieces += [b'"SUBSCRIBE"', b'"SET_PROPERTY"', b'"combined"', b"null", b"true", b"\xff"]
+        for _ in range(300):  # random control messages
+            client.send(b"".join(rng.choice(pieces) for _ in range(rng.randint(1, 12))))
+        client.send(json.dumps({"method": "LIST_SUBSCRIPTIONS", "id": 77}).encode())
+        while True:
+            op, payload = await client.recv(5)
+            if op == wire.OP_TEXT and b'"id":77' in payload:
+                break
+        for _ in range(20):  # random frames, including bad opcodes and lengths
+            client.writer.write(bytes(rng.getrandbits(8) for _ in range(rng.randint(2, 40))))
+        await client.close()
+        async with websockets.connect(f"{sim.ws_url}/ws/btcusdt@depth@100ms") as ws:
+            await recv_data(ws, 1)
+        assert ("sim_internal_errors", "", "") not in sim.truth.counters()
