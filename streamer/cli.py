@@ -247,6 +247,11 @@ def _run(
             raise _UsageError("--duration must be positive")
         setup_logging(logging.WARNING if quiet else logging.INFO)
         selection = _selection(plugins, plugin_module)
+        live = None
+        if not quiet and sys.stderr.isatty():
+            from .core.ops.status import LiveSummary
+
+            live = LiveSummary(sys.stderr)
         code = runtime.run(
             cfg,
             selection.enabled,
@@ -254,6 +259,7 @@ def _run(
             duration=duration,
             log_level=logging.WARNING if quiet else logging.INFO,
             source=source,
+            on_status=live,
         )
     raise typer.Exit(code)
 

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import anyio
 
@@ -111,6 +111,7 @@ def run(
     duration: float | None = None,
     log_level: int = logging.INFO,
     source: str = "<config>",
+    on_status: Callable[[dict], None] | None = None,
 ) -> int:
     """Run ``config`` until SIGINT/SIGTERM or ``duration`` seconds; returns the exit code.
 
@@ -121,7 +122,8 @@ def run(
     modules registered as plugins in every process (how tests add inline plugins).
     Bad input (config, plugins, unknown symbols) raises ``ConfigError``, ``PluginError``
     or ``ValueError`` before any child starts. Returns 0 after a clean drain, 1 when the
-    shutdown timed out, 130 when a second signal forced the exit.
+    shutdown timed out, 130 when a second signal forced the exit. ``on_status`` is called
+    in the supervisor with every status document it publishes (the live terminal summary).
     """
     plugins = PluginSelection(
         enabled=None if enabled_plugins is None else tuple(enabled_plugins),
@@ -137,6 +139,7 @@ def run(
             sink_types=sink_types,
             log_level=log_level,
             duration=duration,
+            on_status=on_status,
         )
         return await supervisor.run()
 

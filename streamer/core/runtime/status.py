@@ -41,6 +41,7 @@ add their own through the same ``Counters``.
 
 from __future__ import annotations
 
+import operator
 import os
 from collections import defaultdict
 from collections.abc import Iterable
@@ -54,19 +55,28 @@ from .channels import CounterRow
 STATUS_FILE = "status.json"
 
 
+#: Gauges that are merged by taking the largest value, not the sum: times, and figures every
+#: process reads from the same shared source (Binance reports the IP's used REST weight).
+MAX_MERGED = frozenset({"last_event_time", "rest_weight_used"})
+
+
 def merge_counters(row_sets: Iterable[Iterable[CounterRow]]) -> dict[str, Any]:
-    """Sum counter rows of several children into ``totals``, ``streams`` and ``process``."""
+    """Merge counter rows of several children into ``totals``, ``streams`` and ``process``.
+
+    Counters are summed; the gauges in :data:`MAX_MERGED` take the largest value.
+    """
     totals: defaultdict[str, int] = defaultdict(int)
     process: defaultdict[str, int] = defaultdict(int)
     streams: dict[str, dict[str, dict[str, int]]] = {}
     for rows in row_sets:
         for name, symbol, stream, value in rows:
-            totals[name] += value
+            combine = max if name in MAX_MERGED else operator.add
+            totals[name] = combine(totals[name], value)
             if not symbol and not stream:
-                process[name] += value
+                process[name] = combine(process[name], value)
                 continue
             per = streams.setdefault(symbol or "*", {}).setdefault(stream or "*", {})
-            per[name] = per.get(name, 0) + value
+            per[name] = combine(per.get(name, 0), value)
     return {"totals": dict(sorted(totals.items())), "streams": streams, "process": dict(process)}
 
 

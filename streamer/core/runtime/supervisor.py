@@ -25,6 +25,7 @@ import shutil
 import signal
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -107,8 +108,10 @@ class Supervisor:
         sink_types: dict[str, str],
         log_level: int = logging.INFO,
         duration: float | None = None,
+        on_status: Callable[[dict], None] | None = None,
     ) -> None:
         self.config = config
+        self.on_status = on_status
         self.runtime = config.runtime
         self.plugins = plugins
         self.plans = plans
@@ -372,10 +375,13 @@ class Supervisor:
         }
 
     def _publish(self) -> None:
+        doc = self.status()
         try:
-            write_status(self.runtime.state_dir, self.status())
+            write_status(self.runtime.state_dir, doc)
         except OSError as exc:
             log.error("cannot write status to %s: %s", self.runtime.state_dir, exc)
+        if self.on_status is not None:
+            self.on_status(doc)
 
     async def _status_loop(self) -> None:
         while True:

@@ -183,10 +183,18 @@ class Worker:
 
     def _count(self, batch: list[Record]) -> None:
         tally: defaultdict[tuple[str, str], int] = defaultdict(int)
+        latest: dict[tuple[str, str], int] = {}
         for record in batch:
-            tally[(record.symbol, stream_name(record))] += 1
+            key = (record.symbol, stream_name(record))
+            tally[key] += 1
+            # Markers carry ``time`` instead; they say nothing about the feed's freshness.
+            event_time = getattr(record, "event_time", 0)
+            if event_time > latest.get(key, 0):
+                latest[key] = event_time
         for (symbol, stream), n in tally.items():
             self.counters.incr("records_emitted", symbol, stream, n)
+        for (symbol, stream), event_time in latest.items():
+            self.counters.set("last_event_time", event_time, symbol, stream)
 
     async def _sender(self, sink: str, path: str, receive) -> None:
         stream = await connect_unix_retry(path)
