@@ -28,8 +28,8 @@ from collections.abc import Callable, Iterable, Sequence
 
 import anyio
 
-from ..api import ExchangeContext
-from ..config import Config, validate_components
+from ..api import ExchangeContext, StreamContext
+from ..config import Config, ConfigError, ResolvedPipeline, validate_components
 from ..metrics import Counters
 from .bootstrap import PluginSelection, auto_workers, partition
 from .keys import HighWater, record_key, stream_key, stream_name
@@ -89,6 +89,9 @@ async def plan_pipelines(
             await adapter.aclose()
         if not symbols:
             raise ValueError(f"{source}: pipelines[{index}].symbols: no trading symbol left")
+        _check_subscriptions(
+            pipeline, registry, adapter, symbols[0], f"{source}: pipelines[{index}]"
+        )
         workers = cfg.workers or auto_workers(len(symbols), os.cpu_count())
         plans.append(
             PipelinePlan(
@@ -101,6 +104,37 @@ async def plan_pipelines(
             )
         )
     return plans, {name: type_name for name, (type_name, _) in sinks.items()}
+
+
+#: Channels whose records say which subscription they answer (a kline carries its
+#: interval); on the others, two stream types asking different params would each receive
+#: both feeds, so the runtime refuses that at start-up.
+_PARAM_CARRIED = frozenset({"kline"})
+
+
+def _check_subscriptions(
+    pipeline: ResolvedPipeline, registry, adapter, symbol: str, where: str
+) -> None:
+    wanted: dict[str, tuple[str, str]] = {}
+    for name, options in pipeline.stream_options.items():
+        context = StreamContext(
+            pipeline=pipeline.config.name,
+            exchange=adapter,
+            symbols=[symbol],
+            emit=lambda record: None,
+            counters=Counters(),
+            logger=log,
+        )
+        for sub in registry.stream(name)(options, context).subscriptions():
+            if sub.channel in _PARAM_CARRIED:
+                continue
+            other = wanted.setdefault(sub.channel, (name, sub.param))
+            if other[1] != sub.param:
+                raise ConfigError(
+                    f"{where}.streams: {other[0]} and {name} both read the {sub.channel!r} "
+                    f"channel but ask for different speeds ({other[1] or 'default'!r} vs "
+                    f"{sub.param or 'default'!r}); give them the same value"
+                )
 
 
 def run(

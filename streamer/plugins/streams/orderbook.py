@@ -53,8 +53,8 @@ class OrderBookOptions(msgspec.Struct, forbid_unknown_fields=True, kw_only=True)
     #: ``"0"`` or ``"off"`` disables verification.
     verify_interval: str | float = "10m"
     #: Depth update speed requested from the adapter (``"100ms"``); empty for its default.
-    #: Keep it equal to the ``depth`` stream's speed in the same pipeline: both receive
-    #: every depth update of the pipeline, whatever speed it was subscribed at.
+    #: Must equal the ``depth`` stream's speed in the same pipeline (both read one depth
+    #: feed); the runtime refuses different speeds at start-up.
     speed: str = ""
     #: Updates buffered per symbol while its snapshot request is in flight; past it the
     #: oldest half is dropped (counted as ``buffer_overflows``).
