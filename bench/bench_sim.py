@@ -195,6 +195,7 @@ def main() -> None:
         ("baseline websockets send()", 0, 0),
         ("sim rate=100k symbols=100", 100_000, 100),
         ("sim rate=max symbols=100", 10_000_000, 100),
+        ("sim rate=100k symbols=2000", 100_000, 2000),
         ("sim rate=max symbols=2000", 10_000_000, 2000),
     ]
     results: dict[str, list[tuple[float, float]]] = {name: [] for name, _, _ in cases}
