@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 
 import anyio
 from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosedOK
 
 from streamer.core.logs import RateLimitedLog
 from streamer.core.metrics import Counters
@@ -319,8 +320,11 @@ class ConnectionManager:
         clock = time.monotonic
         time_ns = time.time_ns
         seen = False
+        # recv(decode=False): msgspec parses the UTF-8 bytes itself, so skip str decoding.
+        recv = live.ws.recv
         try:
-            async for raw in live.ws:
+            while True:
+                raw = await recv(decode=False)
                 live.last_data = clock()
                 self._messages += 1
                 try:
@@ -351,6 +355,8 @@ class ConnectionManager:
                         "ws_control_error", "control request %r failed: %s %s",
                         event.id, event.code, event.msg,
                     )  # fmt: skip
+        except ConnectionClosedOK:
+            pass  # a clean close: the reason comes from the close code below
         except Exception as exc:  # a closed or broken socket ends this connection only
             if not live.reason:
                 live.reason = f"disconnect ({type(exc).__name__})"
