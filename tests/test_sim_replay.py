@@ -11,6 +11,7 @@ import pytest
 import websockets
 
 from streamer.testing.captures import read_cryptofeed
+from streamer.testing.faults import FaultPlan
 from streamer.testing.sim import SimConfig, SimServer
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared/research/data"
@@ -58,11 +59,17 @@ def _rebuild(style: str, events: list[dict], snapshot: dict) -> tuple[int, int, 
     return dropped, applied, gaps, crossed
 
 
-async def _replay_books(capture: str, rest_prefix: str, style: str) -> dict[str, tuple]:
+async def _replay_books(
+    capture: str, rest_prefix: str, style: str, faults: FaultPlan | None = None
+) -> dict[str, tuple]:
     cfg = SimConfig(replay=capture, replay_speed=0, data_dir=str(DATA))
+    if faults is not None:
+        cfg = SimConfig(replay=capture, replay_speed=0, data_dir=str(DATA), faults=faults)
     async with SimServer(cfg) as sim:
         streams = [s for s in sim.replay.streams() if "@depth" in s]
         expected = sim.replay.count(streams)
+        if faults is not None and faults.drop_depth_every:
+            expected -= expected // faults.drop_depth_every
         url = f"{sim.ws_url}/stream?streams={'/'.join(streams)}"
         by_symbol: dict[str, list[dict]] = {}
         async with websockets.connect(url, max_size=None) as ws:
@@ -164,3 +171,12 @@ async def test_replay_paced_at_recorded_speed():
             elapsed = loop.time() - t0
         # Paced, not dumped at once (generous lower bound; the upper bound is the timeout).
         assert elapsed >= span * 0.5
+
+
+async def test_replay_with_dropped_depth_events_shows_gaps():
+    books = await _replay_books(
+        "BINANCE_FUTURES", "/fapi/v1", "futures", FaultPlan(drop_depth_every=100)
+    )
+    gaps = sum(b[2] for b in books.values())
+    assert gaps == 7  # 764 recorded diffs, every 100th dropped (7), none of them stale
+    assert all(b[3] == 0 for b in books.values())

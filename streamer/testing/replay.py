@@ -59,6 +59,7 @@ class ReplaySource:
     rest: dict[tuple[str, str], list[bytes]]
     skipped: int = 0
     _served: dict[tuple[str, str], int] = field(default_factory=lambda: defaultdict(int))
+    _held: dict[int, bytes] = field(default_factory=dict)
 
     @classmethod
     def load(cls, name: str, data_dir: str | None, speed: float = 1.0) -> ReplaySource:
@@ -151,8 +152,35 @@ class ReplaySource:
             if frame.stream not in conn.streams or server.faults.stalled():
                 continue
             data = frame.combined_frame if conn.combined else frame.raw_frame
-            server._send(conn, data, frame.kind, frame.symbol)
+            self._send_with_faults(server, conn, frame, data)
             if conn.transport.get_write_buffer_size() > 1 << 20:
                 # Let a slow client catch up instead of buffering the whole capture.
                 await asyncio.sleep(0.001)
         server.counters.incr("replay_finished")
+
+    def _send_with_faults(
+        self, server: SimServer, conn: _Conn, frame: ReplayFrame, data: bytes
+    ) -> None:
+        """Send one recorded frame, applying the same stream faults as the synthetic market."""
+        faults, counters = server.faults, server.counters
+        if frame.kind == "aggTrade" and faults.take_drop_aggtrade(frame.symbol):
+            counters.incr("fault_aggtrade_dropped", frame.symbol)
+            return
+        if frame.kind == "depth" and faults.take_drop_depth(frame.symbol):
+            counters.incr("fault_depth_dropped", frame.symbol)
+            return
+        fault = faults.take_message_fault()
+        if fault:
+            counters.incr(f"fault_{fault}", frame.symbol, frame.kind)
+        if fault == "reorder":
+            self._held[id(conn)] = data
+            return
+        if fault == "malformed":
+            junk = b'{"stream":"' + frame.stream.encode() + b'","data":{"e":'
+            server._send(conn, wire.text_header(len(junk)) + junk, "malformed", frame.symbol)
+        server._send(conn, data, frame.kind, frame.symbol)
+        if fault == "duplicate":
+            server._send(conn, data, frame.kind, frame.symbol)
+        held = self._held.pop(id(conn), None)
+        if held is not None:
+            server._send(conn, held, frame.kind, frame.symbol)
