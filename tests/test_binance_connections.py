@@ -241,3 +241,44 @@ async def test_bad_frames_are_counted_not_fatal_and_server_shutdown_is_replaced(
     assert c.get("malformed_frames", stream="json") == 1
     assert c.get("ws_control_errors") == 1
     assert c.get("ws_server_shutdowns") == 1 and c.get("ws_reconnects") == 0 and not reconnects
+
+
+@pytest.mark.anyio
+async def test_connect_failures_are_retried_until_the_server_comes_back():
+    import socket
+
+    from websockets.asyncio.server import serve
+
+    with socket.socket() as probe:  # a free port, closed again: nothing listens there yet
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    frame = ('{"stream":"btcusdt@aggTrade","data":{"e":"aggTrade","E":1,"s":"BTCUSDT","a":7,'
+             '"p":"1.0","q":"2.0","f":7,"l":7,"T":1,"m":true,"M":true}}')  # fmt: skip
+
+    async def handler(ws):
+        await ws.send(frame)
+        await ws.wait_closed()
+
+    a = adapter(ws_url=f"ws://127.0.0.1:{port}", reconnect_backoff_max="200ms")
+    got = []
+
+    class Inbox:
+        def on_record(self, record):
+            got.append(record.trade_id)
+
+        def on_reconnect(self, symbols, reason):
+            pass
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(a.stream, [Subscription("BTCUSDT", "trade")], Inbox())
+        with anyio.fail_after(10):
+            while a.context.counters.get("ws_connect_failures") < 3:
+                await anyio.sleep(0.02)
+        async with serve(handler, "127.0.0.1", port):
+            with anyio.fail_after(10):
+                while not got:
+                    await anyio.sleep(0.02)
+            tg.cancel_scope.cancel()
+    await a.aclose()
+    assert got == [7]
+    assert a.context.counters.get("ws_connects") >= 4
