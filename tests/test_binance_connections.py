@@ -282,3 +282,63 @@ async def test_connect_failures_are_retried_until_the_server_comes_back():
     await a.aclose()
     assert got == [7]
     assert a.context.counters.get("ws_connects") >= 4
+
+
+@pytest.mark.anyio
+async def test_failed_replacement_keeps_the_old_connection():
+    from websockets.asyncio.server import serve
+
+    clock = {"id": 0}
+    opened = []
+
+    def agg(i: int) -> str:
+        body = f'"a":{i},"p":"1.0","q":"2.0","f":{i},"l":{i},"T":1,"m":true,"M":true'
+        return (
+            '{"stream":"btcusdt@aggTrade","data":{"e":"aggTrade","E":1,"s":"BTCUSDT",' + body + "}}"
+        )
+
+    async def handler(ws):
+        opened.append(1)
+        if len(opened) == 2:
+            await ws.close()  # the first replacement attempt dies before delivering
+            return
+        sent = clock["id"]  # a new connection starts with the live stream's next event
+        while True:
+            while sent < clock["id"]:
+                sent += 1
+                await ws.send(agg(sent))
+            await anyio.sleep(0.005)
+
+    async def ticker():
+        while True:
+            clock["id"] += 1
+            await anyio.sleep(0.01)
+
+    async with serve(handler, "127.0.0.1", 0) as server, anyio.create_task_group() as market:
+        market.start_soon(ticker)
+        port = server.sockets[0].getsockname()[1]
+        a = adapter(ws_url=f"ws://127.0.0.1:{port}", rotation_overlap="100ms")
+        got: list[int] = []
+        reconnects = []
+
+        class Inbox:
+            def on_record(self, record):
+                got.append(record.trade_id)
+
+            def on_reconnect(self, symbols, reason):
+                reconnects.append(reason)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(a.stream, [Subscription("BTCUSDT", "trade")], Inbox())
+            with anyio.fail_after(10):
+                while len(got) < 5:
+                    await anyio.sleep(0.01)
+                a.connections.request_rotation()
+                while a.context.counters.get("ws_rotations") < 1:
+                    await anyio.sleep(0.01)
+            tg.cancel_scope.cancel()
+        await a.aclose()
+        market.cancel_scope.cancel()
+    assert len(opened) == 3
+    assert reconnects == [] and a.context.counters.get("ws_reconnects") == 0
+    assert sorted(set(got)) == list(range(min(got), max(got) + 1)), "no id was missed"

@@ -71,6 +71,18 @@ def build_groups(base: str, streams: Sequence[str], max_streams: int) -> list[St
     return groups
 
 
+async def _first_of(*events: anyio.Event) -> None:
+    """Return as soon as any of ``events`` is set."""
+    async with anyio.create_task_group() as tg:
+
+        async def _wait(event: anyio.Event) -> None:
+            await event.wait()
+            tg.cancel_scope.cancel()
+
+        for event in events:
+            tg.start_soon(_wait, event)
+
+
 class ConnectionRateLimiter:
     """At most ``limit`` new connections per rolling ``window`` seconds."""
 
@@ -249,7 +261,14 @@ class ConnectionManager:
                     if not lost:
                         # Make-before-break: keep the old one until the new one delivers.
                         with anyio.move_on_after(self.settings.overlap + 10):
-                            await new.data_seen.wait()
+                            await _first_of(new.data_seen, new.ended)
+                        failed = new.ended.is_set() and not new.data_seen.is_set()
+                        if failed and not old.ended.is_set():
+                            # The replacement failed: keep the old one and retry.
+                            failures += 1
+                            current = old
+                            self.live[index] = old
+                            continue
                         lost = old.ended.is_set()
                         if not lost:
                             with anyio.move_on_after(self.settings.overlap):
