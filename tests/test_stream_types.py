@@ -291,6 +291,21 @@ async def test_aggtrade_rest_failure_is_retried():
     assert len(ex.trade_calls) == 2
 
 
+async def test_aggtrade_failed_catch_up_is_retried():
+    ex = FakeExchange()
+    ex.trades["AAA"] = {i: trade("AAA", i) for i in range(1, 8)}
+    ex.fail_next = 1
+    stream, out, counters = make(AggTradeStream, FAST, ex)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(stream.run)
+        stream.on_record(trade("AAA", 1))
+        stream.on_reconnect(["AAA"], "disconnect")  # quiet symbol: open-ended catch-up
+        await wait_for(lambda: ids(out) == list(range(1, 8)), timeout=10)
+        tg.cancel_scope.cancel()
+    assert counters.get("backfill_errors", "AAA", "aggtrade") == 1
+    assert ex.trade_calls == [("AAA", 2, None), ("AAA", 2, None)]
+
+
 async def test_aggtrade_hold_limit_gives_up_the_gap():
     ex = FakeExchange()
     ex.gate = anyio.Event()  # REST never answers

@@ -156,9 +156,10 @@ class _SymbolState:
 class GapFillStream(StreamType):
     """Base of stream types whose records have consecutive keys and can be refetched.
 
-    Subclasses give the key functions (:meth:`_make_sequencer`), the REST source
-    (:meth:`_fetch`) and the output stream names. ``Options`` must have ``backfill``
-    (bool), ``gap_grace`` (duration) and ``max_held`` (int).
+    Subclasses register one :class:`KeySequencer` per (symbol, output stream) with
+    :meth:`_add_state`, feed records through :meth:`_offer` and give the REST source
+    (:meth:`_fetch`). ``Options`` must have ``backfill`` (bool), ``gap_grace`` (duration)
+    and ``max_held`` (int).
     """
 
     #: Gaps filled at the same time (REST pacing is the adapter's job).
@@ -270,6 +271,7 @@ class GapFillStream(StreamType):
                     seq.wants_catch_up = False
                     self._give_up(symbol, stream, state, "backfill disabled")
                     return
+                catch_up = seq.wants_catch_up
                 try:
                     async with limiter:
                         await self._fill_once(symbol, stream, state)
@@ -277,6 +279,8 @@ class GapFillStream(StreamType):
                 except anyio.get_cancelled_exc_class():
                     raise
                 except Exception as exc:  # REST trouble: retry later, live data is held
+                    if catch_up:
+                        seq.wants_catch_up = True  # the catch-up is still owed
                     failures += 1
                     self.context.counters.incr("backfill_errors", symbol, stream)
                     self._log.warning(
