@@ -79,6 +79,10 @@ class _Inbox:
             stream.on_reconnect(symbols, reason)
 
 
+class SinkLost(Exception):
+    """A writer went away: what the worker still holds for it cannot be delivered."""
+
+
 class Worker:
     """One collector worker; :meth:`run` returns when stopped and everything is sent."""
 
@@ -200,7 +204,13 @@ class Worker:
         stream = await connect_unix_retry(path)
         async with stream, receive:
             async for data in receive:
-                await stream.send(frame(data))
+                try:
+                    await stream.send(frame(data))
+                except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
+                    raise SinkLost(
+                        f"lost the connection to sink {sink!r}; exiting so the supervisor "
+                        "restarts this worker (it resumes from what the sinks hold)"
+                    ) from None
 
     # -- lifecycle ---------------------------------------------------------------------
     def _build(self) -> tuple[ExchangeAdapter, list[StreamType]]:
@@ -306,4 +316,8 @@ def worker_main(spec: ChildSpec) -> None:
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor decides when to stop
     setup_logging(spec.log_level)
-    anyio.run(Worker(spec).run)
+    try:
+        anyio.run(Worker(spec).run)
+    except* SinkLost as group:
+        logging.getLogger(f"streamer.worker.{spec.child}").error("%s", group.exceptions[0])
+        raise SystemExit(3) from None
