@@ -319,5 +319,8 @@ def worker_main(spec: ChildSpec) -> None:
     try:
         anyio.run(Worker(spec).run)
     except* SinkLost as group:
-        logging.getLogger(f"streamer.worker.{spec.child}").error("%s", group.exceptions[0])
+        lost: BaseException = group
+        while isinstance(lost, BaseExceptionGroup):  # task groups nest the error
+            lost = lost.exceptions[0]
+        logging.getLogger(f"streamer.worker.{spec.child}").error("%s", lost)
         raise SystemExit(3) from None
