@@ -18,6 +18,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import sys
 import time
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
@@ -33,6 +34,7 @@ class Control:
         self.source = server.high_rate
         self.rate = 0.0
         self._task: asyncio.Task[None] | None = None
+        self.restarts = 0
         self._t0 = time.monotonic()
         self._gen0 = 0
         # The server started the generator at the configured rate: take it over.
@@ -52,6 +54,23 @@ class Control:
             self.source.rate = int(self.rate)
             self._task = asyncio.get_running_loop().create_task(self.source.run())
 
+    async def watchdog(self) -> None:
+        """Restart the generator if it died, so one simulator bug cannot stall a run.
+
+        (Seen: ``HighRateSource`` keeps its round-robin cursor when a new client subscribes
+        fewer streams than the previous one, and its task ends with an ``IndexError``.)
+        """
+        while True:
+            await asyncio.sleep(0.1)
+            task = self._task
+            if task is None or not task.done() or task.cancelled():
+                continue
+            exc = task.exception()
+            self.restarts += 1
+            if self.restarts <= 3:
+                print(f"high-rate generator died ({exc!r}); restarting", file=sys.stderr)
+            self._task = asyncio.get_running_loop().create_task(self.source.run())
+
     def stats(self) -> dict[str, Any]:
         """Counters in the shape of ``_feed.Feed.stats``."""
         generated = self.source.generated
@@ -62,6 +81,7 @@ class Control:
             "backlog": max(0, due - (generated - self._gen0)),
             "connections": len(getattr(self.server, "_conns", ())),
             "stalled_ticks": self.source.backpressure,
+            "generator_restarts": self.restarts,
             "time_ms": time.time_ns() // 1_000_000,
         }
 
@@ -111,7 +131,7 @@ async def run(symbols: int, seed: int, host: str) -> None:
         port = control_server.sockets[0].getsockname()[1]
         print(f"READY {server.port} {port}", flush=True)
         async with control_server:
-            await asyncio.Event().wait()
+            await control.watchdog()
 
 
 def main() -> None:

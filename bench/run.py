@@ -51,6 +51,13 @@ ROOT = BENCH.parent
 MICRO = ("bench_decode.py", "bench_book.py", "bench_csv.py", "bench_sim.py")
 #: Scripts run with ``--quick`` even in a full run, to keep ``make bench`` under 15 minutes.
 MICRO_ALWAYS_QUICK = ("bench_decode.py",)
+#: Shorter settings for ``--quick`` runs, for scripts without a ``--quick`` flag of their own
+#: (each flag is passed only when the script's ``--help`` lists it).
+MICRO_QUICK_ARGS = {
+    "bench_book.py": ["--repeat", "2"],
+    "bench_csv.py": ["--runs", "1", "--rows", "20000", "--book-rows", "2000"],
+    "bench_sim.py": ["--seconds", "2", "--repeat", "1"],
+}
 MICRO_TIMEOUT = 180
 SUBJECTS: dict[str, type[Subject]] = {
     "bare": BareSubject,
@@ -487,6 +494,11 @@ def run_micro(quick: bool, log: Any) -> list[dict[str, Any]]:
             ).stdout
             if "--quick" in helptext:
                 args.append("--quick")
+            elif quick:
+                extra = MICRO_QUICK_ARGS.get(script, [])
+                for flag, value in zip(extra[::2], extra[1::2], strict=True):
+                    if flag in helptext:
+                        args += [flag, value]
         t0 = time.monotonic()
         # Own session, so a timeout also ends whatever the script started (a simulator...).
         proc = subprocess.Popen(
