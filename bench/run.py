@@ -164,8 +164,9 @@ def run_step(
     Behind means: the feed could not keep its schedule (its socket buffer to the subject
     stayed full, so more than 150 ms of events are still due), or fewer than 90% of the
     scheduled events went out, or the receive lag grew by more than 250 ms from the first
-    to the last third of the step, or the latency of rows reaching the files grew by more
-    than 500 ms (the writer is falling behind while the queues still absorb it).
+    to the last third of the step, or the low end (10th percentile) of the latency of rows
+    reaching the files rose by more than 500 ms (the writer is falling behind while the
+    queues still absorb it).
     """
     feed.set_rate(rate)
     time.sleep(min(1.0, seconds * 0.25))  # let the new rate settle
@@ -195,9 +196,11 @@ def run_step(
         why.append(f"only {achieved:.0f}/s sent")
     if growth > 250:
         why.append(f"lag grew {growth:.0f} ms")
-    # Rows reach the files once per flush interval, so their latency is a saw-tooth; a
-    # median growing by half an interval means the writing side is falling behind.
-    row_growth = _median(subject.written(t1 - third, t1)) - _median(subject.written(t0, t0 + third))
+    # Rows reach the files once per flush interval, so their latency is a saw-tooth whose
+    # low end (the freshest rows of each flush) stays put while the writer keeps up; that
+    # low end rising by half an interval means the writing side is falling behind.
+    fresh_late = percentile(subject.written(t1 - third, t1), 0.1)
+    row_growth = fresh_late - percentile(subject.written(t0, t0 + third), 0.1)
     if row_growth > 500:
         why.append(f"row latency grew {row_growth:.0f} ms")
     if not subject.alive():
