@@ -138,6 +138,8 @@ class Step:
     cpu_per_m: float
     cpu_share: float
     feed_cpu_share: float
+    #: CPU of the harness itself (tailer and sampler threads), which shares the machine.
+    harness_cpu_share: float
     recv_p50: float
     recv_p99: float
     written_p50: float
@@ -175,8 +177,10 @@ def run_step(
     sampler.mark()
     feed_sampler.mark()
     t0 = time.monotonic()
+    own0 = time.process_time()
     time.sleep(seconds)
     t1 = time.monotonic()
+    own = time.process_time() - own0
     after = feed.stats()
     usage = sampler.usage()
     feed_usage = feed_sampler.usage()
@@ -222,6 +226,7 @@ def run_step(
         cpu_per_m=usage.cpu_seconds / delivered * 1e6 if delivered else float("nan"),
         cpu_share=usage.cpu_seconds / span,
         feed_cpu_share=feed_usage.cpu_seconds / span,
+        harness_cpu_share=own / span,
         recv_p50=percentile(recv, 0.5),
         recv_p99=percentile(recv, 0.99),
         written_p50=percentile(written, 0.5),
@@ -302,7 +307,8 @@ def measure_subject(
 def _step_line(s: Step) -> str:
     return (
         f"{s.achieved:8.0f}/s {'ok ' if s.ok else 'BEHIND'} cpu {s.cpu_share:.2f} "
-        f"({s.cpu_per_m:.1f} s/M) feed {s.feed_cpu_share:.2f} lag p50/p99 "
+        f"({s.cpu_per_m:.1f} s/M) feed {s.feed_cpu_share:.2f} harness {s.harness_cpu_share:.2f} "
+        f"lag p50/p99 "
         f"{s.recv_p50:.0f}/{s.recv_p99:.0f} ms row {s.written_p50:.0f}/{s.written_p99:.0f} ms"
         + (f"  [{s.why}]" if s.why else "")
     )
@@ -739,8 +745,8 @@ def render(report: dict[str, Any]) -> str:
         ]
     lines += ["", "### Ramps, round by round", ""]
     lines += [
-        "Each cell: achieved msg/s, the subject's CPU (cores), the feed's CPU (cores); "
-        "`BEHIND` marks the step that failed and why.",
+        "Each cell: achieved msg/s, then the CPU (cores) of the subject / the feed / the "
+        "harness (tailer and samplers); `BEHIND` marks the step that failed and why.",
         "",
     ]
     for i, rnd in enumerate(report["rounds"], 1):
@@ -753,7 +759,8 @@ def render(report: dict[str, Any]) -> str:
                 mark = "" if st["ok"] else f" BEHIND ({st['why']})"
                 cells.append(
                     f"{st['rate'] / 1000:.0f}k: {st['achieved'] / 1000:.1f}k "
-                    f"{st['cpu_share']:.2f}/{st['feed_cpu_share']:.2f}{mark}"
+                    f"{st['cpu_share']:.2f}/{st['feed_cpu_share']:.2f}"
+                    f"/{st.get('harness_cpu_share', float('nan')):.2f}{mark}"
                 )
             lines.append(f"- round {i}, {name}: " + "; ".join(cells))
     micro = report.get("micro") or []
