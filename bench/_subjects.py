@@ -221,10 +221,12 @@ class CollectorSubject(Subject):
         workdir: Path,
         workers: int = 0,
         env: dict[str, str] | None = None,
+        book_interval: str = "1s",
     ) -> None:
         super().__init__(feed, symbols, workdir)
         self.workers = workers
         self.env = env
+        self.book_interval = book_interval
         self.state = workdir / f"{self.name}-state"
         self.config = workdir / f"{self.name}-{symbols}.yaml"
 
@@ -248,7 +250,11 @@ class CollectorSubject(Subject):
                         "aggtrade": {},
                         "depth": {},
                         "kline": {"intervals": ["1m"]},
-                        "orderbook": {"levels": 20, "interval": "1s", "snapshot_limit": 100},
+                        "orderbook": {
+                            "levels": 20,
+                            "interval": self.book_interval,
+                            "snapshot_limit": 100,
+                        },
                     },
                     "sinks": ["csv"],
                     "workers": self.workers,

@@ -100,6 +100,8 @@ class Plan:
     burst_every: float = 40.0
     #: Collector worker processes (0: the runtime's default for the symbol count).
     workers: int = 0
+    #: The orderbook stream's snapshot interval in the collector's config.
+    book_interval: str = "1s"
     #: ``sim`` (the package's simulator in high-rate mode) or ``own`` (``_feed.py``).
     feed: str = "sim"
     micro: bool = True
@@ -260,7 +262,9 @@ def measure_subject(
 ) -> dict[str, Any]:
     """Start one subject on ``feed``, take the 20k step and the ramp, stop it."""
     if name == "collector":
-        subject: Subject = CollectorSubject(feed, plan.symbols, workdir, workers=plan.workers)
+        subject: Subject = CollectorSubject(
+            feed, plan.symbols, workdir, workers=plan.workers, book_interval=plan.book_interval
+        )
     else:
         subject = SUBJECTS[name](feed, plan.symbols, workdir)
     feed.set_rate(0)
@@ -317,7 +321,13 @@ def _step_line(s: Step) -> str:
 def full_market(plan: Plan, workdir: Path, log: Any) -> dict[str, Any]:
     """The collector on ``full_symbols`` symbols: base rate with periodic bursts."""
     feed = FeedProcess(plan.full_symbols, workdir, plan.feed)
-    subject = CollectorSubject(feed, plan.full_symbols, workdir / "full", workers=plan.workers)
+    subject = CollectorSubject(
+        feed,
+        plan.full_symbols,
+        workdir / "full",
+        workers=plan.workers,
+        book_interval=plan.book_interval,
+    )
     (workdir / "full").mkdir(exist_ok=True)
     result: dict[str, Any] = {"symbols": plan.full_symbols}
     sampler = None
@@ -725,6 +735,7 @@ def render(report: dict[str, Any]) -> str:
     if full.get("error"):
         lines += ["", "### Full market: failed", "", f"`{full['error']}`"]
     elif full:
+        counters = full.get("counters") or {}
         sync = (
             ""
             if full.get("ready", True)
@@ -740,8 +751,9 @@ def render(report: dict[str, Any]) -> str:
             f"{_f(full.get('ready_s', float('nan')))} s).{sync}",
             "",
             "| average msg/s | CPU (cores) | CPU s per M | peak RSS (tree) | peak PSS | processes "
-            "| max feed backlog | row p50 / p99 | row p99 in bursts | bytes written |",
-            "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+            "| max feed backlog | row p50 / p99 | row p99 in bursts | bytes written "
+            "| records overflowed | backpressure waits |",
+            "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
             "| "
             + " | ".join(
                 [
@@ -755,6 +767,9 @@ def render(report: dict[str, Any]) -> str:
                     f"{_f(full.get('written_p50', nan))} / {_f(full.get('written_p99', nan))} ms",
                     f"{_f(full.get('burst_written_p99', nan))} ms",
                     _mib(full.get("bytes_written", nan)),
+                    str(counters.get("records_overflowed", 0)),
+                    f"{counters.get('backpressure_waits', 0)} "
+                    f"({counters.get('backpressure_wait_ms', 0) / 1000:.0f} s)",
                 ]
             )
             + " |",
@@ -847,6 +862,7 @@ def main(argv: list[str] | None = None) -> int:
         default="sim",
         help="sim: streamer.testing high-rate mode (default); own: bench/_feed.py",
     )
+    ap.add_argument("--book-interval", help="orderbook snapshot interval (default 1s)")
     ap.add_argument("--workers", type=int, help="collector worker processes (default: auto)")
     ap.add_argument("--full-seconds", type=float, help="length of the full-market case")
     ap.add_argument("--output", type=Path, help="markdown file to update")
@@ -861,7 +877,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     plan = Plan.quick_plan() if args.quick else Plan()
-    if args.runs:
+    if args.runs is not None:
         plan.runs = args.runs
     if args.symbols:
         plan.symbols = args.symbols
@@ -875,6 +891,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.workers is not None:
         plan.workers = args.workers
     plan.feed = args.feed
+    if args.book_interval:
+        plan.book_interval = args.book_interval
     plan.micro = not args.no_micro
     plan.full = not args.no_full
 
@@ -946,7 +964,7 @@ def main(argv: list[str] | None = None) -> int:
         report["summary"] = summarize(report["rounds"])
         json_path = args.json or workdir / "results.json"
         json_path.write_text(json.dumps(report, indent=1, default=str))
-        if report["rounds"]:
+        if report["rounds"] or report.get("full"):
             write_markdown(output, render(report))
         print_summary(report, output, json_path)
         if not args.keep and not plan.quick:
