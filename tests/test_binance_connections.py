@@ -307,7 +307,9 @@ async def test_failed_replacement_keeps_the_old_connection():
             while sent < clock["id"]:
                 sent += 1
                 await ws.send(agg(sent))
-            await anyio.sleep(0.005)
+            with anyio.move_on_after(0.005):
+                await ws.wait_closed()
+                return  # the client went away
 
     async def ticker():
         while True:
