@@ -134,6 +134,14 @@ def test_unknown_top_level_key(tmp_path):
         ({"sinks": ["nowhere"]}, ["pipelines[0].sinks[0]", "'nowhere' is not defined", "a, b"]),
         ({"symbols": []}, ["pipelines[0].symbols", "symbol list is empty"]),
         ({"options": {"rate": "fast"}}, ["pipelines[0].options.rate", "expected `int`"]),
+        (
+            {"streams": {"kline": {"intervals": ["1m", "7x"]}}},
+            ["pipelines[0].streams.kline.intervals[1]", "invalid kline interval '7x'", "1s, 1m"],
+        ),
+        (
+            {"streams": {"kline": {"intervals": ["1m", 5]}}},
+            ["pipelines[0].streams.kline.intervals[1]", "expected `str`, got `int`"],
+        ),
     ],
 )
 def test_bad_pipeline(tmp_path, change, fragments):

@@ -78,6 +78,9 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 
 
 _DOLLAR_PATH = re.compile(r" - at `\$(?P<path>[^`]*)`$")
+_FIELD_PREFIX = re.compile(
+    r"^(?P<field>[A-Za-z_]\w*(?:\[\d+\])*(?:\.[A-Za-z_]\w*(?:\[\d+\])*)*): (?P<rest>.+)$", re.S
+)
 
 
 def _format_error(exc: msgspec.ValidationError, prefix: str = "") -> str:
@@ -88,6 +91,12 @@ def _format_error(exc: msgspec.ValidationError, prefix: str = "") -> str:
     if match:
         path = prefix + match.group("path")
         text = text[: match.start()]
+    else:
+        # A component's own check may name the field it rejects: "intervals[1]: ...".
+        field = _FIELD_PREFIX.match(text)
+        if field:
+            path = f"{prefix}.{field.group('field')}"
+            text = field.group("rest")
     path = path.lstrip(".") or "<top level>"
     return f"{path}: {text[:1].lower()}{text[1:]}"
 

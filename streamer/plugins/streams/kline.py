@@ -70,10 +70,11 @@ class KlineOptions(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     def __post_init__(self) -> None:
         if not self.intervals:
             raise msgspec.ValidationError("intervals: at least one interval is required")
-        for interval in self.intervals:
+        for i, interval in enumerate(self.intervals):
             if interval not in INTERVALS:
                 raise msgspec.ValidationError(
-                    f"invalid kline interval {interval!r}; use one of {', '.join(INTERVALS)}"
+                    f"intervals[{i}]: invalid kline interval {interval!r}; "
+                    f"use one of {', '.join(INTERVALS)}"
                 )
         if len(set(self.intervals)) != len(self.intervals):
             raise msgspec.ValidationError("intervals: an interval is listed twice")
