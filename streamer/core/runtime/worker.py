@@ -36,7 +36,8 @@ from ..logs import RateLimitedLog
 from ..metrics import Counters
 from ..records import DepthUpdate, Kline, Marker, Record, Trade, encode_batch
 from .bootstrap import ChildSpec
-from .channels import FrameReader, Hello, Status, Stop, decode_control, encode_control, frame
+from .channels import Hello, Status, encode_control, frame
+from .child import ChildLoop
 from .keys import record_key, stream_name
 
 _CHANNEL_OF = {Trade: "trade", DepthUpdate: "depth", Kline: "kline"}
@@ -83,7 +84,7 @@ class SinkLost(Exception):
     """A writer went away: what the worker still holds for it cannot be delivered."""
 
 
-class Worker:
+class Worker(ChildLoop):
     """One collector worker; :meth:`run` returns when stopped and everything is sent."""
 
     def __init__(self, spec: ChildSpec) -> None:
@@ -253,28 +254,6 @@ class Worker:
             },
             final=final,
         )
-
-    async def _control(self, ctl: ByteStream) -> None:
-        reader = FrameReader(ctl)
-        while True:
-            payload = await reader.receive()
-            if payload is None:
-                # The supervisor is gone: stop rather than run orphaned.
-                self.logger.warning("control connection lost; stopping")
-                self._stop.set()
-                return
-            if isinstance(decode_control(payload), Stop):
-                self._stop.set()
-
-    async def _publish(self, ctl: ByteStream) -> None:
-        while True:
-            await anyio.sleep(self.runtime.status_interval)
-            await ctl.send(encode_control(self._status()))
-
-    async def _signals(self) -> None:
-        with anyio.open_signal_receiver(signal.SIGTERM) as signals:
-            async for _ in signals:
-                self._stop.set()
 
     async def run(self) -> None:
         """Stream until told to stop, then send everything held and return."""

@@ -30,7 +30,8 @@ from ..metrics import Counters
 from ..records import decode_batch
 from ..units import parse_duration
 from .bootstrap import ChildSpec
-from .channels import FrameReader, Hello, Ready, Status, Stop, decode_control, encode_control
+from .channels import FrameReader, Hello, Ready, Status, encode_control
+from .child import ChildLoop
 from .keys import HighWater, stream_name
 from .worker import connect_unix_retry
 
@@ -45,7 +46,7 @@ def flush_interval_of(options: object) -> float:
     return parse_duration(value)
 
 
-class Writer:
+class Writer(ChildLoop):
     """One sink writer; :meth:`run` returns after a clean stop."""
 
     def __init__(self, spec: ChildSpec) -> None:
@@ -159,27 +160,6 @@ class Writer:
             high_water=_marks(self._high_water.marks),
             final=final,
         )
-
-    async def _control(self, ctl: ByteStream) -> None:
-        reader = FrameReader(ctl)
-        while True:
-            payload = await reader.receive()
-            if payload is None:
-                self.logger.warning("control connection lost; stopping")
-                self._stop.set()
-                return
-            if isinstance(decode_control(payload), Stop):
-                self._stop.set()
-
-    async def _publish(self, ctl: ByteStream) -> None:
-        while True:
-            await anyio.sleep(self.runtime.status_interval)
-            await ctl.send(encode_control(self._status()))
-
-    async def _signals(self) -> None:
-        with anyio.open_signal_receiver(signal.SIGTERM) as signals:
-            async for _ in signals:
-                self._stop.set()
 
     async def run(self) -> None:
         """Serve until stopped, then drain, flush and close the sink."""
