@@ -91,6 +91,8 @@ class Plan:
         160_000,
         200_000,
     )
+    #: Tried, in order, when a subject is already behind at ``measure_rate``.
+    ramp_down: tuple[float, ...] = (15_000, 10_000, 7_500, 5_000, 3_000, 2_000)
     ready_timeout: float = 45.0
     full_symbols: int = 2000
     full_s: float = 150.0
@@ -285,17 +287,24 @@ def measure_subject(
         log(f"  {name:9s} @{plan.measure_rate / 1000:.0f}k: {_step_line(at)}")
         steps = [at]
         best = at if at.ok else None
-        for rate in plan.ramp if at.ok else ():
-            step = run_step(feed, subject, sampler, feed_sampler, rate, plan.step_s)
+        # Up from the measuring rate until a step fails; if even that failed, down until
+        # one passes (after a longer step, so the overload's queues can drain first).
+        upward = at.ok
+        for i, rate in enumerate(plan.ramp if upward else plan.ramp_down):
+            seconds = plan.step_s if upward or i else plan.step_s * 2
+            step = run_step(feed, subject, sampler, feed_sampler, rate, seconds)
             steps.append(step)
-            log(f"  {name:9s} ramp {rate / 1000:.0f}k: {_step_line(step)}")
-            if not step.ok:
+            log(f"  {name:9s} ramp {rate / 1000:.1f}k: {_step_line(step)}")
+            if upward and not step.ok:
                 break
-            best = step
+            if step.ok:
+                best = step
+                if not upward:
+                    break
         result["at_measure"] = asdict(at)
         result["steps"] = [asdict(s) for s in steps]
-        # Sustained = the best rate achieved by a passing step (0 if even 20k failed,
-        # in which case what the 20k step achieved is the honest figure).
+        # Sustained = what the best passing step achieved. When no step passed, what the
+        # measuring step achieved while overloaded (an upper bound, flagged as such).
         result["sustained"] = best.achieved if best else at.achieved
         result["sustained_ok"] = best is not None
     finally:
