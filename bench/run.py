@@ -608,6 +608,7 @@ def summarize(rounds: list[dict[str, dict[str, Any]]]) -> dict[str, Any]:
         at = [r["at_measure"] for r in rs]
         med[name] = {
             "sustained": _median([r["sustained"] for r in rs]),
+            "sustained_ok_runs": sum(1 for r in rs if r.get("sustained_ok")),
             "cpu_per_m": _median([a["cpu_per_m"] for a in at]),
             "cpu_share_at_measure": _median([a["cpu_share"] for a in at]),
             "recv_p50": _median([a["recv_p50"] for a in at]),
@@ -678,13 +679,20 @@ def render(report: dict[str, Any]) -> str:
         if name not in med:
             continue
         x = med[name]
+        flag = "" if x.get("sustained_ok_runs", x["runs"]) == x["runs"] else " *"
         lines.append(
-            f"| {name} | {_f(x['sustained'])} | {_f(x['cpu_per_m'], '.1f')} "
+            f"| {name} | {_f(x['sustained'])}{flag} | {_f(x['cpu_per_m'], '.1f')} "
             f"| {_f(x['cpu_share_at_measure'], '.2f')} "
             f"| {_f(x['recv_p50'])} / {_f(x['recv_p99'])} ms "
             f"| {_f(x['written_p50'])} / {_f(x['written_p99'])} ms "
             f"| {_mib(x['peak_rss'])} | {_mib(x['bytes_written'])} |"
         )
+    if any(x.get("sustained_ok_runs", x["runs"]) < x["runs"] for x in med.values()):
+        lines += [
+            "",
+            "\\* In some rounds no step passed, not even the lowest: the figure is what "
+            "the subject received while overloaded, an upper bound.",
+        ]
     lines += [
         "",
         "Ratios (median of the per-round ratios): collector / baseline sustained "
