@@ -27,21 +27,20 @@ format: $(STAMP)
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
-# Start the Binance-protocol simulator, collect from it for 20 s, list what was written.
+# Start the bundled Binance-protocol simulator (it drops every 50th aggTrade and closes
+# every connection each 8 s, so the gap filling shows), collect from it for 20 s with
+# examples/demo.yaml (spot + USD-M), then show what was written.
 demo: $(STAMP)
 	@rm -rf $(DEMO_DIR); mkdir -p $(DEMO_DIR)
-	@$(BIN)/streamer sim --port $(DEMO_PORT) > $(DEMO_DIR)/sim.log 2>&1 & echo $$! > $(DEMO_DIR)/sim.pid; \
+	@$(BIN)/streamer sim --port $(DEMO_PORT) --close-every 8 --drop-aggtrade-every 50 \
+	  > $(DEMO_DIR)/sim.log 2>&1 & echo $$! > $(DEMO_DIR)/sim.pid; \
 	trap 'kill $$(cat $(DEMO_DIR)/sim.pid) 2>/dev/null || true' EXIT; \
 	for i in $$(seq 1 50); do \
 	  $(BIN)/python -c "import socket; socket.create_connection(('127.0.0.1', $(DEMO_PORT)), 0.2)" 2>/dev/null && break; \
 	  sleep 0.2; \
 	done; \
-	$(BIN)/streamer run --symbols BTCUSDT,ETHUSDT --data-dir $(DEMO_DIR)/data \
-	  --rest-url http://127.0.0.1:$(DEMO_PORT) --ws-url ws://127.0.0.1:$(DEMO_PORT) \
-	  --duration 20 && \
-	echo "--- written under $(DEMO_DIR)/data:" && \
-	find $(DEMO_DIR)/data -type f | sort | while read f; do \
-	  printf '%8s  %s\n' "$$(wc -c < "$$f")" "$$f"; done
+	$(BIN)/streamer run --config examples/demo.yaml --plugins binance,csv --duration 20 && \
+	$(BIN)/python examples/show_output.py $(DEMO_DIR)/data
 
 bench: $(STAMP)
 	@if [ -f bench/run.py ]; then $(BIN)/python bench/run.py; \
