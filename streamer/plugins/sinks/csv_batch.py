@@ -9,7 +9,7 @@ hourly rotation, from the record's exchange time in UTC)::
     <exchange>/<market>/orderbook/<SYMBOL>/<SYMBOL>-orderbook-<label>.csv
     <exchange>/<market>/markers/<SYMBOL>/<SYMBOL>-markers-<label>.csv
 
-(``.csv.gz`` with ``gzip: true``). Columns are documented in ``docs/csv.md``.
+(``.csv.gz`` with ``gzip: true``). Columns are documented in the README (``Output files``).
 
 How it writes: :meth:`CsvSink.write` routes each record to its file, drops what it already
 holds (keys must grow per stream), encodes rows by joining the exchange's exact strings
