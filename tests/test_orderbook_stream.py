@@ -132,18 +132,23 @@ async def test_syncs_every_symbol_and_emits_books_equal_to_truth_on_every_update
 async def test_gap_on_one_symbol_resyncs_only_that_symbol(futures: bool) -> None:
     h = Harness(n=4, futures=futures, interval="update", levels=20)
     victim = "S2USDT"
+    assert all(h.count("book_syncing", s) == 1 for s in h.truths)  # status: not live yet
     async with anyio.create_task_group() as tg:
         tg.start_soon(h.stream.run)
         await h.sync_all()
         h.step_all(20)
+        assert all(h.count("book_syncing", s) == 0 for s in h.truths)
         before = {s: len(h.books(s)) for s in h.truths}
         last_good = h.books(victim)[-1].last_update_id
         h.step(victim, deliver=False)  # the victim misses one event
         h.step_all(1)
         assert not h.stream.book(victim).live
+        assert h.count("book_syncing", victim) == 1
+        assert sum(h.count("book_syncing", s) for s in h.truths) == 1
         await h.wait(lambda: h.count("snapshots_fetched", victim) == 2)
         h.step_all(30)
         assert h.stream.book(victim).live
+        assert h.count("book_syncing", victim) == 0
         tg.cancel_scope.cancel()
     h.check_books_equal_truth(20)
     for symbol in h.truths:

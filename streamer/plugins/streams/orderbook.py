@@ -174,6 +174,8 @@ class OrderBookStream(StreamType):
             )
             for symbol in context.symbols
         }
+        for symbol in context.symbols:
+            self._counters.set("book_syncing", 1, symbol, STREAM)  # until the book is live
         self._emitted: dict[str, int] = {}
         # Pending snapshot jobs (ordered sets): syncs always go before verifications.
         self._sync_queue: dict[str, None] = {}
@@ -281,6 +283,7 @@ class OrderBookStream(StreamType):
         incr = self._counters.incr
         incr(counter, symbol, STREAM)
         incr("resyncs", symbol, STREAM)
+        self._counters.set("book_syncing", 1, symbol, STREAM)
         if code == B.MISMATCH:
             incr("verifications", symbol, STREAM)
         elif code == B.GAP:
@@ -422,6 +425,7 @@ class OrderBookStream(StreamType):
 
     def _on_synced(self, sync: B.BookSync) -> None:
         """The book just went live (from a snapshot or a bridging update)."""
+        self._counters.set("book_syncing", 0, sync.symbol, STREAM)
         if self._emit_every:
             self._emit(sync)
         self._schedule_verify(sync.symbol)
