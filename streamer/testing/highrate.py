@@ -16,9 +16,12 @@ with the stream, so an order-book client stays in sync.
 from __future__ import annotations
 
 import asyncio
+import logging
 import random
 import time
 from typing import TYPE_CHECKING
+
+from streamer.core.logs import RateLimitedLog
 
 from . import _wire as wire
 from .market import make_spec
@@ -27,6 +30,8 @@ if TYPE_CHECKING:
     from .sim import SimServer, _Conn
 
 __all__ = ["HighRateSource", "high_rate_symbols"]
+
+_log = logging.getLogger("streamer.testing.highrate")
 
 # 20-step pattern: 10 depth, 9 aggTrade, 1 kline.
 _PATTERN = (0, 1) * 9 + (0, 2)
@@ -96,6 +101,7 @@ class HighRateSource:
         self._lists: tuple[list, list, list] = ([], [], [])
         self._cursor = [0, 0, 0]
         self._step = 0
+        self._errors = RateLimitedLog(_log, 10.0)
 
     def streams(self, symbols: int | None = None) -> list[str]:
         """Stream names of the first ``symbols`` high-rate symbols (all by default)."""
@@ -131,6 +137,10 @@ class HighRateSource:
                 elif kind == "kline_1m":
                     kline.append(entry)
             self._lists = (depth, agg, kline)
+            # The round-robin cursors index the old lists: a client set with fewer streams
+            # than the previous one would leave them past the end (IndexError that ended
+            # the generator, so later clients got nothing).
+            self._cursor = [0, 0, 0]
             self._version = server._subs_version
         return self._lists
 
@@ -242,6 +252,14 @@ class HighRateSource:
             if n <= 0:
                 continue
             done += n
-            for conn, frames in self._build(n).items():
+            try:
+                batches = self._build(n)
+            except Exception as exc:
+                # One bad round must not end generation for every later client.
+                self.server.counters.incr("sim_internal_errors")
+                self._errors.error("high_rate_error", "high-rate generation failed: %r", exc)
+                self._version = -1
+                continue
+            for conn, frames in batches.items():
                 if not conn.closing:
                     conn.transport.write(b"".join(frames))
