@@ -414,3 +414,11 @@ def add_commands(app: typer.Typer) -> None:
     app.command("status")(_status)
     app.command("health")(_health)
     app.command("metrics")(_metrics)
+    _add_verify(app)
+
+
+def _add_verify(app: typer.Typer) -> None:
+    """Add ``verify DATA_DIR`` (integrity of the csv sink's files, see :mod:`.integrity`)."""
+    from .integrity import verify_command
+
+    app.command("verify")(verify_command)
