@@ -39,6 +39,7 @@ from typing import Annotated
 import msgspec
 import typer
 
+from streamer.plugins.sinks import _csv_files as files
 from streamer.plugins.sinks import _csv_layout as layout
 from streamer.plugins.streams.kline import INTERVALS, interval_ms, next_open_time
 
@@ -131,7 +132,8 @@ class _FileScan:
     """Reads one file as blocks of whole rows (header excluded), plain or gzip.
 
     After :meth:`blocks` is exhausted: ``header`` (first line, or None), ``torn`` (bytes of a
-    partial last row, or -1 for a torn gzip member), ``corrupt`` (why reading stopped).
+    partial last row), ``tail_torn`` (bytes after the last whole row or gzip member, as the
+    sink's tail check sees them: never read), ``corrupt`` (why reading stopped).
     """
 
     def __init__(self, path: str, gz: bool) -> None:
@@ -139,19 +141,30 @@ class _FileScan:
         self.header: bytes | None = None
         self.torn = 0
         self.torn_member = False
+        self.tail_torn = 0
         self.corrupt = ""
         self.size = 0
 
     def _raw(self) -> Iterator[bytes]:
+        # The sink's own tail check tells where the whole rows (or members) end, reading only
+        # the tail: what follows is torn, and the sink cuts it off at its next start.
+        tail = files.inspect(self.path, self.gz)
+        if tail.foreign:
+            self.corrupt = "not gzip data"
+            return
+        self.tail_torn = tail.size - tail.valid_size if tail.torn else 0
+        remaining = tail.valid_size
         with open(self.path, "rb") as f:
             if not self.gz:
-                while block := f.read(_BLOCK):
+                while remaining > 0 and (block := f.read(min(_BLOCK, remaining))):
+                    remaining -= len(block)
                     self.size += len(block)
                     yield block
                 return
             dec = zlib.decompressobj(16 + zlib.MAX_WBITS)
             fed = False
-            while raw := f.read(_GZ_BLOCK):
+            while remaining > 0 and (raw := f.read(min(_GZ_BLOCK, remaining))):
+                remaining -= len(raw)
                 self.size += len(raw)
                 while raw:
                     try:
@@ -709,8 +722,12 @@ def _bad_header(header: bytes | None) -> str:
 def _file_end(scan: _FileScan, sr: StreamReport, name: str, line: int) -> None:
     if scan.corrupt:
         sr.problems.append(Problem("corrupt", name, line, detail=scan.corrupt))
-    elif scan.torn_member:
-        sr.problems.append(Problem("torn", name, line, detail="torn last gzip member"))
+    elif scan.tail_torn and scan.gz:
+        detail = f"torn last gzip member ({scan.tail_torn} bytes)"
+        sr.problems.append(Problem("torn", name, line, detail=detail))
+    elif scan.tail_torn or scan.torn_member:
+        detail = f"torn last line ({scan.tail_torn or scan.torn} bytes)"
+        sr.problems.append(Problem("torn", name, line, detail=detail))
     elif scan.torn:
         sr.problems.append(
             Problem("torn", name, line, detail=f"torn last line ({scan.torn} bytes)")
