@@ -287,6 +287,20 @@ def test_small_blocks_and_quoted_cells_keep_the_sequence(tmp_path, monkeypatch) 
     assert stream(report, "usdm", "aggtrade").rows == len(tr)
 
 
+def test_gzip_members_across_small_blocks(tmp_path: Path, monkeypatch) -> None:
+    # Each sink run appends one gzip member per flush to the same day's file.
+    write(tmp_path, *trades("spot", range(1, 40)), gzip=True)
+    write(tmp_path, *trades("spot", range(40, 90), t0=T0 + 60_000), gzip=True)
+    write(tmp_path, *trades("spot", range(95, 120), t0=T0 + 120_000), gzip=True)
+    (path,) = (tmp_path / SPOT_TRADES).iterdir()
+    assert path.read_bytes().count(b"\x1f\x8b\x08") >= 3
+    monkeypatch.setattr(integrity, "_GZ_BLOCK", 37)
+    monkeypatch.setattr(integrity, "_GZ_OUT", 101)
+    report = verify(tmp_path)
+    assert stream(report, "spot", "aggtrade").rows == 39 + 50 + 25
+    assert [(p.kind, p.first, p.last) for p in errors(report)] == [("gap", 90, 94)]
+
+
 # -- klines ----------------------------------------------------------------------------------
 def test_kline_gap_and_duplicate_by_open_time(tmp_path: Path) -> None:
     opens = [T0 + i * 60_000 for i in (0, 1, 2, 5, 6)]
@@ -381,8 +395,9 @@ def test_torn_last_line_plain_and_gzip(tmp_path: Path) -> None:
 
     write(tmp_path / "gz", *trades("spot", range(1, 11)), gzip=True)
     path = tmp_path / "gz" / SPOT_TRADES / "BTCUSDT-aggTrades-2026-11-23.csv.gz"
-    rows = (tmp_path / "plain" / SPOT_TRADES / path.name[:-3]).read_bytes().split(b"\n", 1)[1]
-    member = gzip.compress(rows.replace(b"\n1", b"\n10"))  # a later flush, cut by a crash
+    write(tmp_path / "more", *trades("spot", range(11, 200)), gzip=True)
+    rows = gzip.decompress((tmp_path / "more" / SPOT_TRADES / path.name).read_bytes())
+    member = gzip.compress(rows.split(b"\n", 1)[1])  # a later flush, cut by a crash
     with path.open("ab") as f:
         f.write(member[: len(member) // 2])
     (p,) = errors(verify(tmp_path / "gz"))

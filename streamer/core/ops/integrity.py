@@ -12,7 +12,8 @@ files, rows, first/last key and time span, and the problems found:
   different ids;
 * ``crossed``: an orderbook row whose best bid >= best ask; ``order``: an orderbook
   ``last_update_id`` not above the previous one;
-* ``misaligned``: a kline open time off the interval grid;
+* ``misaligned``: a kline open time off the interval grid; ``interval``: an interval folder
+  that is not a Binance interval (rows counted, not checked);
 * ``torn``: a file ending in a partial row or gzip member; ``header``, ``bad_row``,
   ``corrupt``: a file or row the sink would not have written.
 
@@ -39,7 +40,6 @@ from typing import Annotated
 import msgspec
 import typer
 
-from streamer.plugins.sinks import _csv_files as files
 from streamer.plugins.sinks import _csv_layout as layout
 from streamer.plugins.streams.kline import INTERVALS, interval_ms, next_open_time
 
@@ -51,7 +51,9 @@ EXPLAINABLE = frozenset({"gap", "break", "crossed", "order"})
 MAX_PROBLEMS = 1000
 
 _BLOCK = 1 << 22  # bytes read per plain block
-_GZ_BLOCK = 1 << 20  # compressed bytes per gzip block (CSV inflates ~5-10x)
+_GZ_BLOCK = 1 << 20  # compressed bytes per gzip block
+_GZ_OUT = 1 << 23  # at most this much inflated per call (CSV inflates ~5-10x, zeros ~1000x)
+_MAX_ROW = 1 << 26  # a "row" longer than this is not one: the file is reported corrupt
 _AGG_TIME = layout.AGGTRADE_COLUMNS.index("transact_time")
 _DEPTH_FIRST = layout.DEPTH_COLUMNS.index("first_update_id")
 _DEPTH_LAST = layout.DEPTH_COLUMNS.index("last_update_id")
@@ -132,56 +134,48 @@ class _FileScan:
     """Reads one file as blocks of whole rows (header excluded), plain or gzip.
 
     After :meth:`blocks` is exhausted: ``header`` (first line, or None), ``torn`` (bytes of a
-    partial last row), ``tail_torn`` (bytes after the last whole row or gzip member, as the
-    sink's tail check sees them: never read), ``corrupt`` (why reading stopped).
+    partial last row), ``torn_member`` (compressed bytes of an incomplete last gzip member,
+    which the sink cuts off at its next start; its whole rows are still checked),
+    ``corrupt`` (why reading stopped).
     """
 
     def __init__(self, path: str, gz: bool) -> None:
         self.path, self.gz = path, gz
         self.header: bytes | None = None
         self.torn = 0
-        self.torn_member = False
-        self.tail_torn = 0
+        self.torn_member = 0
         self.corrupt = ""
         self.size = 0
 
     def _raw(self) -> Iterator[bytes]:
-        # The sink's own tail check tells where the whole rows (or members) end, reading only
-        # the tail: what follows is torn, and the sink cuts it off at its next start.
-        tail = files.inspect(self.path, self.gz)
-        if tail.foreign:
-            self.corrupt = "not gzip data"
-            return
-        self.tail_torn = tail.size - tail.valid_size if tail.torn else 0
-        remaining = tail.valid_size
         with open(self.path, "rb") as f:
             if not self.gz:
-                while remaining > 0 and (block := f.read(min(_BLOCK, remaining))):
-                    remaining -= len(block)
+                while block := f.read(_BLOCK):
                     self.size += len(block)
                     yield block
                 return
+            # Member by member (the sink writes one per flush), never a whole member at once.
             dec = zlib.decompressobj(16 + zlib.MAX_WBITS)
-            fed = False
-            while remaining > 0 and (raw := f.read(min(_GZ_BLOCK, remaining))):
-                remaining -= len(raw)
+            member_start = 0
+            while raw := f.read(_GZ_BLOCK):
                 self.size += len(raw)
                 while raw:
                     try:
-                        out = dec.decompress(raw)
+                        out = dec.decompress(raw, _GZ_OUT)
                     except zlib.error as exc:
-                        self.corrupt = f"corrupt gzip data near byte {self.size}: {exc}"
+                        self.corrupt = f"corrupt gzip data after byte {member_start}: {exc}"
                         return
-                    fed = True
                     if out:
                         yield out
-                    if dec.eof:  # member complete: the next one starts in unused_data
-                        raw = dec.unused_data
-                        dec = zlib.decompressobj(16 + zlib.MAX_WBITS)
-                        fed = False
-                    else:
-                        raw = b""
-            self.torn_member = fed
+                    if not dec.eof:
+                        raw = dec.unconsumed_tail  # output was capped: more from this input
+                        continue
+                    # Member complete: the next one starts in unused_data.
+                    raw = dec.unused_data
+                    member_start = self.size - len(raw)
+                    dec = zlib.decompressobj(16 + zlib.MAX_WBITS)
+            if self.size > member_start:
+                self.torn_member = self.size - member_start
 
     def blocks(self) -> Iterator[bytes]:
         """Blocks of whole rows, each ending in a newline outside quotes."""
@@ -196,6 +190,9 @@ class _FileScan:
                 self.header, buf = buf[: nl + 1], buf[nl + 1 :]
             end = _row_boundary(buf)
             if end <= 0:
+                if len(buf) > _MAX_ROW:  # unbalanced quotes or no newline: not our rows
+                    self.corrupt = f"no row end in {len(buf)} bytes"
+                    return
                 rest = buf
                 continue
             rest = buf[end:]
@@ -379,7 +376,7 @@ class _Klines(_Checker):
         times, where = self._ints(lines, self.key_col, line0)
         if self.interval not in INTERVALS:
             if self.prev is None:
-                self.problem("bad_row", line0, detail=f"unknown interval {self.interval!r}")
+                self.problem("interval", line0, detail=f"unknown interval {self.interval!r}")
             self.prev = times[-1] if times else self.prev
             return
         prev = self.prev
@@ -661,6 +658,7 @@ def verify(root: str | os.PathLike[str]) -> Report:
         if chk is not None:
             sr.problems += chk.problems
             sr.problems_omitted += chk.omitted
+        sr.problems.sort(key=_file_order)
         _explain(sr.problems, markers.get(key, []))
         sr.explained = sum(1 for p in sr.problems if p.explained_by)
         sr.errors = len(sr.problems) - sr.explained + sr.problems_omitted
@@ -669,6 +667,10 @@ def verify(root: str | os.PathLike[str]) -> Report:
         report.explained += sr.explained
     report.streams = [streams[k] for k in sorted(streams)]
     return report
+
+
+def _file_order(p: Problem) -> tuple:
+    return (layout.period_sort_key(p.file) or ("", 0), p.file, p.line)
 
 
 def _data_file(kind, interval, path, name, sr: StreamReport, checkers, key) -> None:
@@ -722,11 +724,8 @@ def _bad_header(header: bytes | None) -> str:
 def _file_end(scan: _FileScan, sr: StreamReport, name: str, line: int) -> None:
     if scan.corrupt:
         sr.problems.append(Problem("corrupt", name, line, detail=scan.corrupt))
-    elif scan.tail_torn and scan.gz:
-        detail = f"torn last gzip member ({scan.tail_torn} bytes)"
-        sr.problems.append(Problem("torn", name, line, detail=detail))
-    elif scan.tail_torn or scan.torn_member:
-        detail = f"torn last line ({scan.tail_torn or scan.torn} bytes)"
+    elif scan.torn_member:
+        detail = f"torn last gzip member ({scan.torn_member} bytes)"
         sr.problems.append(Problem("torn", name, line, detail=detail))
     elif scan.torn:
         sr.problems.append(
