@@ -271,16 +271,20 @@ class _Checker:
             count = last - first + 1 if kind in ("gap", "duplicate") and last >= first else 1
         probs.append(Problem(kind, self.file, line, first, last, count, detail))
 
-    def feed(self, block: bytes, line0: int) -> int:
-        """Check one block of rows starting at file line ``line0``; returns its row count."""
+    def feed(self, block: bytes, line0: int) -> tuple[int, int]:
+        """Check one block of rows starting at file line ``line0``.
+
+        Returns ``(rows checked, lines consumed)``.
+        """
         lines = _lines(block)
+        used = len(lines) if b'"' not in block else block.count(b"\n")
         if block.count(b",") != self.commas * len(lines) or b'"' in block:
             lines = self._well_formed(lines, line0)
         if not lines:
-            return 0
+            return 0, used
         self._span(lines)
         self.check(lines, line0)
-        return len(lines)
+        return len(lines), used
 
     def _well_formed(self, lines: list[bytes], line0: int) -> list[bytes]:
         good = []
@@ -335,7 +339,7 @@ class _AggTrades(_Checker):
     def check(self, lines: list[bytes], line0: int) -> None:
         where: list[int] | None = None
         try:
-            ids = [int(line[: line.index(b",")]) for line in lines]
+            ids = [int(line.split(b",", 1)[0]) for line in lines]
         except ValueError:
             ids, where = self._ints(lines, 0, line0)
             if not ids:
@@ -686,8 +690,9 @@ def _data_file(kind, interval, path, name, sr: StreamReport, checkers, key) -> N
                     sr.problems.append(Problem("header", name, 1, detail=_bad_header(scan.header)))
                     return
                 checkers[key], chk.file, header_ok = chk, name, True
-            sr.rows += chk.feed(block, line)
-            line += block.count(b"\n")
+            rows, used = chk.feed(block, line)
+            sr.rows += rows
+            line += used
     except OSError as exc:
         sr.problems.append(Problem("corrupt", name, line, detail=f"unreadable: {exc}"))
         return
@@ -820,11 +825,9 @@ def verify_command(
     data_dir: Annotated[Path, typer.Argument(help="Root folder of a csv sink (its path).")],
     json_out: Annotated[bool, typer.Option("--json", help="Machine-readable JSON.")] = False,
 ) -> None:
-    """Check the csv sink's files: id gaps and duplicates, kline gaps, depth chain breaks,
-    crossed books, torn last lines, marker counts.
+    """Check the csv sink's files: gaps, duplicates, chain breaks, crossed books, torn rows.
 
-    Exit code 0 when every problem found is explained by a marker, 1 otherwise, 2 for a
-    missing or empty data directory.
+    Exit code 0 when every problem is explained by a marker, 1 otherwise, 2 for bad input.
     """
     try:
         report = verify(data_dir)
