@@ -287,6 +287,20 @@ def test_small_blocks_and_quoted_cells_keep_the_sequence(tmp_path, monkeypatch) 
     assert stream(report, "usdm", "aggtrade").rows == len(tr)
 
 
+def test_line_numbers_past_quoted_cells_and_bad_rows(tmp_path: Path) -> None:
+    tr = trades("spot", range(1, 11))
+    tr[3] = msgspec.structs.replace(tr[3], quantity='2"\n3')  # one row on lines 5-6
+    write(tmp_path, *tr)
+    (path,) = (tmp_path / SPOT_TRADES).iterdir()
+    last = path.read_bytes().rsplit(b"\n", 2)[1]
+    with path.open("ab") as f:
+        f.write(b"x,y\n" + b"15" + last[2:] + b"\n")  # line 13 malformed, line 14 id 15
+    report = verify(tmp_path)
+    found = [(p.kind, p.line, p.first, p.last) for p in errors(report)]
+    assert found == [("bad_row", 13, 0, 0), ("gap", 14, 11, 14)]
+    assert stream(report, "spot", "aggtrade").rows == 11
+
+
 def test_gzip_members_across_small_blocks(tmp_path: Path, monkeypatch) -> None:
     # Each sink run appends one gzip member per flush to the same day's file.
     write(tmp_path, *trades("spot", range(1, 40)), gzip=True)

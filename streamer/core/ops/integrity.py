@@ -216,22 +216,19 @@ def _row_boundary(buf: bytes) -> int:
     return end
 
 
-def _unquoted_lines(block: bytes) -> list[bytes]:
-    """Rows of a block holding quoted cells, as plain lines: separators inside cells become
-    spaces (those cells are exchange strings, never the integers checked here)."""
-    out = []
-    for row in csv.reader(io.StringIO(block.decode("utf-8", "replace"), newline="")):
+def _unquoted_lines(block: bytes) -> tuple[list[bytes], list[int]]:
+    """Rows of a block holding quoted cells, as plain lines (separators inside cells become
+    spaces: those cells are exchange strings, never the integers checked here), and the
+    offset of each row's first line in the block."""
+    out, starts = [], []
+    reader = csv.reader(io.StringIO(block.decode("utf-8", "replace"), newline=""))
+    start = 0
+    for row in reader:
         cells = [c.replace(",", " ").replace("\n", " ").replace("\r", " ") for c in row]
         out.append(",".join(cells).encode())
-    return out
-
-
-def _lines(block: bytes) -> list[bytes]:
-    if b'"' in block:
-        return _unquoted_lines(block)
-    lines = block.split(b"\n")
-    lines.pop()  # after the final newline
-    return lines
+        starts.append(start)
+        start = reader.line_num
+    return out, starts
 
 
 # -- checkers --------------------------------------------------------------------------------
@@ -247,6 +244,8 @@ class _Checker:
         self.file = ""
         self.problems: list[Problem] = []
         self.omitted = 0
+        self._line0 = 0
+        self._where: list[int] | None = None  # line offset of each row, when not i
 
     def problem(
         self,
@@ -276,25 +275,36 @@ class _Checker:
 
         Returns ``(rows checked, lines consumed)``.
         """
-        lines = _lines(block)
-        used = len(lines) if b'"' not in block else block.count(b"\n")
-        if block.count(b",") != self.commas * len(lines) or b'"' in block:
-            lines = self._well_formed(lines, line0)
+        self._line0, self._where = line0, None
+        if b'"' in block:
+            lines, self._where = _unquoted_lines(block)
+            used = block.count(b"\n")
+        else:
+            lines = block.split(b"\n")
+            lines.pop()  # after the final newline
+            used = len(lines)
+        if self._where is not None or block.count(b",") != self.commas * len(lines):
+            lines = self._well_formed(lines)
         if not lines:
             return 0, used
         self._span(lines)
-        self.check(lines, line0)
+        self.check(lines)
         return len(lines), used
 
-    def _well_formed(self, lines: list[bytes], line0: int) -> list[bytes]:
-        good = []
+    def at(self, i: int) -> int:
+        """File line number of row ``i`` of the block being checked."""
+        return self._line0 + (i if self._where is None else self._where[i])
+
+    def _well_formed(self, lines: list[bytes]) -> list[bytes]:
+        good, where = [], []
         for i, line in enumerate(lines):
-            if line.count(b",") == self.commas:
+            n = line.count(b",") + 1
+            if n == self.commas + 1:
                 good.append(line)
+                where.append(i if self._where is None else self._where[i])
             else:
-                n = line.count(b",") + 1
-                self.problem("bad_row", line0 + i, detail=f"{n} cells, expected {self.commas + 1}")
-        # Line numbers past a bad row shift by one in this block: acceptable for a report.
+                self.problem("bad_row", self.at(i), detail=f"{n} cells, expected {self.commas + 1}")
+        self._where = where
         return good
 
     def _span(self, lines: list[bytes]) -> None:
@@ -311,19 +321,20 @@ class _Checker:
     def _time(self, cells: list[bytes]) -> int:
         return int(cells[self.time_col])
 
-    def check(self, lines: list[bytes], line0: int) -> None:
+    def check(self, lines: list[bytes]) -> None:
+        """Check the rows of one block (line numbers from :meth:`at`)."""
         raise NotImplementedError
 
-    def _ints(self, lines: list[bytes], col: int, line0: int) -> tuple[list[int], list[int]]:
+    def _ints(self, lines: list[bytes], col: int) -> tuple[list[int], list[int]]:
         """Column ``col`` as ints and the line number of each; bad rows are reported."""
         ints, where = [], []
         for i, line in enumerate(lines):
             try:
                 ints.append(int(line.split(b",", col + 1)[col]))
             except (ValueError, IndexError):
-                self.problem("bad_row", line0 + i, detail=f"column {col + 1} is not an integer")
+                self.problem("bad_row", self.at(i), detail=f"column {col + 1} is not an integer")
                 continue
-            where.append(line0 + i)
+            where.append(self.at(i))
         return ints, where
 
 
@@ -336,12 +347,12 @@ class _AggTrades(_Checker):
         super().__init__(report, columns)
         self.prev: int | None = None
 
-    def check(self, lines: list[bytes], line0: int) -> None:
+    def check(self, lines: list[bytes]) -> None:
         where: list[int] | None = None
         try:
             ids = [int(line.split(b",", 1)[0]) for line in lines]
         except ValueError:
-            ids, where = self._ints(lines, 0, line0)
+            ids, where = self._ints(lines, 0)
             if not ids:
                 return
         prev = self.prev
@@ -354,11 +365,11 @@ class _AggTrades(_Checker):
             if prev is None or x == prev + 1:
                 prev = x
             elif x > prev:
-                line = where[i] if where else line0 + i
+                line = where[i] if where else self.at(i)
                 self.problem("gap", line, prev + 1, x - 1, f"{x - prev - 1} ids missing")
                 prev = x
             else:
-                self.problem("duplicate", where[i] if where else line0 + i, x, x)
+                self.problem("duplicate", where[i] if where else self.at(i), x, x)
         self.prev = prev
 
 
@@ -376,11 +387,11 @@ class _Klines(_Checker):
     def _next(self, t: int) -> int:
         return t + self.step if self.step is not None else next_open_time(t, self.interval)
 
-    def check(self, lines: list[bytes], line0: int) -> None:
-        times, where = self._ints(lines, self.key_col, line0)
+    def check(self, lines: list[bytes]) -> None:
+        times, where = self._ints(lines, self.key_col)
         if self.interval not in INTERVALS:
             if self.prev is None:
-                self.problem("interval", line0, detail=f"unknown interval {self.interval!r}")
+                self.problem("interval", self.at(0), detail=f"unknown interval {self.interval!r}")
             self.prev = times[-1] if times else self.prev
             return
         prev = self.prev
@@ -428,7 +439,7 @@ class _Depth(_Checker):
         self.prev: tuple[int, bytes, bytes] | None = None  # (last id, first id, pu) of the event
         self.events = 0
 
-    def check(self, lines: list[bytes], line0: int) -> None:
+    def check(self, lines: list[bytes]) -> None:
         prev = self.prev
         futures = self.futures
         for i, line in enumerate(lines):
@@ -438,24 +449,24 @@ class _Depth(_Checker):
                 first_b, pu_b = cells[_DEPTH_FIRST], cells[_DEPTH_PREV]
                 if prev is not None and last == prev[0]:
                     if first_b != prev[1] or pu_b != prev[2]:
-                        self.problem("inconsistent", line0 + i, last, last,
+                        self.problem("inconsistent", self.at(i), last, last,
                                      "rows of one event with different ids")  # fmt: skip
                     continue
                 first = int(first_b)
                 pu = int(pu_b) if futures else 0
             except (ValueError, IndexError):
-                self.problem("bad_row", line0 + i, detail="update ids are not integers")
+                self.problem("bad_row", self.at(i), detail="update ids are not integers")
                 continue
             self.events += 1
             if prev is not None:
                 p = prev[0]
                 if last < p:
-                    self.problem("duplicate", line0 + i, first, last, "event not above the last")
+                    self.problem("duplicate", self.at(i), first, last, "event not above the last")
                     continue
                 if (pu != p) if futures else (first != p + 1):
                     want = f"prev_update_id {p}" if futures else f"first_update_id {p + 1}"
                     got = f"prev_update_id {pu}" if futures else f"first_update_id {first}"
-                    self.problem("break", line0 + i, p + 1, max(first - 1, p + 1),
+                    self.problem("break", self.at(i), p + 1, max(first - 1, p + 1),
                                  f"expected {want}, got {got}")  # fmt: skip
             prev = (last, first_b, pu_b)
         self.prev = prev
@@ -475,7 +486,7 @@ class _Books(_Checker):
     def _time(self, cells: list[bytes]) -> int:
         return int(cells[self.time_col]) or int(cells[_BOOK_RECV])  # 0: unknown
 
-    def check(self, lines: list[bytes], line0: int) -> None:
+    def check(self, lines: list[bytes]) -> None:
         prev = self.prev
         top = _NB + 4 if self.levels else _NB
         for i, line in enumerate(lines):
@@ -483,15 +494,15 @@ class _Books(_Checker):
             try:
                 uid = int(cells[_BOOK_KEY])
             except ValueError:
-                self.problem("bad_row", line0 + i, detail="last_update_id is not an integer")
+                self.problem("bad_row", self.at(i), detail="last_update_id is not an integer")
                 continue
             if prev is not None and uid <= prev:
-                self.problem("order", line0 + i, uid, uid, f"last_update_id {uid} after {prev}")
+                self.problem("order", self.at(i), uid, uid, f"last_update_id {uid} after {prev}")
             prev = uid if prev is None else max(prev, uid)
             if self.levels:
                 bid, ask = cells[_NB], cells[_NB + 2]
                 if bid and ask and _crossed(bid, ask):
-                    line_no = line0 + i
+                    line_no = self.at(i)
                     detail = f"best bid {bid.decode()} >= best ask {ask.decode()}"
                     self.problem("crossed", line_no, uid, uid, detail)
         self.prev = prev
