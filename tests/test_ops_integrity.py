@@ -216,6 +216,46 @@ def test_clean_tree_passes_with_stats(tmp_path: Path, market: str, gz: bool) -> 
     assert f"binance/{market}/BTCUSDT/aggtrade" in table.stdout and "OK" in table.stdout
 
 
+def test_hourly_files_are_read_in_period_order(tmp_path: Path) -> None:
+    ctx = SinkContext(name="csv", counters=Counters(), logger=logging.getLogger("test.verify"))
+    sink = CsvSink(Options(path=str(tmp_path), rotation="hourly"), ctx)
+    hour = 3_600_000
+    tr = trades("usdm", range(1, 4), t0=T0 + 10 * hour) + trades("usdm", [4, 5], T0 + 11 * hour)
+
+    async def go() -> None:
+        await sink.open()
+        for t in tr:  # one flush per trade, two hourly files
+            await sink.write([t])
+            await sink.flush()
+        await sink.close()
+
+    asyncio.run(go())
+    names = sorted(p.name for p in (tmp_path / "binance/usdm/aggTrades/BTCUSDT").iterdir())
+    assert names == ["BTCUSDT-aggTrades-2026-11-23-10.csv", "BTCUSDT-aggTrades-2026-11-23-11.csv"]
+    result = cli([str(tmp_path), "--json"])
+    assert result.exit_code == 0, result.stdout
+    (doc,) = json.loads(result.stdout)["streams"]
+    assert (doc["files"], doc["rows"], doc["first_key"], doc["last_key"]) == (2, 5, 1, 5)
+
+
+def test_json_lists_problems_with_their_explanation(tmp_path: Path) -> None:
+    write(
+        tmp_path,
+        *trades("spot", [1, 2, 5, 6, 9]),
+        marker("spot", "aggtrade", "overflow", 3, 4, "runtime queue overflow"),
+    )
+    result = cli([str(tmp_path), "--json"])
+    assert result.exit_code == 1
+    doc = json.loads(result.stdout)
+    assert (doc["exit_code"], doc["errors"], doc["explained"]) == (1, 1, 1)
+    agg = next(s for s in doc["streams"] if s["stream"] == "aggtrade")
+    assert agg["markers"] == {"overflow": 1}
+    assert [(p["first"], p["last"], p["explained_by"]) for p in agg["problems"]] == [
+        (3, 4, "overflow 3-4 (runtime queue overflow)"),
+        (7, 8, ""),
+    ]
+
+
 # -- aggTrades -------------------------------------------------------------------------------
 @pytest.mark.parametrize("gz", [False, True])
 def test_aggtrade_gap_is_an_error_naming_the_range(tmp_path: Path, gz: bool) -> None:
