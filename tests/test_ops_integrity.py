@@ -396,6 +396,25 @@ def test_spot_depth_chain_break_and_its_marker(tmp_path: Path) -> None:
     assert report.exit_code == 0 and stream(report, "spot", "depth", "ETHUSDT").explained == 1
 
 
+def test_depth_break_explained_by_a_marker_of_dropped_events(tmp_path: Path) -> None:
+    # The sink's "disk full" and the runtime's overflow markers name the dropped events'
+    # last update ids: inside the hole of update ids, not all of it.
+    chain = usdm_chain(10)
+    dropped = chain[4:6]
+    write(tmp_path, *depth("usdm", chain[:4] + chain[6:]))
+    (p,) = errors(verify(tmp_path))
+    assert (p.kind, p.first, p.last) == ("break", chain[3][1] + 1, chain[6][0] - 1)
+    m = Marker("binance", "usdm", "ETHUSDT", "depth", "gap", dropped[0][1], dropped[1][1], T0,
+               "disk full")  # fmt: skip
+    write(tmp_path, m)
+    assert verify(tmp_path).exit_code == 0
+    # A marker elsewhere does not.
+    other = tmp_path / "other"
+    write(other, *depth("usdm", chain[:4] + chain[6:]))
+    write(other, msgspec.structs.replace(m, first_key=chain[8][1], last_key=chain[9][1]))
+    assert verify(other).exit_code == 1
+
+
 def test_usdm_depth_links_by_prev_update_id(tmp_path: Path) -> None:
     chain = usdm_chain(10)  # first ids jump: fine on usdm, a break under the spot rule
     write(tmp_path / "ok", *depth("usdm", chain))

@@ -18,10 +18,11 @@ files, rows, first/last key and time span, and the problems found:
   ``corrupt``: a file or row the sink would not have written.
 
 A problem whose key range is covered by marker rows of the same stream (kinds
-:data:`EXPLAINING_KINDS`) is *explained*, not an error. A marker whose ``last_key`` is 0 (end
-unknown, e.g. an orderbook ``resync``) explains the first problem at or after its
-``first_key``. :func:`verify` returns a :class:`Report`; ``Report.exit_code`` is 0 when no
-unexplained problem is left, 1 otherwise.
+:data:`EXPLAINING_KINDS`) is *explained*, not an error; for a depth ``break`` a marker
+overlapping the missing update ids is enough (depth keys are the events' last update ids).
+A marker whose ``last_key`` is 0 (end unknown, e.g. an orderbook ``resync``) explains the
+first problem at or after its ``first_key``. :func:`verify` returns a :class:`Report`;
+``Report.exit_code`` is 0 when no unexplained problem is left, 1 otherwise.
 """
 
 from __future__ import annotations
@@ -569,8 +570,15 @@ def _explain(problems: list[Problem], markers: list[_Marker]) -> None:
     for p in problems:
         if p.kind not in EXPLAINABLE:
             continue
-        i = bisect.bisect_right(starts, p.first) - 1
-        if i >= 0 and merged[i][1] >= p.last:
+        if p.kind == "break":
+            # Depth keys are events' last update ids, not one per update id: markers of
+            # dropped events name ids inside the hole, so any overlap explains it.
+            i = bisect.bisect_right(starts, p.last) - 1
+            covered = i >= 0 and merged[i][1] >= p.first
+        else:
+            i = bisect.bisect_right(starts, p.first) - 1
+            covered = i >= 0 and merged[i][1] >= p.last
+        if covered:
             cover = [m for m in merged[i][2] if m.last >= p.first and m.first <= p.last]
             p.explained_by = "; ".join(_describe(m) for m in cover[:3])
     for m in open_ended:
