@@ -486,7 +486,8 @@ def test_unexpected_header_is_reported_and_skipped(tmp_path: Path) -> None:
 
 
 def test_missing_or_empty_dir_is_bad_input(tmp_path: Path) -> None:
-    for target in (tmp_path / "nope", tmp_path):
+    (tmp_path / "file").write_text("x")
+    for target in (tmp_path / "nope", tmp_path / "file", tmp_path):
         result = cli([str(target)])
         assert result.exit_code == 2
         assert result.stdout == ""

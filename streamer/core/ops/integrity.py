@@ -642,7 +642,8 @@ def verify(root: str | os.PathLike[str]) -> Report:
     """
     root = os.fspath(root)
     if not os.path.isdir(root):
-        raise VerifyError(f"{root}: no such directory")
+        what = "not a directory" if os.path.exists(root) else "no such directory"
+        raise VerifyError(f"{root}: {what}")
     streams: dict[tuple[str, str, str, str], StreamReport] = {}
     markers: dict[tuple[str, str, str, str], list[_Marker]] = {}
     checkers: dict[tuple[str, str, str, str], _Checker] = {}
@@ -675,7 +676,10 @@ def verify(root: str | os.PathLike[str]) -> Report:
             sr.files += 1
             _data_file(kind, interval, path, name, sr, checkers, key)
     if not report.files:
-        raise VerifyError(f"{root}: no files of the csv sink's layout found")
+        raise VerifyError(
+            f"{root}: no files of the csv sink's layout found (give the sink's path, the "
+            "folder holding <exchange>/<market>/aggTrades|klines|depth|orderbook|markers)"
+        )
     for key, sr in streams.items():
         chk = checkers.get(key)
         if chk is not None:
