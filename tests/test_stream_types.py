@@ -460,3 +460,23 @@ def test_depth_futures_chain_uses_pu():
     assert len([r for r in out if isinstance(r, DepthUpdate)]) == 4
     (gap,) = markers(out, "gap")
     assert gap.first_key == 161
+
+
+def test_depth_resumes_from_holdings_and_marks_the_hole_between_runs():
+    exchange = FakeExchange()
+    key = StreamKey(exchange.exchange, exchange.market, "AAA", "depth")
+    stream, out, _ = make(DepthStream, DepthOptions(), exchange, resume={key: 12})
+    for first, last in [(5, 12), (30, 35), (36, 40)]:  # held already, then after the hole
+        stream.on_record(depth("AAA", first, last))
+    updates = [(r.first_update_id, r.last_update_id) for r in out if isinstance(r, DepthUpdate)]
+    assert updates == [(30, 35), (36, 40)]
+    (gap,) = markers(out, "gap")
+    assert (gap.first_key, gap.last_key, gap.reason) == (13, 29, "restart")
+
+
+def test_depth_resume_without_a_hole_writes_no_marker():
+    exchange = FakeExchange()
+    key = StreamKey(exchange.exchange, exchange.market, "AAA", "depth")
+    stream, out, _ = make(DepthStream, DepthOptions(), exchange, resume={key: 12})
+    stream.on_record(depth("AAA", 13, 20))
+    assert markers(out) == []

@@ -15,7 +15,7 @@ from typing import ClassVar
 
 import msgspec
 
-from streamer.core.api import Channel, StreamContext, StreamType, Subscription
+from streamer.core.api import Channel, StreamContext, StreamKey, StreamType, Subscription
 from streamer.core.hookspecs import hookimpl
 from streamer.core.records import DepthUpdate, Marker, Record
 
@@ -45,9 +45,17 @@ class DepthStream(StreamType):
             raise ValueError(
                 f"exchange {type(context.exchange).__name__} does not serve depth"
             ) from None
-        self._last: dict[str, int | None] = dict.fromkeys(context.symbols)
         self._exchange_name = getattr(context.exchange, "exchange", "")
         self._market = getattr(context.exchange, "market", "")
+        # Resume from what the sinks hold: the first update after a restart is checked
+        # against the last one written, so the hole between two runs gets its marker.
+        self._last: dict[str, int | None] = {
+            symbol: context.resume.get(
+                StreamKey(self._exchange_name, self._market, symbol, self.STREAM)
+            )
+            for symbol in context.symbols
+        }
+        self._resumed = {symbol for symbol, last in self._last.items() if last is not None}
         #: Updates dropped as duplicates (also counted as ``depth_duplicates``).
         self.duplicates = 0
 
@@ -67,6 +75,8 @@ class DepthStream(StreamType):
                 self.duplicates += 1
                 self.context.counters.incr("depth_duplicates", symbol, self.STREAM)
                 return
+            after_restart = symbol in self._resumed
+            self._resumed.discard(symbol)
             if self._futures and record.prev_update_id is not None:
                 broken = record.prev_update_id != last
             else:
@@ -83,7 +93,7 @@ class DepthStream(StreamType):
                         last + 1,
                         max(record.first_update_id - 1, last + 1),
                         time.time_ns() // 1_000_000,
-                        "sequence break",
+                        "restart" if after_restart else "sequence break",
                     )
                 )
         self._last[symbol] = record.last_update_id
