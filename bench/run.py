@@ -279,6 +279,7 @@ def measure_subject(
     feed_sampler = TreeSampler(feed.proc.pid).start()
     started = time.monotonic()
     result: dict[str, Any] = {"subject": name}
+    generated0 = feed.stats()["generated"]
     try:
         feed.set_rate(plan.warm_rate)
         _wait_ready(subject, plan.ready_timeout)
@@ -310,6 +311,7 @@ def measure_subject(
         result["sustained_ok"] = best is not None
     finally:
         feed.set_rate(0)
+        result["messages"] = feed.stats()["generated"] - generated0
         result["exit_code"] = subject.stop()
         sampler.stop()
         feed_sampler.stop()
@@ -317,6 +319,8 @@ def measure_subject(
         result["peak_pss"] = sampler.lifetime_peak_pss
         if subject.writes_csv:
             result["bytes_written"] = dir_bytes(str(subject.out))
+            if result["messages"]:
+                result["bytes_per_message"] = result["bytes_written"] / result["messages"]
         shutil.rmtree(subject.out, ignore_errors=True)
     return result
 
@@ -627,6 +631,7 @@ def summarize(rounds: list[dict[str, dict[str, Any]]]) -> dict[str, Any]:
             "written_p99": _median([a["written_p99"] for a in at]),
             "peak_rss": _median([r["peak_rss"] for r in rs]),
             "bytes_written": _median([r.get("bytes_written", float("nan")) for r in rs]),
+            "bytes_per_message": _median([r.get("bytes_per_message", float("nan")) for r in rs]),
             "runs": len(rs),
         }
 
@@ -682,7 +687,7 @@ def render(report: dict[str, Any]) -> str:
         f"({plan['step_s']:.1f} s each) the subject kept up with.",
         "",
         "| subject | sustained msg/s | CPU s per M msgs | CPU (cores) | receive lag p50 / p99 "
-        "| row written p50 / p99 | peak RSS (tree) | bytes written |",
+        "| row written p50 / p99 | peak RSS (tree) | bytes written per message |",
         "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for name in ("bare", "baseline", "collector"):
@@ -695,7 +700,7 @@ def render(report: dict[str, Any]) -> str:
             f"| {_f(x['cpu_share_at_measure'], '.2f')} "
             f"| {_f(x['recv_p50'])} / {_f(x['recv_p99'])} ms "
             f"| {_f(x['written_p50'])} / {_f(x['written_p99'])} ms "
-            f"| {_mib(x['peak_rss'])} | {_mib(x['bytes_written'])} |"
+            f"| {_mib(x['peak_rss'])} | {_f(x.get('bytes_per_message', float('nan')))} |"
         )
     if any(x.get("sustained_ok_runs", x["runs"]) < x["runs"] for x in med.values()):
         lines += [
