@@ -96,7 +96,7 @@ class Plan:
     ramp_down: tuple[float, ...] = (15_000, 10_000, 7_500, 5_000, 3_000, 2_000)
     ready_timeout: float = 45.0
     full_symbols: int = 2000
-    full_s: float = 150.0
+    full_s: float = 120.0
     base_rate: float = 11_000
     burst_rate: float = 40_000
     burst_s: float = 8.0
@@ -111,7 +111,7 @@ class Plan:
     full: bool = True
     #: Whole-run budget in seconds (``make bench`` must stay under 15 minutes): the
     #: full-market case is shortened (to no less than 30 s) when the rounds ran long.
-    budget_s: float = 13 * 60
+    budget_s: float = 12 * 60
 
     @classmethod
     def quick_plan(cls) -> Plan:
