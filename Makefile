@@ -40,7 +40,9 @@ demo: $(STAMP)
 	  sleep 0.2; \
 	done; \
 	$(BIN)/streamer run --config examples/demo.yaml --plugins binance,csv --duration 20 && \
-	$(BIN)/python examples/show_output.py $(DEMO_DIR)/data
+	$(BIN)/python examples/show_output.py $(DEMO_DIR)/data && \
+	echo && echo "--- streamer verify $(DEMO_DIR)/data (gaps, duplicates, broken chains, crossed books):" && \
+	$(BIN)/streamer verify $(DEMO_DIR)/data
 
 bench: $(STAMP)
 	@if [ -f bench/run.py ]; then $(BIN)/python bench/run.py; \
