@@ -360,6 +360,30 @@ async def test_backfill_klines_pages_and_drops_the_open_bar():
         [p async for p in adapter.backfill_klines("BTCUSDT", "1s", 0, 1)]
 
 
+async def test_backfill_klines_leaves_out_a_bar_that_closed_while_the_request_travelled(
+    monkeypatch,
+):
+    """A bar closing between sending the request and reading the answer may still take
+    trades on the server, so it is not complete: the stream's final update must win."""
+    import streamer.plugins.exchanges.binance.adapter as adapter_module
+
+    second = 1000
+    sent_at = 1_795_000_000_000  # the clock when the request leaves
+    clock = {"now": sent_at}
+    monkeypatch.setattr(adapter_module, "_now_ms", lambda: clock["now"])
+
+    def handler(request):
+        clock["now"] = sent_at + 50  # the answer arrives 50 ms later
+        opens = [sent_at - 2 * second, sent_at - second + 20]  # the second closes at +19 ms
+        rows = [[t, "1", "2", "0.5", "1.5", "10", t + second - 1, "15", 3, "5", "7", "0"]
+                for t in opens]  # fmt: skip
+        return httpx.Response(200, content=msgspec.json.encode(rows))
+
+    adapter, _counters, _seen = make_adapter(handler, market="spot")
+    pages = [p async for p in adapter.backfill_klines("BTCUSDT", "1s", 0, sent_at)]
+    assert [k.open_time for p in pages for k in p] == [sent_at - 2 * second]
+
+
 @pytest.fixture
 def anyio_backend():
     return "asyncio"

@@ -375,10 +375,12 @@ class BinanceAdapter(ExchangeAdapter):
                 "symbol": symbol, "interval": interval, "startTime": start,
                 "endTime": end_time, "limit": page_size,
             }  # fmt: skip
+            # A bar is complete on the server only if it closed before the request was
+            # sent; one closing while the response travels may still take trades.
+            asked = _now_ms()
             body = await self.rest.get(f"{self._prefix}/klines", params, weight)
             rows = decode_klines(body, symbol, interval, self.market, _now_ms())
-            now = _now_ms()
-            closed = [k for k in rows if k.close_time < now and start <= k.open_time <= end_time]
+            closed = [k for k in rows if k.close_time < asked and start <= k.open_time <= end_time]
             if closed:
                 self.context.counters.incr("backfilled_klines", symbol, n=len(closed))
                 yield closed
