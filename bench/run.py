@@ -309,6 +309,8 @@ def measure_subject(
         # measuring step achieved while overloaded (an upper bound, flagged as such).
         result["sustained"] = best.achieved if best else at.achieved
         result["sustained_ok"] = best is not None
+        # Even the top of the ramp passed: the subject's limit is higher still.
+        result["ramp_capped"] = upward and all(st.ok for st in steps)
     finally:
         feed.set_rate(0)
         result["messages"] = feed.stats()["generated"] - generated0
@@ -623,6 +625,7 @@ def summarize(rounds: list[dict[str, dict[str, Any]]]) -> dict[str, Any]:
         med[name] = {
             "sustained": _median([r["sustained"] for r in rs]),
             "sustained_ok_runs": sum(1 for r in rs if r.get("sustained_ok")),
+            "ramp_capped_runs": sum(1 for r in rs if r.get("ramp_capped")),
             "cpu_per_m": _median([a["cpu_per_m"] for a in at]),
             "cpu_share_at_measure": _median([a["cpu_share"] for a in at]),
             "recv_p50": _median([a["recv_p50"] for a in at]),
@@ -695,13 +698,21 @@ def render(report: dict[str, Any]) -> str:
             continue
         x = med[name]
         flag = "" if x.get("sustained_ok_runs", x["runs"]) == x["runs"] else " *"
+        at_least = ">= " if x.get("ramp_capped_runs", 0) * 2 > x["runs"] else ""
         lines.append(
-            f"| {name} | {_f(x['sustained'])}{flag} | {_f(x['cpu_per_m'], '.1f')} "
+            f"| {name} | {at_least}{_f(x['sustained'])}{flag} | {_f(x['cpu_per_m'], '.1f')} "
             f"| {_f(x['cpu_share_at_measure'], '.2f')} "
             f"| {_f(x['recv_p50'])} / {_f(x['recv_p99'])} ms "
             f"| {_f(x['written_p50'])} / {_f(x['written_p99'])} ms "
             f"| {_mib(x['peak_rss'])} | {_f(x.get('bytes_per_message', float('nan')))} |"
         )
+    if any(x.get("ramp_capped_runs", 0) * 2 > x["runs"] for x in med.values()):
+        lines += [
+            "",
+            ">= : the top step of the ramp passed in most rounds, so the limit is higher; the "
+            "ratio to it is then an upper bound. Sustained figures are ramp steps, and ratios "
+            "between them inherit the steps' granularity.",
+        ]
     if any(x.get("sustained_ok_runs", x["runs"]) < x["runs"] for x in med.values()):
         lines += [
             "",
