@@ -577,7 +577,15 @@ def run_micro(quick: bool, log: Any) -> list[dict[str, Any]]:
             text = f"{text}\n--- stderr (last lines):\n" + "\n".join(errors.splitlines()[-8:])
         elapsed = time.monotonic() - t0
         log(f"  {script}: exit {rc} in {elapsed:.0f} s")
-        out.append({"script": script, "rc": rc, "seconds": elapsed, "output": text.strip()})
+        out.append(
+            {
+                "script": script,
+                "args": args[2:],
+                "rc": rc,
+                "seconds": elapsed,
+                "output": text.strip(),
+            }
+        )
     return out
 
 
@@ -848,7 +856,8 @@ def render(report: dict[str, Any]) -> str:
                 lines.append(f"- `bench/{mb['script']}`: not present in this checkout")
                 continue
             lines += [
-                f"`python bench/{mb['script']}` (exit {mb['rc']}, {mb['seconds']:.0f} s):",
+                f"`python bench/{' '.join([mb['script'], *mb.get('args', [])])}` "
+                f"(exit {mb['rc']}, {mb['seconds']:.0f} s):",
                 "",
                 "```text",
                 *mb["output"].splitlines()[-40:],
