@@ -27,6 +27,8 @@ format: $(STAMP)
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
+# `make bench` runs bench/run.py (about 10 minutes); `make bench BENCH_ARGS=--quick` is a smoke check.
+
 # Start the bundled Binance-protocol simulator (it drops every 50th aggTrade and closes
 # every connection each 8 s, so the gap filling shows), collect from it for 20 s with
 # examples/demo.yaml (spot + USD-M), then show what was written.
@@ -45,7 +47,7 @@ demo: $(STAMP)
 	$(BIN)/streamer verify $(DEMO_DIR)/data
 
 bench: $(STAMP)
-	@if [ -f bench/run.py ]; then $(BIN)/python bench/run.py; \
+	@if [ -f bench/run.py ]; then $(BIN)/python bench/run.py $(BENCH_ARGS); \
 	else echo "no bench/run.py yet"; fi
 
 clean:
