@@ -120,3 +120,43 @@ def load_status(state_dir: Path) -> dict[str, Any] | None:
         return json.loads((state_dir / "status.json").read_text())
     except (FileNotFoundError, ValueError):
         return None
+
+
+def write_sim_config(
+    tmp_path: Path,
+    sim: Any,
+    *,
+    symbols: list[str],
+    streams: dict[str, Any],
+    options: dict[str, Any] | None = None,
+    runtime: dict[str, Any] | None = None,
+) -> Path:
+    """Write a one-pipeline Binance spot config against ``sim``, CSV into tmp_path/data."""
+    data = {
+        "pipelines": [
+            {
+                "name": "spot",
+                "exchange": "binance",
+                "options": {
+                    "market": "spot",
+                    "rest_url": sim.rest_url,
+                    "ws_url": sim.ws_url,
+                    **(options or {}),
+                },
+                "symbols": symbols,
+                "streams": streams,
+                "sinks": ["csv"],
+            }
+        ],
+        "sinks": {"csv": {"type": "csv", "path": str(tmp_path / "data"), "flush_interval": 0.2}},
+        "runtime": {
+            "state_dir": str(tmp_path / "state"),
+            "status_interval": 0.2,
+            "shutdown_timeout": 20,
+            "restart_backoff_max": 1,
+            **(runtime or {}),
+        },
+    }
+    path = tmp_path / "streamer.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path

@@ -18,9 +18,10 @@ import time
 from pathlib import Path
 
 import pytest
-import yaml
 
 pytest.importorskip("streamer.testing.sim", reason="the simulator is not available")
+
+from conftest import write_sim_config
 
 from streamer.core.ops import daemon as d
 from streamer.testing.faults import FaultPlan
@@ -32,37 +33,19 @@ DOWNTIME = float(os.environ.get("STREAMER_E2E_DOWNTIME", "3"))
 
 
 def write_config(tmp_path: Path, sim) -> Path:
-    data = {
-        "pipelines": [
-            {
-                "name": "spot",
-                "exchange": "binance",
-                "options": {
-                    "market": "spot",
-                    "rest_url": sim.rest_url,
-                    "ws_url": sim.ws_url,
-                    "max_streams_per_connection": 8,
-                    "rotate_after": "4s",
-                    "rotation_overlap": "300ms",
-                    "no_data_timeout": "3s",
-                    "reconnect_backoff_max": "1s",
-                },
-                "symbols": SYMBOLS,
-                "streams": {"aggtrade": {}, "kline": {"intervals": ["1s"]}},
-                "sinks": ["csv"],
-            }
-        ],
-        "sinks": {"csv": {"type": "csv", "path": str(tmp_path / "data"), "flush_interval": 0.2}},
-        "runtime": {
-            "state_dir": str(tmp_path / "state"),
-            "status_interval": 0.2,
-            "shutdown_timeout": 20,
-            "restart_backoff_max": 1,
+    return write_sim_config(
+        tmp_path,
+        sim,
+        symbols=SYMBOLS,
+        streams={"aggtrade": {}, "kline": {"intervals": ["1s"]}},
+        options={
+            "max_streams_per_connection": 8,
+            "rotate_after": "4s",
+            "rotation_overlap": "300ms",
+            "no_data_timeout": "3s",
+            "reconnect_backoff_max": "1s",
         },
-    }
-    path = tmp_path / "streamer.yaml"
-    path.write_text(yaml.safe_dump(data))
-    return path
+    )
 
 
 def read_rows(folder: Path, header: str) -> list[list[str]]:

@@ -15,7 +15,7 @@ from typing import Any
 import msgspec
 import pytest
 import typer
-import yaml
+from conftest import write_sim_config
 from typer.testing import CliRunner
 
 from streamer.core.ops import daemon as d
@@ -39,29 +39,8 @@ def ops_app() -> typer.Typer:
 
 
 def write_config(tmp_path: Path, sim, **runtime: Any) -> Path:
-    data = {
-        "pipelines": [
-            {
-                "name": "spot",
-                "exchange": "binance",
-                "options": {"market": "spot", "rest_url": sim.rest_url, "ws_url": sim.ws_url},
-                "symbols": SYMBOLS,
-                "streams": {"aggtrade": {}, "depth": {}, "orderbook": {}, "kline": {}},
-                "sinks": ["csv"],
-            }
-        ],
-        "sinks": {"csv": {"type": "csv", "path": str(tmp_path / "data"), "flush_interval": 0.2}},
-        "runtime": {
-            "state_dir": str(tmp_path / "state"),
-            "status_interval": 0.2,
-            "shutdown_timeout": 20,
-            "restart_backoff_max": 1,
-            **runtime,
-        },
-    }
-    path = tmp_path / "streamer.yaml"
-    path.write_text(yaml.safe_dump(data))
-    return path
+    streams = {"aggtrade": {}, "depth": {}, "orderbook": {}, "kline": {}}
+    return write_sim_config(tmp_path, sim, symbols=SYMBOLS, streams=streams, runtime=runtime)
 
 
 def wait_status(
