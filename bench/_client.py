@@ -12,9 +12,14 @@ since the previous line. The harness reads these lines to detect falling behind.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
+import signal
 import sys
 import time
+from collections.abc import Callable, Coroutine
+from typing import Any
 
 #: Streams each symbol contributes, as the collector subscribes them.
 STREAM_SUFFIXES = ("@aggTrade", "@depth@100ms", "@kline_1m")
@@ -70,3 +75,30 @@ class Reporter:
         sys.stdout.write(json.dumps(line) + "\n")
         sys.stdout.flush()
         self.lags = []
+
+
+async def run_until_signalled(
+    start: Callable[[list[Any]], list[Coroutine[Any, Any, None]]], on_stop: Callable[[], None]
+) -> None:
+    """Run the coroutines ``start(opened)`` returns until SIGINT/SIGTERM or one ends.
+
+    ``opened`` collects the WebSocket connections the coroutines open; on stop ``on_stop``
+    reports, then every connection is aborted (a benchmark client need not wait for a close
+    handshake behind megabytes of frames) and every task is cancelled and awaited.
+    """
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    opened: list[Any] = []
+    tasks = [asyncio.create_task(coro) for coro in start(opened)]
+    waiter = asyncio.create_task(stop.wait())
+    await asyncio.wait([waiter, *tasks], return_when=asyncio.FIRST_COMPLETED)
+    on_stop()
+    for ws in opened:
+        ws.transport.abort()
+    for task in tasks:
+        task.cancel()
+    for task in tasks:
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await task

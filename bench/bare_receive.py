@@ -12,10 +12,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
-import signal
 
-from _client import Reporter, stream_urls
+from _client import Reporter, run_until_signalled, stream_urls
 from websockets.asyncio.client import ClientConnection, connect
 
 
@@ -34,24 +32,10 @@ async def _receive(url: str, rep: Reporter, opened: list[ClientConnection]) -> N
 async def run(url: str, n_symbols: int) -> None:
     """Receive every stream of ``n_symbols`` symbols until cancelled."""
     rep = Reporter()
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    opened: list[ClientConnection] = []
-    urls = stream_urls(url, n_symbols)
-    tasks = [asyncio.create_task(_receive(u, rep, opened)) for u in urls]
-    waiter = asyncio.create_task(stop.wait())
-    await asyncio.wait([waiter, *tasks], return_when=asyncio.FIRST_COMPLETED)
-    rep.report()
-    # A benchmark client need not wait for a close handshake behind megabytes of frames.
-    for ws in opened:
-        ws.transport.abort()
-    for t in tasks:
-        t.cancel()
-    for t in tasks:
-        with contextlib.suppress(asyncio.CancelledError, Exception):
-            await t
+    await run_until_signalled(
+        lambda opened: [_receive(u, rep, opened) for u in stream_urls(url, n_symbols)],
+        rep.report,
+    )
 
 
 def main() -> None:

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
 import logging
 import multiprocessing as mp
@@ -32,7 +31,7 @@ import time
 from collections import defaultdict
 from typing import Any
 
-from _client import Reporter, stream_urls
+from _client import Reporter, run_until_signalled, stream_urls
 from websockets.asyncio.client import ClientConnection, connect
 
 FLUSH_INTERVAL = 1.0
@@ -189,25 +188,13 @@ async def run(url: str, n_symbols: int, out: str) -> None:
     writer.start()
     col = _Collector(queue, log)
     rep = Reporter()
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    opened: list[ClientConnection] = []
-    tasks = [
-        asyncio.create_task(_receive(u, col, rep, opened)) for u in stream_urls(url, n_symbols)
-    ]
-    tasks.append(asyncio.create_task(_flusher(col)))
-    waiter = asyncio.create_task(stop.wait())
-    await asyncio.wait([waiter, *tasks], return_when=asyncio.FIRST_COMPLETED)
-    rep.report()
-    for ws in opened:
-        ws.transport.abort()
-    for t in tasks:
-        t.cancel()
-    for t in tasks:
-        with contextlib.suppress(asyncio.CancelledError, Exception):
-            await t
+    await run_until_signalled(
+        lambda opened: [
+            *(_receive(u, col, rep, opened) for u in stream_urls(url, n_symbols)),
+            _flusher(col),
+        ],
+        rep.report,
+    )
     col.flush()
     queue.put(None)
     await asyncio.to_thread(writer.join, 30)
