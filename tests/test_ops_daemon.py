@@ -75,9 +75,13 @@ def fake(tmp_path: Path):
         return [sys.executable, str(script), str(paths.state_dir), mode]
 
     yield paths, argv
-    info = d.read_pidfile(paths.pidfile)
-    if info and d.pid_alive(info.pid):
-        os.killpg(info.pid, signal.SIGKILL)
+    # Only a collector this test started, never whatever a pidfile names: os.killpg(1, ...)
+    # is kill(-1, ...), every process the caller may signal.
+    state = d.check(paths)
+    info = state.info
+    if state.state == "running" and info and info.pid > 1 and info.pid != os.getpgrp():
+        if d.process_cmdline(info.pid)[1:2] == [str(script)]:
+            os.killpg(info.pid, signal.SIGKILL)
 
 
 def wait_until(predicate, timeout: float = 10.0, what: str = "condition"):
@@ -289,3 +293,100 @@ def test_cli_daemon_stop_reports_graceful_and_forced(fake):
         app, ["daemon", "stop", "--state-dir", str(paths.state_dir), "--timeout", "0.3"]
     )
     assert result.exit_code == 1 and "forced stop of pid" in result.output
+
+
+# -- only our own process is ever signalled (issue 11, fault 4) -------------------------------
+@pytest.fixture
+def bystander():
+    """An unrelated live process (its own session, so no group kill can reach the tests)."""
+    proc = subprocess.Popen(["sleep", "300"], start_new_session=True)
+    yield proc
+    proc.kill()
+    proc.wait(10)
+
+
+def _cli(*args: str):
+    return CliRunner().invoke(ops_app(), list(args))
+
+
+def test_stop_refuses_a_bare_pidfile_naming_an_unrelated_process(fake, bystander):
+    paths, _ = fake
+    paths.pidfile.write_text(f"{bystander.pid}\n")
+    assert d.check(paths).state == "foreign"
+    with pytest.raises(d.DaemonError, match=rf"refusing to signal: pid {bystander.pid} is alive"):
+        d.stop(paths, timeout=1)
+    result = _cli("daemon", "stop", "--state-dir", str(paths.state_dir), "--timeout", "1")
+    assert result.exit_code == 1
+    assert result.output.startswith("error: refusing to signal") and result.output.count("\n") == 1
+    assert bystander.poll() is None, "an unrelated process was killed"
+    assert paths.pidfile.exists()  # not ours to delete either: the operator decides
+    status = _cli("daemon", "status", "--state-dir", str(paths.state_dir))
+    assert status.exit_code == 4 and status.output.startswith("unknown: pid")
+    with pytest.raises(d.DaemonError, match="names a live process that is not a collector"):
+        d.start(paths, argv=["true"], wait=0)
+
+
+def test_stop_refuses_a_process_whose_command_line_differs(fake, bystander):
+    paths, argv = fake
+    # Right pid and start time, but not the command the pidfile says was started.
+    ticks = d.process_start_ticks(bystander.pid)
+    d.write_pidfile(paths.pidfile, d.PidInfo(pid=bystander.pid, start_ticks=ticks, argv=argv()))
+    state = d.check(paths)
+    assert state.state == "foreign" and "not the command the pidfile recorded" in state.reason
+    with pytest.raises(d.DaemonError, match="refusing to signal"):
+        d.stop(paths, timeout=1)
+    assert bystander.poll() is None
+
+
+def test_stop_never_signals_pid_1(fake, monkeypatch):
+    paths, _ = fake
+    sent = []
+    real_kill, real_killpg = os.kill, os.killpg
+
+    # Signals other than 0 are recorded, never delivered: on the old code this would have
+    # been SIGTERM to init and then killpg(1) = kill(-1), every process on the machine.
+    def kill(pid, sig):
+        if sig == 0:
+            return real_kill(pid, sig)
+        sent.append(("kill", pid, sig))
+
+    def killpg(pgid, sig):
+        if sig == 0:
+            return real_killpg(pgid, sig)
+        sent.append(("killpg", pgid, sig))
+
+    monkeypatch.setattr(os, "kill", kill)
+    monkeypatch.setattr(os, "killpg", killpg)
+    init = d.PidInfo(pid=1, start_ticks=d.process_start_ticks(1), argv=d.process_cmdline(1))
+    try:
+        for content in ("1\n", msgspec.json.encode(init).decode()):
+            paths.pidfile.write_text(content)
+            with pytest.raises(d.DaemonError, match="pid 1 is the init process"):
+                d.stop(paths, timeout=0.2)
+    finally:
+        paths.pidfile.unlink(missing_ok=True)  # before any teardown reads it
+    assert sent == []
+
+
+def test_a_stale_pidfile_is_not_running_with_a_note_and_nothing_is_signalled(fake, bystander):
+    paths, argv = fake
+    # The pid was reused by the bystander: different start time, so stale, not foreign.
+    ticks = d.process_start_ticks(bystander.pid)
+    d.write_pidfile(paths.pidfile, d.PidInfo(pid=bystander.pid, start_ticks=ticks - 1, argv=argv()))
+    result = _cli("daemon", "stop", "--state-dir", str(paths.state_dir))
+    assert result.exit_code == 0
+    assert result.output == (
+        f"not running (removed a stale pidfile: pid {bystander.pid} now belongs to another "
+        "process (start time differs))\n"
+    )
+    assert bystander.poll() is None and not paths.pidfile.exists()
+
+
+def test_the_pidfile_records_what_proves_the_process_ours(fake):
+    paths, argv = fake
+    started = d.start(paths, argv=argv(), wait=20)
+    info = d.read_pidfile(paths.pidfile)
+    assert info.start_ticks == d.process_start_ticks(started.pid)
+    assert d.process_cmdline(started.pid) == info.argv == argv()
+    assert d.identify(info) == ("running", "")
+    assert d.stop(paths, timeout=20).outcome == "stopped"

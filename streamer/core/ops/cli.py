@@ -242,7 +242,8 @@ def _daemon_status(
     ] = None,
 ) -> None:
     """Is the background collector running? Exit codes as LSB init scripts:
-    0 running, 1 dead but the pidfile exists, 3 not running."""
+    0 running, 1 dead but the pidfile exists, 3 not running, 4 unknown (the pidfile names
+    a live process that cannot be proven to be the collector)."""
     paths = _paths(state_dir, config, pidfile)
     state = d.check(paths)
     if state.state == "stopped":
@@ -251,6 +252,9 @@ def _daemon_status(
     if state.state == "stale":
         typer.echo(f"dead: {state.reason}; stale pidfile {paths.pidfile}")
         raise typer.Exit(1)
+    if state.state == "foreign":
+        typer.echo(f"unknown: {state.reason} (pidfile {paths.pidfile})")
+        raise typer.Exit(4)
     assert state.info is not None
     up = time.time() - state.info.started if state.info.started else 0.0
     typer.echo(f"running: pid {state.info.pid}, up {up:.0f}s, log {state.info.log_file}")

@@ -10,12 +10,16 @@ Layout under the state directory (each path can be overridden)::
 Start spawns the collector with ``start_new_session=True`` (its own session and process
 group, no controlling terminal), its output piped into a separate log pump
 (:mod:`streamer.core.ops.logfile`) that rotates the log by size and outlives the collector
-until every child has closed its output. The pidfile records the pid *and* the process start
-time from ``/proc``, so a pidfile left by a crash is recognised as stale even after the pid
-was reused by an unrelated process.
+until every child has closed its output. The pidfile records the pid, the process start
+time (``/proc/<pid>/stat`` field 22) and the command line, so a pidfile left by a crash is
+recognised as stale even after the pid was reused by an unrelated process.
 
 Stop sends SIGTERM to the supervisor (which drains, flushes and exits 0), waits up to a
-timeout, then SIGKILLs the whole process group and reports that it had to.
+timeout, then SIGKILLs the whole process group and reports that it had to. It signals only
+a process proven to be the collector it started: same start time *and* same command line.
+A pidfile naming anything else (a bare pid written by hand, pid 1, a live process whose
+command differs) is refused with one line and left in place; one naming a dead or reused
+pid is stale, reported and removed.
 """
 
 from __future__ import annotations
@@ -99,12 +103,14 @@ class DaemonPaths(msgspec.Struct, kw_only=True):
         )
 
 
-State = Literal["running", "stale", "stopped"]
+State = Literal["running", "stale", "stopped", "foreign"]
 
 
 class DaemonState(msgspec.Struct, kw_only=True):
-    """Outcome of :func:`check`: ``running``, ``stale`` (pidfile of a dead process) or
-    ``stopped`` (no pidfile). ``reason`` explains a stale verdict."""
+    """Outcome of :func:`check`: ``running`` (the pidfile's process is proven ours),
+    ``stale`` (its process is gone or the pid now belongs to a later process), ``foreign``
+    (a live process that cannot be proven ours: never signalled) or ``stopped`` (no
+    pidfile). ``reason`` explains a stale or foreign verdict."""
 
     state: State
     info: PidInfo | None = None
@@ -154,12 +160,16 @@ def process_start_ticks(pid: int) -> int | None:
 
 
 def process_cmdline(pid: int) -> list[str]:
-    """Arguments of ``pid`` from ``/proc`` (empty when unavailable)."""
+    """Arguments of ``pid`` from ``/proc``, decoded as ``sys.argv`` is (empty when
+    unavailable, e.g. a zombie or no ``/proc``)."""
     try:
         raw = Path(f"/proc/{pid}/cmdline").read_bytes()
     except OSError:
         return []
-    return [part.decode(errors="replace") for part in raw.split(b"\0") if part]
+    if not raw:
+        return []
+    # NUL-terminated arguments; an empty argument is kept as "".
+    return [os.fsdecode(part) for part in raw.removesuffix(b"\0").split(b"\0")]
 
 
 def pid_alive(pid: int, start_ticks: int | None = None) -> bool:
@@ -243,13 +253,48 @@ def check(paths: DaemonPaths) -> DaemonState:
         return DaemonState(state="stale", info=info, reason="the pidfile is unreadable")
     if not pid_alive(info.pid):
         return DaemonState(state="stale", info=info, reason=f"pid {info.pid} is not running")
-    if info.start_ticks is not None and process_start_ticks(info.pid) != info.start_ticks:
-        return DaemonState(
-            state="stale",
-            info=info,
-            reason=f"pid {info.pid} now belongs to another process (start time differs)",
+    state, reason = identify(info)
+    return DaemonState(state=state, info=info, reason=reason)
+
+
+def identify(info: PidInfo) -> tuple[State, str]:
+    """Is the live process ``info.pid`` the one this pidfile was written for?
+
+    ``running`` only when both its start time and its command line match what the pidfile
+    recorded; ``stale`` when the start time differs (the pid was reused); ``foreign`` for
+    anything that cannot be proven ours (a bare pid, pid 1, a different command, no
+    ``/proc``). ``foreign`` processes are never signalled.
+    """
+    pid = info.pid
+    if pid <= 1:
+        return "foreign", f"pid {pid} is the init process, never a collector"
+    if info.start_ticks is None:
+        return "foreign", (
+            f"pid {pid} is alive but the pidfile does not record its start time, so it "
+            "cannot be proven to be the collector"
         )
-    return DaemonState(state="running", info=info)
+    ticks = process_start_ticks(pid)
+    if ticks is None:
+        return "foreign", f"cannot read /proc/{pid}/stat to prove pid {pid} is the collector"
+    if ticks != info.start_ticks:
+        return "stale", f"pid {pid} now belongs to another process (start time differs)"
+    cmdline = process_cmdline(pid)
+    if not info.argv:
+        return "foreign", f"the pidfile records no command line to prove pid {pid} is ours"
+    if cmdline != info.argv:
+        shown = " ".join(cmdline)[:80] or "an unreadable command line"
+        return "foreign", f"pid {pid} runs {shown!r}, not the command the pidfile recorded"
+    return "running", ""
+
+
+def _still_ours(info: PidInfo) -> bool:
+    return pid_alive(info.pid, info.start_ticks) and identify(info)[0] == "running"
+
+
+def _refusal(paths: DaemonPaths, state: DaemonState) -> DaemonError:
+    return DaemonError(
+        f"refusing to signal: {state.reason}; remove {paths.pidfile} if no collector runs"
+    )
 
 
 @contextlib.contextmanager
@@ -360,6 +405,11 @@ def start(
                 f"already running: pid {current.info.pid} since "
                 f"{_fmt_time(current.info.started)} (state dir {paths.state_dir}); "
                 "use 'streamer daemon stop' or 'streamer daemon restart'"
+            )
+        if current.state == "foreign":
+            raise DaemonError(
+                f"the pidfile {paths.pidfile} names a live process that is not a collector "
+                f"started here ({current.reason}); remove it if no collector runs"
             )
         if current.state == "stale":
             recovered = f"removed a stale pidfile {paths.pidfile}: {current.reason}"
@@ -487,37 +537,43 @@ def _wait_dead(pid: int, ticks: int | None, timeout: float) -> bool:
 def stop(paths: DaemonPaths, *, timeout: float = DEFAULT_STOP_TIMEOUT) -> StopResult:
     """SIGTERM the collector, wait up to ``timeout`` seconds, then SIGKILL its process group.
 
-    The pidfile is removed in every case. Children left in the process group after the
-    supervisor exited are killed too (and said so in the message).
+    Only a process proven to be the collector (:func:`identify`) is signalled; anything
+    else raises :class:`DaemonError` and leaves the pidfile alone. The pidfile is removed
+    in every other case. Children left in the process group after the supervisor exited
+    are killed too (and said so in the message).
     """
     began = time.monotonic()
     with _locked(paths):
         current = check(paths)
+        if current.state == "foreign":
+            raise _refusal(paths, current)
         if current.state != "running":
             message = "not running"
             if current.state == "stale":
                 paths.pidfile.unlink(missing_ok=True)
                 message = f"not running (removed a stale pidfile: {current.reason})"
             return StopResult(outcome="not-running", message=message)
-        assert current.info is not None
-        pid, ticks = current.info.pid, current.info.start_ticks
+        info = current.info
+        assert info is not None
+        pid, ticks = info.pid, info.start_ticks
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGTERM)
         graceful = _wait_dead(pid, ticks, timeout)
         notes = []
         if not graceful:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(pid, signal.SIGKILL)
+            # Proven ours a moment ago; prove it again right before the SIGKILL.
+            if _still_ours(info):
+                _kill_group(pid)
             _wait_dead(pid, ticks, 5.0)
             notes.append(f"did not exit within {timeout:g}s: killed its process group")
         elif _group_alive(pid):
-            # The supervisor is gone but some child of it is not: give it a moment.
+            # The supervisor is gone but some child of it is not: give it a moment. While
+            # a member lives, its group id cannot be handed to a new process.
             deadline = time.monotonic() + 3.0
             while _group_alive(pid) and time.monotonic() < deadline:
                 time.sleep(_POLL)
             if _group_alive(pid):
-                with contextlib.suppress(ProcessLookupError, PermissionError):
-                    os.killpg(pid, signal.SIGKILL)
+                _kill_group(pid)
                 notes.append("killed children left behind by the supervisor")
         paths.pidfile.unlink(missing_ok=True)
     seconds = time.monotonic() - began
@@ -526,6 +582,14 @@ def stop(paths: DaemonPaths, *, timeout: float = DEFAULT_STOP_TIMEOUT) -> StopRe
     if notes:
         message += " (" + "; ".join(notes) + ")"
     return StopResult(outcome=outcome, pid=pid, seconds=seconds, message=message)
+
+
+def _kill_group(pgid: int) -> None:
+    """SIGKILL process group ``pgid``: never group 0/1 nor the caller's own group."""
+    if pgid <= 1 or pgid == os.getpgrp():
+        return
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, signal.SIGKILL)
 
 
 def restart(
