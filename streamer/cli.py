@@ -33,6 +33,7 @@ from .core.config import (
     effective_config,
     load_config,
     parse_config,
+    resolve_state_dir,
     validate_components,
 )
 from .core.metrics import Counters
@@ -195,7 +196,11 @@ def _run(
     ] = None,
     state_dir: Annotated[
         str | None,
-        typer.Option("--state-dir", help="Where status.json goes (overrides runtime.state_dir)."),
+        typer.Option(
+            "--state-dir",
+            help="Where status.json goes (default: runtime.state_dir, else "
+            "$STREAMER_STATE_DIR, else .streamer).",
+        ),
     ] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Log warnings only.")] = False,
     plugin_module: Annotated[
@@ -241,8 +246,8 @@ def _run(
                 ws_url=ws_url,
             )
             source = "command line"
-        if state_dir is not None:
-            cfg.runtime.state_dir = state_dir
+        # The one rule of every command: --state-dir > config > $STREAMER_STATE_DIR > default.
+        cfg.runtime.state_dir = str(resolve_state_dir(state_dir, cfg))
         if duration is not None and duration <= 0:
             raise _UsageError("--duration must be positive")
         setup_logging(logging.WARNING if quiet else logging.INFO)

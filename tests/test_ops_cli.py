@@ -142,7 +142,8 @@ def test_daemon_start_passes_other_options_to_run(app, tmp_path: Path, monkeypat
     )  # fmt: skip
     assert result.exit_code == 0, result.output
     paths, run_args, options = calls[0]
-    assert run_args == ["--symbols", "BTCUSDT,ETHUSDT", "--data-dir", "./d", "--quiet"]
+    assert run_args == ["--symbols", "BTCUSDT,ETHUSDT", "--data-dir", "./d", "--quiet",
+                        "--state-dir", str(tmp_path / ".streamer")]  # fmt: skip
     assert paths.state_dir == tmp_path / ".streamer"
     assert options == {"wait": 5.0, "log_max_bytes": 1000, "log_backups": d.DEFAULT_BACKUPS}
 
@@ -157,24 +158,17 @@ def test_daemon_start_failure_exits_1_with_the_reason(app, tmp_path: Path, monke
     assert result.exit_code == 1 and "error: it broke: see log" in result.output
 
 
-def test_a_state_dir_is_forwarded_when_run_accepts_it(app, tmp_path: Path, monkeypatch):
+def test_the_state_dir_is_always_forwarded_to_run_as_an_absolute_path(
+    app, tmp_path: Path, monkeypatch
+):
     calls = []
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(
         d, "start", lambda paths, run_args, **o: calls.append((paths, run_args)) or
         d.StartResult(pid=1, ready=True, running=True, message="ok"),
     )  # fmt: skip
-    elsewhere = tmp_path / "elsewhere"
-    monkeypatch.setattr(ops_cli, "_run_accepts", lambda flag: flag == "--state-dir")
-    result = CliRunner().invoke(app, ["daemon", "start", "--state-dir", str(elsewhere)])
+    result = CliRunner().invoke(app, ["daemon", "start", "--state-dir", "elsewhere"])
     assert result.exit_code == 0, result.output
-    assert calls[0][0].state_dir == elsewhere
-    assert calls[0][1] == ["--state-dir", str(elsewhere)]
-    # An older 'streamer run' without the option: refused rather than watching the wrong dir.
-    monkeypatch.setattr(ops_cli, "_run_accepts", lambda flag: False)
-    result = CliRunner().invoke(app, ["daemon", "start", "--state-dir", str(elsewhere)])
-    assert result.exit_code == 2
-    assert "differs from where 'streamer run' publishes" in result.output
-    # The same directory as the run's own is fine either way.
-    result = CliRunner().invoke(app, ["daemon", "start", "--state-dir", ".streamer"])
-    assert result.exit_code == 0 and calls[-1][1] == []
+    assert calls[0][0].state_dir == tmp_path / "elsewhere"
+    # Absolute: a later 'restart' from another directory still publishes here.
+    assert calls[0][1] == ["--state-dir", str(tmp_path / "elsewhere")]

@@ -79,9 +79,9 @@ def fake(tmp_path: Path):
     # is kill(-1, ...), every process the caller may signal.
     state = d.check(paths)
     info = state.info
-    if state.state == "running" and info and info.pid > 1 and info.pid != os.getpgrp():
-        if d.process_cmdline(info.pid)[1:2] == [str(script)]:
-            os.killpg(info.pid, signal.SIGKILL)
+    ours = state.state == "running" and info and 1 < info.pid != os.getpgrp()
+    if ours and d.process_cmdline(info.pid)[1:2] == [str(script)]:
+        os.killpg(info.pid, signal.SIGKILL)
 
 
 def wait_until(predicate, timeout: float = 10.0, what: str = "condition"):

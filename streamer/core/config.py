@@ -20,7 +20,9 @@ option is reported as ``pipelines[0].streams.kline.intervals[1]: expected ...``.
 
 from __future__ import annotations
 
+import os
 import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +30,11 @@ import msgspec
 import yaml
 
 from .plugins import PluginError, Registry
+
+#: Environment variable naming the state directory when neither a flag nor the config does.
+STATE_DIR_ENV = "STREAMER_STATE_DIR"
+#: The state directory when nothing names one (relative to the current directory).
+DEFAULT_STATE_DIR = ".streamer"
 
 
 class ConfigError(Exception):
@@ -61,8 +68,9 @@ class RuntimeConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     queue_batches: int = 256
     #: Longest pause before restarting a child that keeps dying.
     restart_backoff_max: float = 30.0
-    #: Where the supervisor keeps its pidfile, status file and logs.
-    state_dir: str = ".streamer"
+    #: Where the supervisor keeps its pidfile, status file and logs; empty (the default)
+    #: means ``$STREAMER_STATE_DIR``, else ``.streamer`` (see :func:`resolve_state_dir`).
+    state_dir: str = ""
     #: Seconds between status publications.
     status_interval: float = 1.0
     #: Port of the Prometheus ``/metrics`` endpoint on 127.0.0.1; 0 (default) = off.
@@ -250,4 +258,22 @@ def effective_config(config: Config, registry: Registry) -> dict[str, Any]:
         name: {"type": type_name, **msgspec.to_builtins(opts)}
         for name, (type_name, opts) in sinks.items()
     }
+    data["runtime"]["state_dir"] = str(resolve_state_dir(None, config))
     return data
+
+
+def resolve_state_dir(
+    flag: str | os.PathLike[str] | None,
+    config: Config | RuntimeConfig | None,
+    env: Mapping[str, str] | None = None,
+) -> Path:
+    """The state directory, by the one rule every command uses: the ``--state-dir`` flag,
+    else the config's ``runtime.state_dir``, else ``$STREAMER_STATE_DIR`` (``env``,
+    default ``os.environ``), else ``.streamer``. Empty values count as unset; ``~`` is
+    expanded; a relative path stays relative to the current directory."""
+    runtime = config.runtime if isinstance(config, Config) else config
+    environ = os.environ if env is None else env
+    for value in (flag, runtime.state_dir if runtime else None, environ.get(STATE_DIR_ENV)):
+        if value is not None and str(value):
+            return Path(value).expanduser()
+    return Path(DEFAULT_STATE_DIR)

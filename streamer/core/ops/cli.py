@@ -1,15 +1,15 @@
 """Operations commands: ``daemon start|stop|status|restart``, ``status``, ``health``,
 ``metrics``. :func:`add_commands` adds them to the ``streamer`` typer app.
 
-Every command finds the state directory the same way: ``--state-dir``, else the
+Every command finds the state directory by the one rule of
+:func:`streamer.core.config.resolve_state_dir`: ``--state-dir``, else the
 ``runtime.state_dir`` of ``--config``, else ``$STREAMER_STATE_DIR``, else ``.streamer``
-(relative paths are relative to the current directory, as for ``streamer run``).
+(relative paths are relative to the current directory), exactly as ``streamer run`` does.
 """
 
 from __future__ import annotations
 
 import contextlib
-import os
 import sys
 import time
 from pathlib import Path
@@ -19,6 +19,7 @@ import anyio
 import msgspec
 import typer
 
+from ..config import DEFAULT_STATE_DIR, STATE_DIR_ENV, resolve_state_dir
 from . import daemon as d
 from .health import check_health, render_report
 from .status import (
@@ -33,8 +34,7 @@ from .status import (
     sample,
 )
 
-DEFAULT_STATE_DIR = ".streamer"
-STATE_DIR_ENV = "STREAMER_STATE_DIR"
+__all__ = ["DEFAULT_STATE_DIR", "STATE_DIR_ENV", "add_commands"]
 _EXTRA = {"allow_extra_args": True, "ignore_unknown_options": True}
 
 StateDirOpt = Annotated[
@@ -66,15 +66,19 @@ def _fail(message: str, code: int = 1) -> typer.Exit:
     return typer.Exit(code)
 
 
-def _config_state_dir(config: Path) -> tuple[str, float]:
-    """``(runtime.state_dir, runtime.shutdown_timeout)`` of a config file."""
+def _load(config: Path):
+    """The parsed ``--config`` file (bad input: one ``error:`` line, exit code 2)."""
     from ..config import ConfigError, load_config
 
     try:
-        runtime = load_config(config).runtime
+        return load_config(config)
     except ConfigError as exc:
         raise _fail(str(exc), 2) from None
-    return runtime.state_dir, runtime.shutdown_timeout
+
+
+def _state_dir(state_dir: Path | None, config: Path | None) -> Path:
+    """Flag > config > ``$STREAMER_STATE_DIR`` > ``.streamer``, as ``streamer run`` resolves it."""
+    return resolve_state_dir(state_dir, _load(config) if config else None)
 
 
 def _paths(
@@ -83,27 +87,9 @@ def _paths(
     pidfile: Path | None = None,
     log_file: Path | None = None,
 ) -> d.DaemonPaths:
-    if state_dir is None:
-        state_dir = Path(_config_state_dir(config)[0]) if config else _env_state_dir()
-    return d.DaemonPaths.for_state_dir(state_dir, pidfile=pidfile, log_file=log_file)
-
-
-def _env_state_dir() -> Path:
-    return Path(os.environ.get(STATE_DIR_ENV) or DEFAULT_STATE_DIR)
-
-
-def _run_accepts(flag: str) -> bool:
-    """Whether ``streamer run`` has the option ``flag`` (newer runtimes may add some)."""
-    try:
-        from typer.main import get_command
-
-        from streamer.cli import build_app
-
-        group = get_command(build_app())
-        run = group.commands["run"]  # type: ignore[attr-defined]
-    except Exception:  # an older CLI: assume the minimum
-        return False
-    return any(flag in getattr(p, "opts", ()) for p in run.params)
+    return d.DaemonPaths.for_state_dir(
+        _state_dir(state_dir, config), pidfile=pidfile, log_file=log_file
+    )
 
 
 def _thresholds(silent: float, lag: float, resync: float, stale: float) -> Thresholds:
@@ -114,21 +100,15 @@ def _thresholds(silent: float, lag: float, resync: float, stale: float) -> Thres
 def _start_args(
     state_dir: Path | None, config: Path | None, forwarded: list[str]
 ) -> tuple[d.DaemonPaths, list[str]]:
-    """Where the run will publish, and the ``streamer run`` arguments to get it there."""
+    """Where the run will publish, and the ``streamer run`` arguments to get it there.
+
+    The state directory is resolved here (same rule as ``run``) and passed on as an
+    absolute ``--state-dir``, so the run publishes exactly where this command (and a later
+    ``restart`` from another directory or environment) looks.
+    """
+    paths = d.DaemonPaths.for_state_dir(_state_dir(state_dir, config))
     run_args = (["--config", str(config)] if config else []) + forwarded
-    natural = Path(_config_state_dir(config)[0]) if config else Path(DEFAULT_STATE_DIR)
-    if state_dir is None and not config and os.environ.get(STATE_DIR_ENV):
-        state_dir = _env_state_dir()
-    if state_dir is None or state_dir.absolute() == natural.absolute():
-        return d.DaemonPaths.for_state_dir(natural), run_args
-    if _run_accepts("--state-dir"):
-        return d.DaemonPaths.for_state_dir(state_dir), [*run_args, "--state-dir", str(state_dir)]
-    where = "runtime.state_dir in the --config file" if config else "a --config file"
-    raise _fail(
-        f"--state-dir {state_dir} differs from where 'streamer run' publishes ({natural}); "
-        f"set it with {where}",
-        2,
-    )
+    return paths, [*run_args, "--state-dir", str(paths.state_dir)]
 
 
 def _echo_start(result: d.StartResult) -> None:
@@ -186,7 +166,7 @@ def _stop_timeout(paths: d.DaemonPaths) -> float:
         if not config.is_absolute() and info and info.cwd:
             config = Path(info.cwd) / config
         with contextlib.suppress(typer.Exit):
-            return _config_state_dir(config)[1] + 15.0
+            return _load(config).runtime.shutdown_timeout + 15.0
     return d.DEFAULT_STOP_TIMEOUT
 
 
@@ -392,9 +372,7 @@ def _metrics(
 
     paths = _paths(state_dir, config)
     if not port and config:
-        from ..config import load_config
-
-        port = load_config(config).runtime.metrics_port
+        port = _load(config).runtime.metrics_port
     port = port or 9108
     typer.echo(f"serving http://{host}:{port}/metrics from {paths.status_file}", err=True)
     try:

@@ -33,7 +33,7 @@ import anyio
 from anyio.abc import ByteStream
 
 from ..api import StreamKey
-from ..config import Config
+from ..config import Config, resolve_state_dir
 from .bootstrap import ChildSpec, PluginSelection
 from .channels import (
     FrameReader,
@@ -129,6 +129,8 @@ class Supervisor:
         self._started_wall = time.time_ns() // 1_000_000
         self._dir = ""
         self._sink_paths: dict[str, str] = {}
+        # Resolved once (``streamer run`` already did; library callers may not have).
+        self.state_dir = str(resolve_state_dir(None, config))
         used = {s for p in config.pipelines for s in p.sinks}
         for name in sorted(used):
             self._add(_Child(name=f"sink.{name}", kind="writer", sink=name))
@@ -377,9 +379,9 @@ class Supervisor:
     def _publish(self) -> None:
         doc = self.status()
         try:
-            write_status(self.runtime.state_dir, doc)
+            write_status(self.state_dir, doc)
         except OSError as exc:
-            log.error("cannot write status to %s: %s", self.runtime.state_dir, exc)
+            log.error("cannot write status to %s: %s", self.state_dir, exc)
         if self.on_status is not None:
             self.on_status(doc)
 
@@ -410,7 +412,7 @@ class Supervisor:
                     "started: %d worker(s), %d writer(s); status in %s",
                     sum(c.kind == "worker" for c in self.children),
                     sum(c.kind == "writer" for c in self.children),
-                    os.path.join(self.runtime.state_dir, "status.json"),
+                    os.path.join(self.state_dir, "status.json"),
                 )
                 while not self._stopping:
                     self._reap()
