@@ -34,6 +34,7 @@ from anyio.abc import ByteStream
 
 from ..api import StreamKey
 from ..config import Config, resolve_state_dir
+from ..logs import RateLimitedLog
 from .bootstrap import ChildSpec, PluginSelection
 from .channels import (
     FrameReader,
@@ -131,6 +132,9 @@ class Supervisor:
         self._sink_paths: dict[str, str] = {}
         # Resolved once (``streamer run`` already did; library callers may not have).
         self.state_dir = str(resolve_state_dir(None, config))
+        self._status_log = RateLimitedLog(log, interval=60.0)
+        self._status_errors = 0
+        self._status_failing = False
         used = {s for p in config.pipelines for s in p.sinks}
         for name in sorted(used):
             self._add(_Child(name=f"sink.{name}", kind="writer", sink=name))
@@ -374,6 +378,8 @@ class Supervisor:
             "pipelines": pipelines,
             "sinks": sinks,
             "children": children,
+            # Failed writes of this document (an unwritable state dir): a gap in status.
+            "status_write_errors": self._status_errors,
         }
 
     def _publish(self) -> None:
@@ -381,7 +387,20 @@ class Supervisor:
         try:
             write_status(self.state_dir, doc)
         except OSError as exc:
-            log.error("cannot write status to %s: %s", self.state_dir, exc)
+            # Retried every status_interval, logged at most once a minute.
+            self._status_errors += 1
+            self._status_failing = True
+            self._status_log.error(
+                "status_write", "cannot write status to %s: %s", self.state_dir, exc
+            )
+        else:
+            if self._status_failing:
+                self._status_failing = False
+                log.warning(
+                    "status written to %s again after %d failed attempt(s)",
+                    self.state_dir,
+                    self._status_errors,
+                )
         if self.on_status is not None:
             self.on_status(doc)
 
