@@ -5,10 +5,22 @@ process, so a child killed mid-write can only ever corrupt its own connection: t
 sees a truncated frame at EOF and discards it. A frame is a 4-byte big-endian length
 followed by the payload. Data frames carry :func:`~streamer.core.records.encode_batch`
 bytes; control frames carry one of the msgspec messages below.
+
+The sockets live in a private folder of the temporary directory, named
+``streamer-<supervisor pid>-<random>`` (:func:`make_socket_dir`). The supervisor removes it
+when it exits; after a ``kill -9`` of the supervisor its children remove it on their way
+out (:mod:`.child`), and if they were killed too the next run sweeps every such folder
+whose supervisor pid is no longer alive.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
+import re
+import shutil
+import stat
+import tempfile
 from typing import Any
 
 import anyio
@@ -96,3 +108,55 @@ def encode_control(message: Control) -> bytes:
 def decode_control(payload: bytes) -> Control:
     """Decode a control payload; raises ``msgspec.DecodeError`` if it is not one."""
     return _control_decoder.decode(payload)
+
+
+SOCKET_DIR_PREFIX = "streamer-"
+_SOCKET_DIR = re.compile(r"streamer-(?P<pid>\d+)-\w+")
+
+
+def make_socket_dir() -> str:
+    """A new private socket folder for this process, after sweeping dead runs' folders."""
+    sweep_socket_dirs()
+    return tempfile.mkdtemp(prefix=f"{SOCKET_DIR_PREFIX}{os.getpid()}-")
+
+
+def sweep_socket_dirs(parent: str | None = None) -> list[str]:
+    """Remove ``streamer-<pid>-*`` folders left behind by runs whose pid is gone.
+
+    Only folders owned by this user that hold nothing but sockets are removed; a folder
+    whose pid is alive (the run, or an unrelated process that got the pid) is kept.
+    Returns the removed paths.
+    """
+    parent = parent or tempfile.gettempdir()
+    removed = []
+    try:
+        entries = list(os.scandir(parent))
+    except OSError:
+        return removed
+    for entry in entries:
+        match = _SOCKET_DIR.fullmatch(entry.name)
+        if match is None or _pid_exists(int(match["pid"])):
+            continue
+        with contextlib.suppress(OSError):
+            if not entry.is_dir(follow_symlinks=False):
+                continue
+            if entry.stat(follow_symlinks=False).st_uid != os.getuid():
+                continue
+            inside = list(os.scandir(entry.path))
+            if any(not stat.S_ISSOCK(e.stat(follow_symlinks=False).st_mode) for e in inside):
+                continue
+            shutil.rmtree(entry.path)
+            removed.append(entry.path)
+    return removed
+
+
+def _pid_exists(pid: int) -> bool:
+    if pid <= 0:
+        return True  # not a pid we can judge: keep
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True  # exists, owned by someone else
+    return True

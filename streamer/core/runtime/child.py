@@ -4,18 +4,55 @@ A child keeps one control connection to the supervisor: it publishes its status 
 every ``runtime.status_interval`` seconds and stops when told to, when SIGTERM arrives, or
 when the connection drops (the supervisor is gone; running orphaned would only lose data
 later).
+
+When the supervisor was killed (``kill -9``), each child logs one line, finishes what it
+holds (workers send their pending records, writers drain and flush them) and exits 0
+without a traceback; on its way out it removes its sockets and, the last one out, the
+socket folder (:func:`leave_socket_dir`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import multiprocessing
+import os
 import signal
 
 import anyio
 from anyio.abc import ByteStream
 
 from ..config import RuntimeConfig
-from .channels import FrameReader, Status, Stop, decode_control, encode_control
+from .bootstrap import ChildSpec
+from .channels import Control, FrameReader, Status, Stop, decode_control, encode_control
+
+#: What a send on a connection whose peer died raises.
+BROKEN = (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError)
+
+
+class SupervisorGone(Exception):
+    """The supervisor died before this child could reach it."""
+
+
+def supervisor_gone() -> bool:
+    """True when this process was started by ``multiprocessing`` and its parent is dead."""
+    parent = multiprocessing.parent_process()
+    return parent is not None and not parent.is_alive()
+
+
+def leave_socket_dir(spec: ChildSpec) -> None:
+    """If the supervisor is gone, remove the sockets it and this child own in the socket
+    folder, then the folder itself once empty (so the last child out removes it)."""
+    if not supervisor_gone():
+        return
+    owned = [spec.control_path]
+    if spec.kind == "writer" and spec.sink in spec.sink_paths:
+        owned.append(spec.sink_paths[spec.sink])
+    for path in owned:
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+    with contextlib.suppress(OSError):
+        os.rmdir(os.path.dirname(spec.control_path))
 
 
 class ChildLoop:
@@ -27,17 +64,42 @@ class ChildLoop:
     runtime: RuntimeConfig
     logger: logging.Logger
     _stop: anyio.Event
+    _orphaned = False
 
     def _status(self, final: bool = False) -> Status:
         raise NotImplementedError
+
+    def _lost(self) -> None:
+        """The control connection is gone: say so once and stop."""
+        if not self._orphaned:
+            self._orphaned = True
+            if supervisor_gone():
+                self.logger.warning("the supervisor is gone; finishing what I hold and exiting")
+            else:
+                self.logger.warning("control connection lost; stopping")
+        self._stop.set()
+
+    async def _tell(self, ctl: ByteStream, message: Control) -> bool:
+        """Send on the control connection; False (and stop) when it is broken."""
+        if self._orphaned:
+            return False
+        try:
+            await ctl.send(encode_control(message))
+        except BROKEN:
+            self._lost()
+            return False
+        return True
+
+    async def _send_final(self, ctl: ByteStream) -> None:
+        """The last status, if the supervisor is still there to read it."""
+        await self._tell(ctl, self._status(final=True))
 
     async def _control(self, ctl: ByteStream) -> None:
         reader = FrameReader(ctl)
         while True:
             payload = await reader.receive()
             if payload is None:
-                self.logger.warning("control connection lost; stopping")
-                self._stop.set()
+                self._lost()
                 return
             if isinstance(decode_control(payload), Stop):
                 self._stop.set()
@@ -45,7 +107,8 @@ class ChildLoop:
     async def _publish(self, ctl: ByteStream) -> None:
         while True:
             await anyio.sleep(self.runtime.status_interval)
-            await ctl.send(encode_control(self._status()))
+            if not await self._tell(ctl, self._status()):
+                return
 
     async def _signals(self) -> None:
         with anyio.open_signal_receiver(signal.SIGTERM) as signals:

@@ -23,7 +23,6 @@ import multiprocessing
 import os
 import shutil
 import signal
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -44,6 +43,7 @@ from .channels import (
     Stop,
     decode_control,
     encode_control,
+    make_socket_dir,
 )
 from .status import merge_counters, write_status
 from .worker import worker_main
@@ -413,7 +413,7 @@ class Supervisor:
     async def run(self) -> int:
         """Supervise until stopped; returns 0 after a clean drain."""
         # A short private directory: Unix socket paths are limited to about 100 bytes.
-        self._dir = tempfile.mkdtemp(prefix="streamer-")
+        self._dir = make_socket_dir()
         for i, name in enumerate(sorted(self.sink_types)):
             self._sink_paths[name] = os.path.join(self._dir, f"sink{i}.sock")
         listener = await anyio.create_unix_listener(os.path.join(self._dir, "ctl.sock"))

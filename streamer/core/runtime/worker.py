@@ -36,8 +36,8 @@ from ..logs import RateLimitedLog
 from ..metrics import Counters
 from ..records import DepthUpdate, Kline, Marker, Record, Trade, encode_batch
 from .bootstrap import ChildSpec
-from .channels import Hello, Status, encode_control, frame
-from .child import ChildLoop
+from .channels import Hello, Status, frame
+from .child import ChildLoop, SupervisorGone, leave_socket_dir, supervisor_gone
 from .keys import record_key, stream_name
 
 _CHANNEL_OF = {Trade: "trade", DepthUpdate: "depth", Kline: "kline"}
@@ -45,12 +45,17 @@ _CONNECT_RETRY = 0.05
 
 
 async def connect_unix_retry(path: str, timeout: float | None = None) -> ByteStream:
-    """Connect to the Unix socket ``path``, retrying while its listener is not up yet."""
+    """Connect to the Unix socket ``path``, retrying while its listener is not up yet.
+
+    Raises :class:`~.child.SupervisorGone` instead of retrying once the supervisor died.
+    """
     deadline = None if timeout is None else time.monotonic() + timeout
     while True:
         try:
             return await anyio.connect_unix(path)
         except OSError:
+            if supervisor_gone():
+                raise SupervisorGone(f"cannot reach {os.path.basename(path)}") from None
             if deadline is not None and time.monotonic() > deadline:
                 raise
             await anyio.sleep(_CONNECT_RETRY)
@@ -264,7 +269,7 @@ class Worker(ChildLoop):
             send, receive = anyio.create_memory_object_stream[bytes](self.runtime.queue_batches)
             self._queues[sink] = (send, receive)
         ctl = await connect_unix_retry(self.spec.control_path, timeout=30)
-        await ctl.send(encode_control(Hello(self.spec.child, self.spec.incarnation, os.getpid())))
+        await self._tell(ctl, Hello(self.spec.child, self.spec.incarnation, os.getpid()))
         try:
             async with anyio.create_task_group() as outer:
                 outer.start_soon(self._control, ctl)
@@ -282,7 +287,7 @@ class Worker(ChildLoop):
                         reading.cancel_scope.cancel()
                     self._closing = True
                     self._wake.set()
-                await ctl.send(encode_control(self._status(final=True)))
+                await self._send_final(ctl)
                 outer.cancel_scope.cancel()
         finally:
             with anyio.CancelScope(shield=True):
@@ -295,11 +300,17 @@ def worker_main(spec: ChildSpec) -> None:
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor decides when to stop
     setup_logging(spec.log_level)
+    logger = logging.getLogger(f"streamer.worker.{spec.child}")
     try:
         anyio.run(Worker(spec).run)
+    except* SupervisorGone:
+        # Orphaned before it could connect (or a sink it feeds went with the supervisor).
+        logger.warning("the supervisor is gone; exiting")
     except* SinkLost as group:
         lost: BaseException = group
         while isinstance(lost, BaseExceptionGroup):  # task groups nest the error
             lost = lost.exceptions[0]
-        logging.getLogger(f"streamer.worker.{spec.child}").error("%s", lost)
+        logger.error("%s", lost)
         raise SystemExit(3) from None
+    finally:
+        leave_socket_dir(spec)

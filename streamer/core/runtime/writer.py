@@ -30,8 +30,8 @@ from ..metrics import Counters
 from ..records import decode_batch
 from ..units import parse_duration
 from .bootstrap import ChildSpec
-from .channels import FrameReader, Hello, Ready, Status, encode_control
-from .child import ChildLoop
+from .channels import FrameReader, Hello, Ready, Status
+from .child import ChildLoop, SupervisorGone, leave_socket_dir
 from .keys import HighWater, stream_name
 from .worker import connect_unix_retry
 
@@ -175,8 +175,8 @@ class Writer(ChildLoop):
             self._high_water = HighWater(holdings)
             ctl = await connect_unix_retry(self.spec.control_path, timeout=30)
             hello = Hello(self.spec.child, self.spec.incarnation, os.getpid())
-            await ctl.send(encode_control(hello))
-            await ctl.send(encode_control(Ready(_marks(holdings))))
+            await self._tell(ctl, hello)
+            await self._tell(ctl, Ready(_marks(holdings)))
             async with anyio.create_task_group() as outer:
                 outer.start_soon(self._control, ctl)
                 outer.start_soon(self._publish, ctl)
@@ -187,7 +187,7 @@ class Writer(ChildLoop):
                 closed = True
                 await sink.close()
                 self.counters.incr("flushes")
-                await ctl.send(encode_control(self._status(final=True)))
+                await self._send_final(ctl)
                 outer.cancel_scope.cancel()
         finally:
             if not closed:
@@ -208,4 +208,9 @@ def writer_main(spec: ChildSpec) -> None:
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor decides when to stop
     setup_logging(spec.log_level)
-    anyio.run(Writer(spec).run)
+    try:
+        anyio.run(Writer(spec).run)
+    except* SupervisorGone:
+        logging.getLogger(f"streamer.writer.{spec.sink}").warning("the supervisor is gone; exiting")
+    finally:
+        leave_socket_dir(spec)
