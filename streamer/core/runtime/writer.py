@@ -9,7 +9,13 @@ calls ``sink.write`` and ``sink.flush`` every flush interval (the sink's
 ``flush_interval`` option when it has one, else one second).
 
 On ``Stop`` (sent once every worker has exited) it stops accepting, reads every connection
-to its end, drains the queue, flushes, closes the sink and exits 0.
+to its end, drains the queue, flushes, closes the sink and exits 0. Rows the sink still
+holds after ``close`` are lost: they are counted as ``rows_lost_at_close`` in the final
+status, and the supervisor turns that into a non-zero exit.
+
+A sink whose ``open`` (or ``holdings``) raises cannot work: the writer reports why in a
+status message (``info["fatal"]``) and exits with :data:`EXIT_SINK_FAILED`, which the
+supervisor never restarts; it ends the run instead.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import sys
 from collections import defaultdict
 
 import anyio
@@ -36,6 +43,8 @@ from .keys import HighWater, stream_name
 from .worker import connect_unix_retry
 
 DEFAULT_FLUSH_INTERVAL = 1.0
+#: Exit code of a writer whose sink could not open: the supervisor stops the run.
+EXIT_SINK_FAILED = 3
 
 
 def flush_interval_of(options: object) -> float:
@@ -44,6 +53,21 @@ def flush_interval_of(options: object) -> float:
     if value is None:
         return DEFAULT_FLUSH_INTERVAL
     return parse_duration(value)
+
+
+async def send_whole(ctl: ByteStream, lock: anyio.Lock, payload: bytes) -> None:
+    """Send one control frame that no cancellation cuts short.
+
+    anyio waits for a Unix socket to become writable with a future that the event loop
+    completes from a writer callback; cancelling the send just as the socket turns
+    writable leaves that callback to complete a cancelled future, and asyncio logs an
+    ``InvalidStateError`` traceback (seen at shutdown after heavy runs, whose status
+    frames fill the socket). So the send is shielded, and the lock keeps the final status
+    from interleaving with a periodic one.
+    """
+    with anyio.CancelScope(shield=True):
+        async with lock:
+            await ctl.send(payload)
 
 
 class Writer(ChildLoop):
@@ -62,6 +86,7 @@ class Writer(ChildLoop):
         )
         self._connections = 0
         self._dirty = False
+        self._ctl_lock = anyio.Lock()
 
     def _build(self) -> tuple[Sink, float]:
         registry = self.spec.plugins.registry()
@@ -150,6 +175,11 @@ class Writer(ChildLoop):
             self.counters.incr("records_written", symbol, stream, n)
         return True
 
+    async def _publish(self, ctl: ByteStream) -> None:
+        while True:
+            await anyio.sleep(self.runtime.status_interval)
+            await send_whole(ctl, self._ctl_lock, encode_control(self._status()))
+
     def _status(self, final: bool = False) -> Status:
         return Status(
             counters=[(n, s, t, v) for (n, s, t), v in self.counters.snapshot().items()],
@@ -161,17 +191,41 @@ class Writer(ChildLoop):
             final=final,
         )
 
-    async def run(self) -> None:
-        """Serve until stopped, then drain, flush and close the sink."""
+    async def _opened(self, sink: Sink) -> dict[StreamKey, int] | None:
+        """Open the sink and read its holdings; ``None`` (reported) when it cannot start."""
+        try:
+            await sink.open()
+            return await sink.holdings()
+        except Exception as exc:  # a third-party sink may raise anything here
+            if isinstance(exc, OSError):
+                detail = exc.strerror or str(exc)
+                if exc.filename:
+                    detail = f"{exc.filename}: {detail}"
+            else:
+                detail = f"{type(exc).__name__}: {exc}"
+            message = f"cannot open: {detail}"
+            self.logger.debug("sink %s failed to open", self.spec.sink, exc_info=True)
+        ctl = await connect_unix_retry(self.spec.control_path, timeout=30)
+        async with ctl:
+            hello = Hello(self.spec.child, self.spec.incarnation, os.getpid())
+            await ctl.send(encode_control(hello))
+            fatal = Status(counters=[], info={"fatal": message}, final=True)
+            await ctl.send(encode_control(fatal))
+        return None
+
+    async def run(self) -> int:
+        """Serve until stopped, then drain, flush and close the sink; returns the exit code."""
         sink, flush_every = self._build()
         path = self.spec.sink_paths[self.spec.sink]
         if os.path.exists(path):
             os.unlink(path)
         listener = await anyio.create_unix_listener(path)
-        await sink.open()
+        holdings = await self._opened(sink)
+        if holdings is None:
+            await listener.aclose()
+            return EXIT_SINK_FAILED
         closed = False
         try:
-            holdings = await sink.holdings()
             self._high_water = HighWater(holdings)
             ctl = await connect_unix_retry(self.spec.control_path, timeout=30)
             hello = Hello(self.spec.child, self.spec.incarnation, os.getpid())
@@ -187,7 +241,10 @@ class Writer(ChildLoop):
                 closed = True
                 await sink.close()
                 self.counters.incr("flushes")
-                await ctl.send(encode_control(self._status(final=True)))
+                lost = sink.pending_rows
+                if lost:
+                    self.counters.incr("rows_lost_at_close", n=lost)
+                await send_whole(ctl, self._ctl_lock, encode_control(self._status(final=True)))
                 outer.cancel_scope.cancel()
         finally:
             if not closed:
@@ -196,6 +253,7 @@ class Writer(ChildLoop):
                         await sink.close()
                     except Exception:
                         self.logger.exception("closing sink %s after an error", self.spec.sink)
+        return 0
 
 
 def _marks(marks: dict[StreamKey, int]) -> list[tuple[str, str, str, str, int]]:
@@ -208,4 +266,6 @@ def writer_main(spec: ChildSpec) -> None:
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor decides when to stop
     setup_logging(spec.log_level)
-    anyio.run(Writer(spec).run)
+    code = anyio.run(Writer(spec).run)
+    if code:
+        sys.exit(code)
