@@ -317,9 +317,15 @@ def _config_check(
         str | None, typer.Option(help="Comma-separated plugins to enable (default: all).")
     ] = None,
 ) -> None:
-    """Validate FILE: exit 0 when valid, 1 with a one-line error otherwise."""
+    """Validate FILE: exit 0 when valid, 1 with a one-line error otherwise.
+
+    Also runs every sink's start-up check (its path exists or can be created, is a
+    directory, is writable), as ``streamer run`` does before it starts anything."""
+    from .core.runtime.sinklock import check_sinks
+
     with _bad_input():
-        cfg, _ = _load_and_validate(file, plugins)
+        cfg, registry = _load_and_validate(file, plugins)
+        check_sinks(validate_components(cfg, registry, source=str(file))[1], registry)
     typer.echo(f"{file}: ok ({len(cfg.pipelines)} pipeline(s), {len(cfg.sinks)} sink(s))")
 
 

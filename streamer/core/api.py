@@ -266,6 +266,20 @@ class Sink(ABC):
       what overflows as a gap marker.
     * :meth:`holdings` reports the last key held per stream so a restart never writes a
       duplicate and backfills exactly what is missing.
+    * :meth:`check` (a classmethod) looks at the storage ``options`` name before anything
+      starts: ``streamer config check`` and ``streamer run`` both call it and print what it
+      raises (``ValueError``, one line) as ``error: sinks.<name>: ...``, exit code 1.
+    * :meth:`claims` (a classmethod) names the directories this sink writes and no other
+      collector may: the supervisor holds an OS lock (``flock`` on a ``.streamer.lock``
+      file inside each) for the whole run, so a second run on the same path is refused
+      with the holder's pid and state dir; the lock dies with the process.
+    * :meth:`open` raising ends the run (exit code 1, one line naming the sink): a sink
+      that cannot open its storage is a configuration problem, not something a restart
+      fixes.
+    * Rows still counted by :attr:`pending_rows` after :meth:`close` are lost: the run
+      reports how many and exits non-zero. Record the lost key ranges where the next run
+      sees them (the CSV sink writes ``gap`` markers); streams the next run can backfill
+      are re-fetched from :meth:`holdings` anyway, since lost rows never advanced them.
     """
 
     Options: ClassVar[type[msgspec.Struct]] = NoOptions
@@ -274,8 +288,27 @@ class Sink(ABC):
         self.options = options
         self.context = context
 
+    @classmethod  # noqa: B027 - optional, no-op by default
+    def check(cls, options: msgspec.Struct) -> None:
+        """Raise ``ValueError`` (one line) when the storage ``options`` name cannot work:
+        a path that is a file, not writable, on a read-only file system...
+
+        Runs in the supervisor (and in ``streamer config check``) before any process is
+        spawned. Look, do not touch: create nothing here.
+        """
+
+    @classmethod
+    def claims(cls, options: msgspec.Struct) -> list[str]:
+        """Directories this sink instance writes and no other collector may share.
+
+        The supervisor creates each one if missing and locks it for the whole run (see the
+        class docstring). Default: none (for example a database sink).
+        """
+        return []
+
     async def open(self) -> None:  # noqa: B027 - optional
-        """Prepare storage (create directories, repair torn files). Called once."""
+        """Prepare storage (create directories, repair torn files). Called once; raising
+        ends the run (see the class docstring)."""
 
     @abstractmethod
     async def write(self, batch: Sequence[Record]) -> None:
@@ -295,5 +328,7 @@ class Sink(ABC):
 
     @property
     def pending_rows(self) -> int:
-        """Rows accepted but not yet durable; the runtime keeps flushing while non-zero."""
+        """Rows accepted but not yet durable; the runtime keeps flushing while non-zero.
+
+        After :meth:`close`: the rows that could not be written (lost)."""
         return 0

@@ -331,7 +331,7 @@ def tail(path: Path, lines: int = 20) -> str:
 
 def default_run_argv(run_args: Sequence[str]) -> list[str]:
     """The command that runs ``streamer run RUN_ARGS`` with this interpreter."""
-    return [sys.executable, "-m", "streamer.core.ops.runner", "run", *run_args]
+    return [sys.executable, "-m", "streamer", "run", *run_args]
 
 
 ReadyCheck = Callable[[DaemonPaths, int, float], tuple[bool, str]]

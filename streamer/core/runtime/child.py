@@ -79,12 +79,26 @@ class ChildLoop:
                 self.logger.warning("control connection lost; stopping")
         self._stop.set()
 
+    _ctl_lock: anyio.Lock | None = None
+
     async def _tell(self, ctl: ByteStream, message: Control) -> bool:
-        """Send on the control connection; False (and stop) when it is broken."""
+        """Send on the control connection; False (and stop) when it is broken.
+
+        The send is shielded from cancellation and serialised: anyio waits for a Unix
+        socket to become writable with a future completed from a writer callback, and a
+        send cancelled just as the socket turns writable leaves that callback completing
+        a cancelled future (asyncio then logs an ``InvalidStateError`` traceback, seen at
+        shutdown after heavy runs). The lock keeps the final status from interleaving
+        with a periodic one.
+        """
         if self._orphaned:
             return False
+        if self._ctl_lock is None:
+            self._ctl_lock = anyio.Lock()
         try:
-            await ctl.send(encode_control(message))
+            with anyio.CancelScope(shield=True):
+                async with self._ctl_lock:
+                    await ctl.send(encode_control(message))
         except BROKEN:
             self._lost()
             return False

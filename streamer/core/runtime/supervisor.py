@@ -13,6 +13,13 @@ Shutdown (first SIGINT/SIGTERM, or the ``duration`` elapsed): workers are told t
 reading and send what they hold; once they have exited, writers drain, flush and close.
 Whatever is still alive after ``runtime.shutdown_timeout`` is killed and the exit code is
 1. A second signal kills every child at once (exit code 130).
+
+Sink paths: before anything is spawned, every sink's ``check`` runs and the directories
+the sinks ``claims`` are locked (:mod:`.sinklock`) for the whole run; a path another
+collector holds refuses the start with ``ValueError``. A writer whose sink cannot open
+(exit code ``EXIT_SINK_FAILED``) is not restarted: the run stops with exit code 1 and one
+line naming the sink. Rows a writer reports lost at close (``rows_lost_at_close``) also
+make the exit code 1, with their count.
 """
 
 from __future__ import annotations
@@ -32,7 +39,7 @@ import anyio
 from anyio.abc import ByteStream
 
 from ..api import StreamKey
-from ..config import Config, resolve_state_dir
+from ..config import Config, resolve_state_dir, validate_components
 from ..logs import RateLimitedLog
 from .bootstrap import ChildSpec, PluginSelection
 from .channels import (
@@ -45,9 +52,10 @@ from .channels import (
     encode_control,
     make_socket_dir,
 )
+from .sinklock import PathLocks, check_sinks
 from .status import merge_counters, write_status
 from .worker import worker_main
-from .writer import writer_main
+from .writer import EXIT_SINK_FAILED, writer_main
 
 log = logging.getLogger("streamer.supervisor")
 
@@ -135,6 +143,9 @@ class Supervisor:
         self._status_log = RateLimitedLog(log, interval=60.0)
         self._status_errors = 0
         self._status_failing = False
+        self._locks = PathLocks(self.state_dir)
+        #: Writers whose sink could not open (the run stops; they are not restarted).
+        self._failed: list[_Child] = []
         used = {s for p in config.pipelines for s in p.sinks}
         for name in sorted(used):
             self._add(_Child(name=f"sink.{name}", kind="writer", sink=name))
@@ -228,6 +239,9 @@ class Supervisor:
             child.conn = None
             child.ready = False
             child.last_exit_code = code
+            if child.kind == "writer" and code == EXIT_SINK_FAILED:
+                self._sink_failed(child)
+                continue
             if self._stopping:
                 continue
             child.restarts += 1
@@ -262,6 +276,49 @@ class Supervisor:
                     if other.kind == "worker" and child.sink in other.sinks and other.alive:
                         other.killed_for = child.name
                         other.process.kill()
+
+    def _sink_failed(self, child: _Child) -> None:
+        child.next_start = None
+        if child not in self._failed:
+            self._failed.append(child)
+        for other in self.children:
+            if other.kind == "worker" and child.sink in other.sinks:
+                other.next_start = None  # nothing to feed: neither start nor restart
+                if other.alive:
+                    other.process.kill()
+        self.request_stop(f"{child.name} cannot open its sink")
+
+    def _claim_sink_paths(self) -> None:
+        """Check every sink and lock the paths of those in use (raises ``ValueError``)."""
+        registry = self.plugins.registry()
+        _, sinks = validate_components(self.config, registry)
+        claims = check_sinks(sinks, registry)
+        used = {c.sink for c in self.children if c.kind == "writer"}
+        self._locks.acquire({name: paths for name, paths in claims.items() if name in used})
+
+    def _final_code(self, code: int) -> int:
+        """The exit code after shutdown: 1 when a sink failed to open or lost rows."""
+        for child in self._failed:
+            reason = child.info.get("fatal") or f"its writer exited with code {EXIT_SINK_FAILED}"
+            log.error("sinks.%s: %s; run stopped", child.sink, reason)
+        lost = {
+            c.sink: sum(row[3] for row in c.counters if row[0] == "rows_lost_at_close")
+            for c in self.children
+            if c.kind == "writer"
+        }
+        lost = {sink: n for sink, n in lost.items() if n}
+        if lost:
+            log.error(
+                "%d rows could not be written before exit (%s); their ranges are recorded as "
+                "gap markers where the sink could, and the next run backfills what it can",
+                sum(lost.values()),
+                ", ".join(f"sinks.{name}: {n}" for name, n in sorted(lost.items())),
+            )
+        if code == 0 and (self._failed or lost):
+            return 1
+        if code == 0:
+            log.info("stopped cleanly")
+        return code
 
     # -- control connections -----------------------------------------------------------
     async def _serve_control(self, listener) -> None:
@@ -406,12 +463,23 @@ class Supervisor:
 
     async def _status_loop(self) -> None:
         while True:
+            self._locks.refresh()
             self._publish()
             await anyio.sleep(self.runtime.status_interval)
 
     # -- main ----------------------------------------------------------------------------
     async def run(self) -> int:
-        """Supervise until stopped; returns 0 after a clean drain."""
+        """Supervise until stopped; returns 0 after a clean drain.
+
+        Raises ``ValueError`` before spawning anything when a sink's check fails or its
+        path is locked by another collector."""
+        self._claim_sink_paths()
+        try:
+            return await self._run()
+        finally:
+            self._locks.release()
+
+    async def _run(self) -> int:
         # A short private directory: Unix socket paths are limited to about 100 bytes.
         self._dir = make_socket_dir()
         for i, name in enumerate(sorted(self.sink_types)):
@@ -444,7 +512,7 @@ class Supervisor:
                     with anyio.move_on_after(_TICK):
                         await self._wake.wait()
                     self._wake = anyio.Event()
-                code = await self._shutdown()
+                code = self._final_code(await self._shutdown())
                 tg.cancel_scope.cancel()
         finally:
             for child in self.children:
@@ -486,7 +554,6 @@ class Supervisor:
                 with anyio.move_on_after(_TICK):
                     await self._wake.wait()
                 self._wake = anyio.Event()
-        log.info("stopped cleanly")
         return 0
 
     async def _final_reports(self, group: list[_Child]) -> None:

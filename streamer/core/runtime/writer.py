@@ -9,7 +9,13 @@ calls ``sink.write`` and ``sink.flush`` every flush interval (the sink's
 ``flush_interval`` option when it has one, else one second).
 
 On ``Stop`` (sent once every worker has exited) it stops accepting, reads every connection
-to its end, drains the queue, flushes, closes the sink and exits 0.
+to its end, drains the queue, flushes, closes the sink and exits 0. Rows the sink still
+holds after ``close`` are lost: they are counted as ``rows_lost_at_close`` in the final
+status, and the supervisor turns that into a non-zero exit.
+
+A sink whose ``open`` (or ``holdings``) raises cannot work: the writer reports why in a
+status message (``info["fatal"]``) and exits with :data:`EXIT_SINK_FAILED`, which the
+supervisor never restarts; it ends the run instead.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import sys
 from collections import defaultdict
 
 import anyio
@@ -30,12 +37,14 @@ from ..metrics import Counters
 from ..records import decode_batch
 from ..units import parse_duration
 from .bootstrap import ChildSpec
-from .channels import FrameReader, Hello, Ready, Status
+from .channels import FrameReader, Hello, Ready, Status, encode_control
 from .child import ChildLoop, SupervisorGone, leave_socket_dir
 from .keys import HighWater, stream_name
 from .worker import connect_unix_retry
 
 DEFAULT_FLUSH_INTERVAL = 1.0
+#: Exit code of a writer whose sink could not open: the supervisor stops the run.
+EXIT_SINK_FAILED = 3
 
 
 def flush_interval_of(options: object) -> float:
@@ -161,17 +170,41 @@ class Writer(ChildLoop):
             final=final,
         )
 
-    async def run(self) -> None:
-        """Serve until stopped, then drain, flush and close the sink."""
+    async def _opened(self, sink: Sink) -> dict[StreamKey, int] | None:
+        """Open the sink and read its holdings; ``None`` (reported) when it cannot start."""
+        try:
+            await sink.open()
+            return await sink.holdings()
+        except Exception as exc:  # a third-party sink may raise anything here
+            if isinstance(exc, OSError):
+                detail = exc.strerror or str(exc)
+                if exc.filename:
+                    detail = f"{exc.filename}: {detail}"
+            else:
+                detail = f"{type(exc).__name__}: {exc}"
+            message = f"cannot open: {detail}"
+            self.logger.debug("sink %s failed to open", self.spec.sink, exc_info=True)
+        ctl = await connect_unix_retry(self.spec.control_path, timeout=30)
+        async with ctl:
+            hello = Hello(self.spec.child, self.spec.incarnation, os.getpid())
+            await ctl.send(encode_control(hello))
+            fatal = Status(counters=[], info={"fatal": message}, final=True)
+            await ctl.send(encode_control(fatal))
+        return None
+
+    async def run(self) -> int:
+        """Serve until stopped, then drain, flush and close the sink; returns the exit code."""
         sink, flush_every = self._build()
         path = self.spec.sink_paths[self.spec.sink]
         if os.path.exists(path):
             os.unlink(path)
         listener = await anyio.create_unix_listener(path)
-        await sink.open()
+        holdings = await self._opened(sink)
+        if holdings is None:
+            await listener.aclose()
+            return EXIT_SINK_FAILED
         closed = False
         try:
-            holdings = await sink.holdings()
             self._high_water = HighWater(holdings)
             ctl = await connect_unix_retry(self.spec.control_path, timeout=30)
             hello = Hello(self.spec.child, self.spec.incarnation, os.getpid())
@@ -187,6 +220,9 @@ class Writer(ChildLoop):
                 closed = True
                 await sink.close()
                 self.counters.incr("flushes")
+                lost = sink.pending_rows
+                if lost:
+                    self.counters.incr("rows_lost_at_close", n=lost)
                 await self._send_final(ctl)
                 outer.cancel_scope.cancel()
         finally:
@@ -196,6 +232,7 @@ class Writer(ChildLoop):
                         await sink.close()
                     except Exception:
                         self.logger.exception("closing sink %s after an error", self.spec.sink)
+        return 0
 
 
 def _marks(marks: dict[StreamKey, int]) -> list[tuple[str, str, str, str, int]]:
@@ -208,9 +245,12 @@ def writer_main(spec: ChildSpec) -> None:
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor decides when to stop
     setup_logging(spec.log_level)
+    code = 0
     try:
-        anyio.run(Writer(spec).run)
+        code = anyio.run(Writer(spec).run)
     except* SupervisorGone:
         logging.getLogger(f"streamer.writer.{spec.sink}").warning("the supervisor is gone; exiting")
     finally:
         leave_socket_dir(spec)
+    if code:
+        sys.exit(code)

@@ -19,7 +19,11 @@ one gzip member per file. A failed write is undone (truncated back), its rows st
 pending and are retried on the next flush; rows beyond ``max_buffered_rows`` are dropped,
 counted, and reported as a ``gap`` marker once writing works again.
 
-One writer per directory tree: two sinks must not share a ``path``.
+One writer per directory tree: :meth:`CsvSink.claims` names ``path``, so the runtime locks
+it (``.streamer.lock`` inside) and refuses a second collector or a second sink on it;
+:meth:`CsvSink.check` refuses a path that is a file or cannot be written before anything
+starts. A folder deleted while running is created again on the next flush
+(``dirs_recreated``). Rows still unwritten at close are reported as ``gap`` markers.
 """
 
 from __future__ import annotations
@@ -60,7 +64,7 @@ class Options(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     flush_rows: int = 100_000
     #: Write ``.csv.gz`` files, one gzip member per flush.
     gzip: bool = False
-    #: zlib level for gzip members (1 fastest .. 9 smallest).
+    #: zlib level for gzip members (0 stored .. 1 fastest .. 9 smallest).
     gzip_level: int = 6
     #: ``never``; ``flush``: fsync every file written at each flush; ``rotation``: fsync a
     #: file when the stream moves to the next period and at close.
@@ -122,6 +126,7 @@ class _File:
         "path",
         "pending",
         "pending_bytes",
+        "pending_first",
         "pending_key",
         "pending_rows",
         "retired",
@@ -152,6 +157,8 @@ class _File:
         self.pending_rows = 0
         self.pending_bytes = 0
         self.pending_key: int | None = None
+        #: Key and time of the first pending record (the start of a range lost at close).
+        self.pending_first: tuple[int, int] | None = None
         self.retired = False
         #: File size before a failed write that could not be cut back (see ``_reconcile``).
         self.unconfirmed: int | None = None
@@ -224,6 +231,33 @@ class CsvSink(Sink):
         self._closed = False
 
     # --- lifecycle -------------------------------------------------------------------
+
+    @classmethod
+    def check(cls, options: Options) -> None:
+        """Refuse a ``path`` that is not a directory or cannot be written (creates nothing)."""
+        path = os.path.abspath(options.path)
+        probe = path
+        while not os.path.lexists(probe):
+            probe = os.path.dirname(probe)
+        if os.path.islink(probe) and not os.path.exists(probe):
+            raise ValueError(f"path {path}: {probe} is a broken symbolic link")
+        if not os.path.isdir(probe):
+            where = "" if probe == path else f": {probe}"
+            raise ValueError(f"path {path}{where} is not a directory")
+        verb = "cannot be written" if probe == path else f"cannot be created in {probe}"
+        try:
+            read_only = bool(os.statvfs(probe).f_flag & os.ST_RDONLY)
+        except OSError:
+            read_only = False
+        if read_only:
+            raise ValueError(f"path {path} {verb}: read-only file system")
+        if not os.access(probe, os.W_OK | os.X_OK):
+            raise ValueError(f"path {path} {verb}: permission denied")
+
+    @classmethod
+    def claims(cls, options: Options) -> list[str]:
+        """The whole tree under ``path`` belongs to one sink of one collector."""
+        return [options.path]
 
     async def open(self) -> None:
         """Create the root, repair the newest file of every stream and read what it holds."""
@@ -447,6 +481,8 @@ class CsvSink(Sink):
         f.pending_bytes += len(data)
         self._pending_bytes += len(data)
         if sk is not None:
+            if f.pending_first is None:
+                f.pending_first = (_key(kind, records[0]), _time_of(records[0]))
             f.pending_key = _key(kind, records[-1])
         self._pending_rows += rows
         self._dirty[target] = f
@@ -620,7 +656,13 @@ class CsvSink(Sink):
             self._made_dirs.add(f.directory)
         for _attempt in range(3):
             existed = os.path.exists(f.path)
-            fd = self._open_fd(f.path)
+            try:
+                fd = self._open_fd(f.path)
+            except FileNotFoundError:
+                if os.path.isdir(f.directory):
+                    raise
+                self._recreate_dir(f.directory)
+                fd = self._open_fd(f.path)
             try:
                 st = os.fstat(fd)
                 identity = (st.st_dev, st.st_ino)
@@ -639,6 +681,17 @@ class CsvSink(Sink):
             self._counters.set("files_open", len(self._open_lru))
             return
         raise OSError(errno.EBUSY, "file keeps being replaced while opening", f.path)
+
+    def _recreate_dir(self, directory: str) -> None:
+        """Someone deleted our folder (or the whole tree) while we run: make it again."""
+        self._io.makedirs(directory)
+        self._counters.incr("dirs_recreated")
+        self._log.warning(
+            "dir_recreated",
+            "%s was deleted while running; created it again (files written before are gone "
+            "with it, rows from now on are kept)",
+            directory,
+        )
 
     def _open_fd(self, path: str) -> int:
         """Open ``path``; when the process runs out of descriptors, close half of ours and
@@ -827,6 +880,7 @@ class CsvSink(Sink):
         f.pending_rows = 0
         f.pending_bytes = 0
         f.pending_key = None
+        f.pending_first = None
         return True
 
     def _undo(self, f: _File, size: int) -> None:
@@ -895,17 +949,50 @@ class CsvSink(Sink):
         if self._closed:
             return
         self._flush_sync()
+        if self._pending_rows:
+            self._mark_lost()
         sync = self._opts.fsync == "rotation"  # "flush" already synced each write
         for f in list(self._open_lru.values()):
             self._close_file(f, sync=sync)
-        if self._pending_rows:
-            self._counters.incr("rows_dropped", n=self._pending_rows)
+        self._closed = True
+
+    def _mark_lost(self) -> None:
+        """Rows that cannot be written before exit: count them per stream, log them, and
+        record their key ranges as ``gap`` markers (with any gaps not yet reported) so the
+        next run and ``streamer verify`` see them. Afterwards ``pending_rows`` counts
+        exactly the lost data rows (the writer reports them; the run exits non-zero)."""
+        reason = f"not written before exit: {self._failure_reason or 'write error'}"
+        lost = 0
+        for target, f in list(self._dirty.items()):
+            if f.stream is None or not f.pending_rows or f.pending_first is None:
+                continue
+            first_key, first_time = f.pending_first
+            sk = f.stream
+            drop = self._drops.get((sk, reason))
+            if drop is None:
+                drop = self._drops[(sk, reason)] = _Drop(first_key, first_time, reason)
+            drop.first_key = min(drop.first_key, first_key)
+            drop.last_key = max(drop.last_key, f.pending_key or first_key)
+            drop.rows += f.pending_rows
+            lost += f.pending_rows
+            self._counters.incr("rows_dropped", sk.symbol, sk.stream, f.pending_rows)
+            del self._dirty[target]
+        if lost:
+            ranges = "; ".join(
+                f"{sk.symbol} {sk.stream} {d.first_key}..{d.last_key}"
+                for (sk, why), d in self._drops.items()
+                if why == reason
+            )
             self._log.error(
                 "rows_lost_at_close",
-                "closing with %d rows that could not be written (see write errors above)",
-                self._pending_rows,
+                "closing with %d rows that could not be written (see write errors above): %s",
+                lost,
+                ranges,
             )
-        self._closed = True
+        if self._drops:
+            self._report_drops()
+        # Whatever marker rows could not be written either are in the log line above.
+        self._pending_rows = lost
 
 
 def _stream_of(f: _File) -> str:
