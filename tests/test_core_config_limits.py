@@ -18,7 +18,7 @@ from conftest import subprocess_env, synth_config
 from typer.testing import CliRunner
 
 from streamer.cli import build_app
-from streamer.core.units import check_duration, parse_duration
+from streamer.core import units
 
 ENV = {"STREAMER_PLUGIN_MODULES": "core_plugins"}
 
@@ -168,6 +168,46 @@ def test_real_cli_prints_the_same_line_for_check_and_run(tmp_path):
     assert "orderbook.levels: must be an integer between 1 and 5000, got 0" in outputs[0]
 
 
+# -- fault 8: garbage as a config file, and thousands of unknown symbols ---------------------
+GARBAGE = {
+    "binary": (bytes(range(256)) * 64, "not a UTF-8 text file (byte 0x80 at offset 128)"),
+    "control characters": (b"pipelines:\x00\x01\x02", "YAML syntax error"),
+    "deep nesting": (b"[" * 100_000, "YAML nested too deeply"),
+    "huge": (b"#" * (5 * 1024 * 1024), "too large for a configuration file"),
+}
+
+
+@pytest.mark.parametrize("kind", list(GARBAGE))
+def test_garbage_config_file_is_named_in_one_line(tmp_path, kind):
+    content, fragment = GARBAGE[kind]
+    path = tmp_path / "garbage.yaml"
+    path.write_bytes(content)
+    check = one_error_line(invoke("config", "check", str(path)))
+    assert check.startswith(f"error: {path}: "), check
+    assert fragment in check and len(check) < 300, check
+    assert one_error_line(invoke("run", "--config", str(path), "-q")) == check
+
+
+def test_ten_thousand_unknown_symbols_give_one_short_line(tmp_path):
+    symbols = ["AAA"] + [f"NOPE{i:05d}" for i in range(10_000)]
+    data = synth_config(tmp_path, pipeline={"symbols": symbols})
+    path = tmp_path / "many.yaml"
+    path.write_text(yaml.safe_dump(data))
+    line = one_error_line(invoke("run", "--config", str(path), "-q"))
+    assert len(line) < 300, f"{len(line)} characters"
+    assert "unknown symbol(s) on synth test: NOPE00000, NOPE00001" in line
+    assert "and 9995 more (10000 of 10001 requested)" in line
+    assert not (tmp_path / "state").exists()
+
+
+def test_long_names_in_messages_are_cut(tmp_path):
+    data = synth_config(tmp_path, pipeline={"sinks": ["x" * 100_000]})
+    path = tmp_path / "long.yaml"
+    path.write_text(yaml.safe_dump(data))
+    line = one_error_line(invoke("config", "check", str(path)))
+    assert "pipelines[0].sinks[0]: sink 'xxxx" in line and len(line) < 400, len(line)
+
+
 @pytest.mark.parametrize(
     ("value", "fragment"),
     [
@@ -179,17 +219,18 @@ def test_real_cli_prints_the_same_line_for_check_and_run(tmp_path):
         ("5000d", "longer than ten years"),
         (True, "invalid duration"),
     ],
+    ids=["nan", "inf", "-1", "-1s", "10**400", "5000d", "True"],
 )
 def test_parse_duration_rejects_nonsense(value, fragment):
     with pytest.raises(ValueError, match=fragment):
-        parse_duration(value)
+        units.parse_duration(value)
 
 
 def test_parse_duration_positive_variant():
-    assert parse_duration("0s") == 0.0
-    assert parse_duration(0) == 0.0
-    assert parse_duration("250ms", positive=True) == 0.25
+    assert units.parse_duration("0s") == 0.0
+    assert units.parse_duration(0) == 0.0
+    assert units.parse_duration("250ms", positive=True) == 0.25
     with pytest.raises(ValueError, match="must be greater than 0"):
-        parse_duration("0s", positive=True)
+        units.parse_duration("0s", positive=True)
     with pytest.raises(ValueError, match=r"^flush_interval: invalid duration 0"):
-        check_duration("flush_interval", 0, positive=True)
+        units.check_duration("flush_interval", 0, positive=True)
