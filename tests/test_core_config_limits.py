@@ -234,3 +234,29 @@ def test_parse_duration_positive_variant():
         units.parse_duration("0s", positive=True)
     with pytest.raises(ValueError, match=r"^flush_interval: invalid duration 0"):
         units.check_duration("flush_interval", 0, positive=True)
+
+
+@pytest.mark.parametrize(
+    ("key", "text", "message"),
+    [
+        ("no_data_timeout", "0s", f"{BAD} '0s': must be greater than 0"),
+        ("rest_timeout", "0ms", f"{BAD} '0ms': must be greater than 0"),
+        ("reconnect_backoff_max", "99999d", f"{BAD} '99999d': longer than ten years"),
+        ("rotate_after", "-1s", f"{BAD} '-1s': must not be negative"),
+        ("backfill_max_age", "-5m", f"{BAD} '-5m': must not be negative"),
+        ("rest_weight_limit", "-1", "must be >= 0"),
+    ],
+)
+def test_bad_binance_option_is_refused_alike_by_config_check_and_run(tmp_path, key, text, message):
+    """The exchange's options too; a closed loopback port stands in for the exchange."""
+    marker = "__BAD_VALUE__"
+    options = {"rest_url": "http://127.0.0.1:9", "ws_url": "ws://127.0.0.1:9", key: marker}
+    data = synth_config(
+        tmp_path,
+        pipeline={"exchange": "binance", "options": options, "streams": {"aggtrade": {}}},
+    )
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(data).replace(f"'{marker}'", text).replace(marker, text))
+    check = one_error_line(invoke("config", "check", str(path)))
+    assert check.startswith(f"error: {path}: pipelines[0].options.{key}: {message}"), check
+    assert one_error_line(invoke("run", "--config", str(path), "-q")) == check
