@@ -43,6 +43,7 @@ CASES = [
     ("orderbook", "levels", "-1", f"{INT} 1 and 5000, got -1"),
     ("orderbook", "levels", "0", f"{INT} 1 and 5000, got 0"),
     ("orderbook", "levels", "1000000", f"{INT} 1 and 5000, got 1000000"),
+    ("orderbook", "levels", "2000", "2000 exceeds the snapshot depth (snapshot_limit 1000)"),
     ("orderbook", "interval", "0s", f"{BAD} '0s': must be greater than 0"),
     ("orderbook", "interval", "-1s", f"{BAD} '-1s': must not be negative"),
     ("orderbook", "interval", ".nan", f"{BAD} nan: must be a finite number"),

@@ -71,6 +71,11 @@ class OrderBookOptions(msgspec.Struct, forbid_unknown_fields=True, kw_only=True)
         # The same checks as the stream's constructor, so ``config check`` reports them.
         _parse_interval(self.interval)
         _parse_verify(self.verify_interval)
+        if self.levels > self.snapshot_limit:
+            raise ValueError(
+                f"levels: {self.levels} exceeds the snapshot depth (snapshot_limit "
+                f"{self.snapshot_limit}); deeper levels would be unknown"
+            )
         if self.speed:
             check_duration("speed", self.speed)
 

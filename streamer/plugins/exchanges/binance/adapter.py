@@ -229,8 +229,8 @@ class BinanceAdapter(ExchangeAdapter):
         bad = [s for s in chosen if not self.streamable(s)]
         if bad:
             raise ValueError(
-                f"symbol(s) that cannot be streamed from Binance {self.market} (stream names "
-                f"take A-Z and 0-9 only): {', '.join(ascii(s) for s in bad[:5])}"
+                f"symbol(s) that cannot be streamed from Binance {self.market} (not a valid "
+                f"stream name): {', '.join(repr(s) for s in bad[:5])}"
                 + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
             )
         return chosen
