@@ -40,6 +40,7 @@ from .core.metrics import Counters
 from .core.plugins import DISTRIBUTION, PluginError, Registry, make_plugin_manager
 from .core.runtime import PluginSelection
 from .core.runtime.bootstrap import setup_logging
+from .core.units import MAX_DURATION
 
 PLUGIN_MODULES_ENV = "STREAMER_PLUGIN_MODULES"
 DEFAULT_SYMBOLS = "BTCUSDT,ETHUSDT"
@@ -248,8 +249,11 @@ def _run(
             source = "command line"
         # The one rule of every command: --state-dir > config > $STREAMER_STATE_DIR > default.
         cfg.runtime.state_dir = str(resolve_state_dir(state_dir, cfg))
-        if duration is not None and duration <= 0:
-            raise _UsageError("--duration must be positive")
+        if duration is not None and not 0 < duration <= MAX_DURATION:  # also nan and inf
+            raise _UsageError(
+                f"--duration must be a number of seconds > 0 and <= {MAX_DURATION:.0f}, "
+                f"got {duration}"
+            )
         setup_logging(logging.WARNING if quiet else logging.INFO)
         selection = _selection(plugins, plugin_module)
         live = None

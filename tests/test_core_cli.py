@@ -133,7 +133,10 @@ def test_unknown_top_level_key(tmp_path):
         ({"streams": {"trades": {}}}, ["pipelines[0].streams", "unknown stream 'trades'", "seq"]),
         ({"sinks": ["nowhere"]}, ["pipelines[0].sinks[0]", "'nowhere' is not defined", "a, b"]),
         ({"symbols": []}, ["pipelines[0].symbols", "symbol list is empty"]),
-        ({"options": {"rate": "fast"}}, ["pipelines[0].options.rate", "expected `int`"]),
+        (
+            {"options": {"rate": "fast"}},
+            ["pipelines[0].options.rate: must be an integer, got 'fast'"],
+        ),
         (
             {"streams": {"kline": {"intervals": ["1m", "7x"]}}},
             ["pipelines[0].streams.kline.intervals[1]", "invalid kline interval '7x'", "1s, 1m"],
@@ -149,11 +152,19 @@ def test_bad_pipeline(tmp_path, change, fragments):
     assert_one_line_error(invoke("config", "check", str(write_yaml(tmp_path, data))), *fragments)
 
 
-@pytest.mark.parametrize("key", ["batch_size", "queue_batches", "shutdown_timeout"])
-def test_runtime_settings_must_be_positive(tmp_path, key):
+@pytest.mark.parametrize(
+    ("key", "rule"),
+    [
+        ("batch_size", "an integer between 1 and 1000000"),
+        ("queue_batches", "an integer between 1 and 100000"),
+        ("shutdown_timeout", "a number > 0 and <= 3600"),
+    ],
+)
+def test_runtime_settings_must_be_positive(tmp_path, key, rule):
     data = synth_config(tmp_path, runtime={key: 0})
     assert_one_line_error(
-        invoke("config", "check", str(write_yaml(tmp_path, data))), f"runtime.{key}: must be > 0"
+        invoke("config", "check", str(write_yaml(tmp_path, data))),
+        f"runtime.{key}: must be {rule}, got 0",
     )
 
 

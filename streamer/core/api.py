@@ -147,19 +147,22 @@ class ExchangeAdapter(ABC):
         listed = {info.symbol: info for info in await self.list_symbols()}
         if list(requested) == ["all"]:
             return sorted(s for s, info in listed.items() if info.trading)
-        unknown = [s for s in requested if s not in listed]
+        unknown = list(dict.fromkeys(s for s in requested if s not in listed))
         if unknown:
+            shown = ", ".join(s if len(s) <= 30 else s[:27] + "..." for s in unknown[:5])
+            more = f" and {len(unknown) - 5} more" if len(unknown) > 5 else ""
             raise ValueError(
-                f"unknown symbol(s) on {self.exchange} {self.market}: {', '.join(unknown)}"
+                f"unknown symbol(s) on {self.exchange} {self.market}: {shown}{more} "
+                f"({len(unknown)} of {len(requested)} requested)"
             )
-        chosen = []
-        for symbol in requested:
-            if listed[symbol].trading:
-                chosen.append(symbol)
-            else:
-                self.context.logger.warning(
-                    "skipping %s: status %s is not TRADING", symbol, listed[symbol].status
-                )
+        chosen = [s for s in requested if listed[s].trading]
+        idle = [f"{s} ({listed[s].status})" for s in requested if not listed[s].trading]
+        if idle:
+            more = f" and {len(idle) - 5} more" if len(idle) > 5 else ""
+            self.context.logger.warning(
+                "skipping %d symbol(s) that are not TRADING: %s%s",
+                len(idle), ", ".join(idle[:5]), more,
+            )  # fmt: skip
         return chosen
 
     @abstractmethod

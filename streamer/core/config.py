@@ -24,9 +24,10 @@ import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import msgspec
+import msgspec.inspect as mi
 import yaml
 
 from .plugins import PluginError, Registry
@@ -35,10 +36,46 @@ from .plugins import PluginError, Registry
 STATE_DIR_ENV = "STREAMER_STATE_DIR"
 #: The state directory when nothing names one (relative to the current directory).
 DEFAULT_STATE_DIR = ".streamer"
+#: Longest error message shown: a bad value must not turn into a 100 KB line.
+MAX_MESSAGE = 400
+#: Largest configuration file read (``/dev/urandom`` or a data file given by mistake).
+MAX_CONFIG_BYTES = 4 * 1024 * 1024
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def one_line(text: str, limit: int = MAX_MESSAGE) -> str:
+    """``text`` as one line: control characters escaped, cut to ``limit`` characters."""
+    text = _CONTROL.sub(lambda m: repr(m.group())[1:-1], text)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def show_value(value: Any) -> str:
+    """A short rendering of a configured value for an error message."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, int):
+        digits = str(abs(value))
+        return str(value) if len(digits) <= 20 else f"a {len(digits)}-digit number"
+    if isinstance(value, float):
+        return repr(value)
+    if isinstance(value, str):
+        shown = repr(value)
+        return shown if len(shown) <= 40 else shown[:36] + "...'"
+    if isinstance(value, list):
+        return f"a list of {len(value)}"
+    if isinstance(value, dict):
+        return "a mapping"
+    return type(value).__name__
 
 
 class ConfigError(Exception):
     """The configuration is invalid; the message is one line naming the file and path."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(one_line(message))
 
 
 class PipelineConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -52,29 +89,29 @@ class PipelineConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     #: Exchange adapter options, validated against the adapter's ``Options``.
     options: dict[str, Any] = msgspec.field(default_factory=dict)
     #: Collector worker processes for this pipeline; 0 picks from symbols and CPUs.
-    workers: int = 0
+    workers: Annotated[int, msgspec.Meta(ge=0, le=1024)] = 0
 
 
 class RuntimeConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     """Process-model settings shared by every pipeline."""
 
     #: Seconds to drain and flush on SIGTERM before children are killed.
-    shutdown_timeout: float = 15.0
+    shutdown_timeout: Annotated[float, msgspec.Meta(gt=0, le=3600)] = 15.0
     #: A worker sends a batch when it holds this many records ...
-    batch_size: int = 2000
+    batch_size: Annotated[int, msgspec.Meta(ge=1, le=1_000_000)] = 2000
     #: ... or when its oldest record is this many seconds old.
-    batch_interval: float = 0.05
+    batch_interval: Annotated[float, msgspec.Meta(gt=0, le=60)] = 0.05
     #: Batches each channel between processes may hold before backpressure.
-    queue_batches: int = 256
+    queue_batches: Annotated[int, msgspec.Meta(ge=1, le=100_000)] = 256
     #: Longest pause before restarting a child that keeps dying.
-    restart_backoff_max: float = 30.0
+    restart_backoff_max: Annotated[float, msgspec.Meta(gt=0, le=3600)] = 30.0
     #: Where the supervisor keeps its pidfile, status file and logs; empty (the default)
     #: means ``$STREAMER_STATE_DIR``, else ``.streamer`` (see :func:`resolve_state_dir`).
     state_dir: str = ""
     #: Seconds between status publications.
-    status_interval: float = 1.0
+    status_interval: Annotated[float, msgspec.Meta(gt=0, le=3600)] = 1.0
     #: Port of the Prometheus ``/metrics`` endpoint on 127.0.0.1; 0 (default) = off.
-    metrics_port: int = 0
+    metrics_port: Annotated[int, msgspec.Meta(ge=0, le=65535)] = 0
 
 
 class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -89,16 +126,68 @@ _DOLLAR_PATH = re.compile(r" - at `\$(?P<path>[^`]*)`$")
 _FIELD_PREFIX = re.compile(
     r"^(?P<field>[A-Za-z_]\w*(?:\[\d+\])*(?:\.[A-Za-z_]\w*(?:\[\d+\])*)*): (?P<rest>.+)$", re.S
 )
+_PATH_PART = re.compile(r"\.(?P<key>[^.\[]+)|\[(?P<index>\d+)\]|\[\.\.\.\]")
+#: msgspec's wording when a number is of the wrong type or out of its ``Meta`` range.
+_NUMBER_ERROR = re.compile(r"^Expected `(?:int|float)`(?:, got `\w+`| [<>]=? \S+)$")
+_MISSING = object()
 
 
-def _format_error(exc: msgspec.ValidationError, prefix: str = "") -> str:
-    """Turn msgspec's ``Expected x, got y - at `$.a[0].b``` into ``a[0].b: expected x, got y``."""
+def _number(bound: float) -> str:
+    return str(int(bound)) if float(bound).is_integer() else repr(bound)
+
+
+def _numeric_rule(info: Any) -> str:
+    """``an integer between 1 and 5000`` for an ``IntType``/``FloatType`` with bounds."""
+    kind = "an integer" if isinstance(info, mi.IntType) else "a number"
+    lo = (">=", info.ge) if info.ge is not None else (">", info.gt)
+    hi = ("<=", info.le) if info.le is not None else ("<", info.lt)
+    if lo[0] == ">=" and hi[0] == "<=" and lo[1] is not None and hi[1] is not None:
+        return f"{kind} between {_number(lo[1])} and {_number(hi[1])}"
+    parts = [f"{op} {_number(v)}" for op, v in (lo, hi) if v is not None]
+    return f"{kind} {' and '.join(parts)}" if parts else kind
+
+
+def _locate(root: Any, data: Any, path: str) -> tuple[Any, Any]:
+    """The msgspec type info and the raw value at msgspec path ``path`` (``.a[0].b``)."""
+    info: Any = mi.type_info(root)
+    value = data
+    for match in _PATH_PART.finditer(path):
+        key, index = match.group("key"), match.group("index")
+        if key is None and index is None:  # a dict key msgspec does not name
+            return None, _MISSING
+        if isinstance(info, mi.UnionType):
+            info = next((t for t in info.types if not isinstance(t, mi.NoneType)), None)
+        if key is not None:
+            fields = {f.encode_name: f.type for f in getattr(info, "fields", ())}
+            info = fields.get(key) or getattr(info, "value_type", None)
+            value = value.get(key, _MISSING) if isinstance(value, dict) else _MISSING
+        else:
+            info = getattr(info, "item_type", None)
+            i = int(index)
+            value = value[i] if isinstance(value, list) and i < len(value) else _MISSING
+    if isinstance(info, mi.UnionType):
+        info = next((t for t in info.types if isinstance(t, mi.IntType | mi.FloatType)), info)
+    return info, value
+
+
+def _format_error(
+    exc: msgspec.ValidationError, prefix: str = "", *, root: Any = None, data: Any = None
+) -> str:
+    """Turn msgspec's ``Expected x, got y - at `$.a[0].b``` into ``a[0].b: expected x, got y``.
+
+    Given the ``root`` type and the raw ``data``, a number of the wrong type or outside its
+    ``Meta`` range reads ``a.b: must be an integer between 1 and 5000, got '1e300'``.
+    """
     text = str(exc)
     match = _DOLLAR_PATH.search(text)
     path = prefix
     if match:
         path = prefix + match.group("path")
         text = text[: match.start()]
+        if root is not None and _NUMBER_ERROR.match(text):
+            info, value = _locate(root, data, match.group("path"))
+            if isinstance(info, mi.IntType | mi.FloatType) and value is not _MISSING:
+                text = f"must be {_numeric_rule(info)}, got {show_value(value)}"
     else:
         # A component's own check may name the field it rejects: "intervals[1]: ...".
         field = _FIELD_PREFIX.match(text)
@@ -116,20 +205,35 @@ def parse_config(data: Any, *, source: str = "<config>") -> Config:
     try:
         config = msgspec.convert(data, Config, str_keys=True)
     except msgspec.ValidationError as exc:
-        raise ConfigError(f"{source}: {_format_error(exc)}") from None
+        raise ConfigError(f"{source}: {_format_error(exc, root=Config, data=data)}") from None
     _check_frame(config, source)
     return config
 
 
 def load_config(path: str | Path) -> Config:
-    """Read, safe-load and validate a YAML file; raises :class:`ConfigError` on any problem."""
+    """Read, safe-load and validate a YAML file; raises :class:`ConfigError` on any problem.
+
+    Every message names the file: missing, unreadable, too large, not UTF-8 text (binary
+    garbage), not YAML, or invalid.
+    """
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        with path.open("rb") as file:
+            raw = file.read(MAX_CONFIG_BYTES + 1)
     except FileNotFoundError:
         raise ConfigError(f"config file not found: {path}") from None
     except OSError as exc:
-        raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror or exc}") from None
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise ConfigError(
+            f"{path}: too large for a configuration file (over {MAX_CONFIG_BYTES // 1048576} MB)"
+        )
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            f"{path}: not a UTF-8 text file (byte 0x{raw[exc.start]:02x} at offset {exc.start})"
+        ) from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
@@ -137,32 +241,19 @@ def load_config(path: str | Path) -> Config:
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
         raise ConfigError(f"{path}: YAML syntax error{where}: {problem}") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: YAML nested too deeply") from None
     return parse_config(data, source=str(path))
 
 
-#: Runtime settings that must be positive (the process model cannot work otherwise).
-_POSITIVE_RUNTIME = (
-    "shutdown_timeout",
-    "batch_size",
-    "batch_interval",
-    "queue_batches",
-    "restart_backoff_max",
-    "status_interval",
-)
-
-
 def _check_frame(config: Config, source: str) -> None:
-    for name in _POSITIVE_RUNTIME:
-        value = getattr(config.runtime, name)
-        if value <= 0:
-            raise ConfigError(f"{source}: runtime.{name}: must be > 0, got {value}")
     if not config.pipelines:
         raise ConfigError(f"{source}: pipelines: at least one pipeline is required")
     seen: set[str] = set()
     for i, pipeline in enumerate(config.pipelines):
         where = f"{source}: pipelines[{i}]"
         if pipeline.name in seen:
-            raise ConfigError(f"{where}.name: duplicate pipeline name {pipeline.name!r}")
+            raise ConfigError(f"{where}.name: duplicate pipeline name {show_value(pipeline.name)}")
         seen.add(pipeline.name)
         if not pipeline.symbols:
             raise ConfigError(f"{where}.symbols: the symbol list is empty")
@@ -170,13 +261,11 @@ def _check_frame(config: Config, source: str) -> None:
             raise ConfigError(f"{where}.streams: no stream types configured")
         if not pipeline.sinks:
             raise ConfigError(f"{where}.sinks: no sinks configured")
-        if pipeline.workers < 0:
-            raise ConfigError(f"{where}.workers: must be >= 0 (0 = automatic)")
         for j, sink in enumerate(pipeline.sinks):
             if sink not in config.sinks:
                 defined = ", ".join(sorted(config.sinks)) or "none"
                 raise ConfigError(
-                    f"{where}.sinks[{j}]: sink {sink!r} is not defined under 'sinks' "
+                    f"{where}.sinks[{j}]: sink {show_value(sink)} is not defined under 'sinks' "
                     f"(defined: {defined})"
                 )
     for name, body in config.sinks.items():
@@ -189,7 +278,8 @@ def convert_options(raw: dict[str, Any], options_type: type[msgspec.Struct], pat
     try:
         return msgspec.convert(raw or {}, options_type, str_keys=True)
     except msgspec.ValidationError as exc:
-        raise ConfigError(_format_error(exc, prefix=path)) from None
+        message = _format_error(exc, prefix=path, root=options_type, data=raw or {})
+        raise ConfigError(message) from None
 
 
 class ResolvedPipeline(msgspec.Struct, kw_only=True):

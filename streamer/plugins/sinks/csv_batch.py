@@ -35,7 +35,7 @@ import os
 import time
 from collections import OrderedDict
 from collections.abc import Sequence
-from typing import Literal
+from typing import Annotated, Literal
 
 import msgspec
 
@@ -43,7 +43,7 @@ from streamer.core.api import Sink, SinkContext, StreamKey
 from streamer.core.hookspecs import hookimpl
 from streamer.core.logs import RateLimitedLog
 from streamer.core.records import BookSnapshot, DepthUpdate, Kline, Marker, Record, Trade
-from streamer.core.units import parse_duration
+from streamer.core.units import check_duration, parse_duration
 
 from . import _csv_files as files
 from . import _csv_layout as layout
@@ -61,38 +61,38 @@ class Options(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     #: ``write`` flushes when the last flush is older than this (``"1s"``, ``"250ms"``, 2.5).
     flush_interval: str | float = "1s"
     #: ``write`` also flushes once this many rows are pending.
-    flush_rows: int = 100_000
+    flush_rows: Annotated[int, msgspec.Meta(ge=1, le=100_000_000)] = 100_000
     #: Write ``.csv.gz`` files, one gzip member per flush.
     gzip: bool = False
-    #: zlib level for gzip members (0 stored .. 1 fastest .. 9 smallest).
-    gzip_level: int = 6
+    #: zlib level for gzip members (1 fastest .. 9 smallest).
+    gzip_level: Annotated[int, msgspec.Meta(ge=1, le=9)] = 6
     #: ``never``; ``flush``: fsync every file written at each flush; ``rotation``: fsync a
     #: file when the stream moves to the next period and at close.
     fsync: Literal["never", "flush", "rotation"] = "rotation"
     #: Open file descriptors kept at most (least recently used are closed first).
-    max_open_files: int = 256
+    max_open_files: Annotated[int, msgspec.Meta(ge=1, le=65_536)] = 256
     #: Rows kept for retry while writes fail; beyond it rows are dropped and reported.
-    max_buffered_rows: int = 1_000_000
+    max_buffered_rows: Annotated[int, msgspec.Meta(ge=1, le=1_000_000_000)] = 1_000_000
     #: ... and at most this many megabytes of encoded rows (order-book rows are large).
-    max_buffered_mb: int = 256
+    max_buffered_mb: Annotated[int, msgspec.Meta(ge=1, le=1_048_576)] = 256
     #: Levels per side in orderbook files; default: the depth of a new file's first snapshot.
-    book_levels: int | None = None
+    book_levels: Annotated[int, msgspec.Meta(ge=1, le=5000)] | None = None
 
     def __post_init__(self) -> None:
+        # Range checks are the ``Meta`` above (``config check`` reports them with the path);
+        # these also hold for Options built in code.
         if not self.path:
-            raise ValueError("path must not be empty")
-        seconds = parse_duration(self.flush_interval)
-        if seconds <= 0:
-            raise ValueError("flush_interval must be positive")
+            raise ValueError("path: must not be empty")
+        check_duration("flush_interval", self.flush_interval, positive=True)
         for name in ("flush_rows", "max_open_files", "max_buffered_rows", "max_buffered_mb"):
             if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1")
+                raise ValueError(f"{name}: must be at least 1, got {getattr(self, name)}")
         if self.flush_rows > self.max_buffered_rows:
-            raise ValueError("flush_rows must not exceed max_buffered_rows")
-        if not 0 <= self.gzip_level <= 9:
-            raise ValueError("gzip_level must be between 0 and 9")
+            raise ValueError("flush_rows: must not exceed max_buffered_rows")
+        if not 1 <= self.gzip_level <= 9:
+            raise ValueError(f"gzip_level: must be between 1 and 9, got {self.gzip_level}")
         if self.book_levels is not None and self.book_levels < 1:
-            raise ValueError("book_levels must be at least 1")
+            raise ValueError(f"book_levels: must be at least 1, got {self.book_levels}")
 
 
 # A target file: (kind, exchange, market, symbol, interval, period number).

@@ -17,7 +17,7 @@ from __future__ import annotations
 import time
 from abc import abstractmethod
 from collections.abc import AsyncIterator, Callable, Sequence
-from typing import Any, ClassVar
+from typing import Annotated, Any, ClassVar
 
 import anyio
 import msgspec
@@ -26,7 +26,7 @@ from streamer.core.api import Channel, StreamContext, StreamKey, StreamType, Sub
 from streamer.core.hookspecs import hookimpl
 from streamer.core.logs import RateLimitedLog
 from streamer.core.records import Marker, MarkerKind, Record, Trade
-from streamer.core.units import parse_duration
+from streamer.core.units import check_duration, parse_duration
 
 
 def _now_ms() -> int:
@@ -367,15 +367,10 @@ class AggTradeOptions(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     #: Wait this long before filling a gap found by an id jump (rotation overlap).
     gap_grace: str = "500ms"
     #: Live trades held per symbol while a gap is filled; beyond it the gap is given up.
-    max_held: int = 200_000
+    max_held: Annotated[int, msgspec.Meta(ge=1, le=100_000_000)] = 200_000
 
     def __post_init__(self) -> None:
-        try:
-            parse_duration(self.gap_grace)
-        except ValueError as exc:
-            raise msgspec.ValidationError(str(exc)) from None
-        if self.max_held < 1:
-            raise msgspec.ValidationError("max_held must be at least 1")
+        check_duration("gap_grace", self.gap_grace)
 
 
 def _trade_id(trade: Trade) -> int:

@@ -18,6 +18,7 @@ import msgspec
 from streamer.core.api import Channel, StreamContext, StreamKey, StreamType, Subscription
 from streamer.core.hookspecs import hookimpl
 from streamer.core.records import DepthUpdate, Marker, Record
+from streamer.core.units import check_duration
 
 
 class DepthOptions(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -26,6 +27,10 @@ class DepthOptions(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     #: Update speed asked of the exchange (Binance spot 100ms|1000ms, usdm
     #: 0ms|100ms|250ms|500ms); empty uses the exchange's ``depth_speed`` option.
     speed: str = ""
+
+    def __post_init__(self) -> None:
+        if self.speed:  # which speeds exist is the exchange's business; "-1s" is nobody's
+            check_duration("speed", self.speed)
 
 
 class DepthStream(StreamType):

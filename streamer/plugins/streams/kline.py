@@ -17,14 +17,14 @@ from __future__ import annotations
 import time
 from calendar import monthrange
 from datetime import UTC, datetime
-from typing import ClassVar
+from typing import Annotated, ClassVar
 
 import msgspec
 
 from streamer.core.api import Channel, StreamContext, Subscription
 from streamer.core.hookspecs import hookimpl
 from streamer.core.records import Kline, Record
-from streamer.core.units import parse_duration
+from streamer.core.units import check_duration
 
 from .aggtrade import GapFillStream, KeySequencer
 
@@ -65,7 +65,7 @@ class KlineOptions(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     #: Wait this long before filling a gap found from open times.
     gap_grace: str = "500ms"
     #: Closed bars held per (symbol, interval) while a gap is filled.
-    max_held: int = 10_000
+    max_held: Annotated[int, msgspec.Meta(ge=1, le=100_000_000)] = 10_000
 
     def __post_init__(self) -> None:
         if not self.intervals:
@@ -78,12 +78,7 @@ class KlineOptions(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
                 )
         if len(set(self.intervals)) != len(self.intervals):
             raise msgspec.ValidationError("intervals: an interval is listed twice")
-        try:
-            parse_duration(self.gap_grace)
-        except ValueError as exc:
-            raise msgspec.ValidationError(str(exc)) from None
-        if self.max_held < 1:
-            raise msgspec.ValidationError("max_held must be at least 1")
+        check_duration("gap_grace", self.gap_grace)
 
 
 def _open_time(kline: Kline) -> int:

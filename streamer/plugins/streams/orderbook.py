@@ -18,6 +18,7 @@ import random
 import time
 import zlib
 from collections.abc import Sequence
+from typing import Annotated
 
 import anyio
 import msgspec
@@ -26,7 +27,7 @@ from streamer.core.api import SequenceRule, StreamContext, StreamType, Subscript
 from streamer.core.hookspecs import hookimpl
 from streamer.core.logs import RateLimitedLog
 from streamer.core.records import BookSnapshot, DepthUpdate, Marker, MarkerKind, Record
-from streamer.core.units import parse_duration
+from streamer.core.units import check_duration, parse_duration
 
 from . import _book as B
 
@@ -42,13 +43,13 @@ class OrderBookOptions(msgspec.Struct, forbid_unknown_fields=True, kw_only=True)
     """Options of the ``orderbook`` stream (the ``streams.orderbook`` config section)."""
 
     #: Levels per side in each output snapshot.
-    levels: int = 20
+    levels: Annotated[int, msgspec.Meta(ge=1, le=5000)] = 20
     #: How often to write each book: a duration (``"1s"``), or ``"update"``/``"0"`` for a
     #: snapshot after every applied update.
     interval: str | float = "1s"
     #: Depth of the REST snapshot; capped by the exchange's maximum and rounded up to a
     #: value its API accepts (Binance spot: up to 5000, USD-M: 5..1000 fixed steps).
-    snapshot_limit: int = 1000
+    snapshot_limit: Annotated[int, msgspec.Meta(ge=1, le=5000)] = 1000
     #: How often each book is compared with a fresh snapshot (jittered per symbol);
     #: ``"0"`` or ``"off"`` disables verification.
     verify_interval: str | float = "10m"
@@ -58,13 +59,25 @@ class OrderBookOptions(msgspec.Struct, forbid_unknown_fields=True, kw_only=True)
     speed: str = ""
     #: Updates buffered per symbol while its snapshot request is in flight; past it the
     #: oldest half is dropped (counted as ``buffer_overflows``).
-    buffer_limit: int = 5000
+    buffer_limit: Annotated[int, msgspec.Meta(ge=2, le=10_000_000)] = 5000
     #: Updates kept per symbol while its snapshot request waits in the queue (the newest
     #: ones; a snapshot taken later covers the older ones). Bounds memory when thousands
     #: of symbols wait for snapshots at start-up.
-    queued_buffer_limit: int = 100
+    queued_buffer_limit: Annotated[int, msgspec.Meta(ge=2, le=10_000_000)] = 100
     #: Snapshot requests in flight at once for this stream instance.
-    snapshot_concurrency: int = 2
+    snapshot_concurrency: Annotated[int, msgspec.Meta(ge=1, le=64)] = 2
+
+    def __post_init__(self) -> None:
+        # The same checks as the stream's constructor, so ``config check`` reports them.
+        _parse_interval(self.interval)
+        _parse_verify(self.verify_interval)
+        if self.levels > self.snapshot_limit:
+            raise ValueError(
+                f"levels: {self.levels} exceeds the snapshot depth (snapshot_limit "
+                f"{self.snapshot_limit}); deeper levels would be unknown"
+            )
+        if self.speed:
+            check_duration("speed", self.speed)
 
 
 def effective_snapshot_limit(requested: int, rule: SequenceRule) -> int:
@@ -86,22 +99,22 @@ def _parse_interval(text: str | float) -> float:
     """Seconds between snapshots; 0.0 means after every update."""
     if isinstance(text, str) and text.strip().lower() in ("update", "0"):
         return 0.0
-    if not isinstance(text, str) and text == 0:
+    if isinstance(text, int | float) and not isinstance(text, bool) and text == 0:
         return 0.0
-    seconds = parse_duration(text)
-    if seconds <= 0:
-        raise ValueError(f"interval must be positive, 'update' or '0', got {text!r}")
-    return seconds
+    try:
+        return parse_duration(text, positive=True)
+    except ValueError as exc:
+        raise ValueError(f"interval: {exc} (or 'update' for a snapshot per update)") from None
 
 
 def _parse_verify(text: str | float) -> float:
     if isinstance(text, str) and text.strip().lower() in ("off", "0", "none", ""):
         return 0.0
-    if not isinstance(text, str) and text == 0:
+    if isinstance(text, int | float) and not isinstance(text, bool) and text == 0:
         return 0.0
-    seconds = parse_duration(text)
+    seconds = check_duration("verify_interval", text)
     if seconds < 1:
-        raise ValueError(f"verify_interval must be at least 1s or 'off', got {text!r}")
+        raise ValueError(f"verify_interval: must be at least 1s or 'off', got {text!r}")
     return seconds
 
 

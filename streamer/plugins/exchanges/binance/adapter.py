@@ -25,7 +25,7 @@ from streamer.core.api import (
     SymbolInfo,
 )
 from streamer.core.records import BookSnapshot, Kline, Trade
-from streamer.core.units import parse_duration
+from streamer.core.units import check_duration, parse_duration
 
 from .connections import (
     ConnectionManager,
@@ -52,6 +52,9 @@ _DEFAULTS = {
 _FUTURES_DEPTH_LIMITS = (5, 10, 20, 50, 100, 500, 1000)
 _AGG_PAGE = 1000
 _TIME_OF_DAY = re.compile(r"^(\d{1,2}):(\d{2})(?::(\d{2}))?$")
+#: Symbols whose lowercase form is a valid stream name: ASCII letters and digits.
+_SPOT_SYMBOL = re.compile(r"[A-Z0-9]{1,30}", re.ASCII)
+_FUTURES_SYMBOL = re.compile(r"[A-Z0-9]{1,30}(?:_[0-9]{1,8})?", re.ASCII)
 
 
 def valid_intervals(market: str) -> tuple[str, ...]:
@@ -102,12 +105,12 @@ class BinanceOptions(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     def __post_init__(self) -> None:
         # Validation errors become msgspec.ValidationError, which the config loader turns
         # into "pipelines[0].options: ..." messages.
-        try:
-            for name in ("rotate_after", "rotation_overlap", "no_data_timeout",
-                         "reconnect_backoff_max", "rest_timeout", "backfill_max_age"):  # fmt: skip
-                parse_duration(getattr(self, name))
-        except ValueError as exc:
-            raise msgspec.ValidationError(str(exc)) from None
+        for name in ("rotate_after", "rotation_overlap", "backfill_max_age"):
+            check_duration(name, getattr(self, name))
+        for name in ("no_data_timeout", "reconnect_backoff_max", "rest_timeout"):
+            check_duration(name, getattr(self, name), positive=True)
+        if self.rest_weight_limit < 0:
+            raise msgspec.ValidationError("rest_weight_limit: must be >= 0 (0 = from exchangeInfo)")
         if not 1 <= self.max_streams_per_connection <= 1024:
             raise msgspec.ValidationError(
                 "max_streams_per_connection must be between 1 and 1024 (Binance's limit)"
@@ -206,12 +209,39 @@ class BinanceAdapter(ExchangeAdapter):
         if [s.lower() for s in requested] == ["all"]:
             quotes = {q.upper() for q in self.opts.quote_assets}
             statuses = set(self.opts.statuses)
-            return sorted(
+            chosen = sorted(
                 info.symbol
                 for info in await self.list_symbols()
                 if info.status in statuses and (not quotes or info.quote_asset in quotes)
             )
-        return await super().resolve_symbols([s.upper() for s in requested])
+            # One symbol whose stream name the server refuses gets the whole connection
+            # (up to 1024 streams) rejected: leave such symbols out, loudly.
+            bad = [s for s in chosen if not self.streamable(s)]
+            if bad:
+                more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
+                self.context.logger.warning(
+                    "skipping %d listed symbol(s) that are not valid stream names: %s%s",
+                    len(bad), ", ".join(repr(s) for s in bad[:5]), more,
+                )  # fmt: skip
+                chosen = [s for s in chosen if self.streamable(s)]
+            return chosen
+        chosen = await super().resolve_symbols([s.upper() for s in requested])
+        bad = [s for s in chosen if not self.streamable(s)]
+        if bad:
+            raise ValueError(
+                f"symbol(s) that cannot be streamed from Binance {self.market} (not a valid "
+                f"stream name): {', '.join(repr(s) for s in bad[:5])}"
+                + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+            )
+        return chosen
+
+    def streamable(self, symbol: str) -> bool:
+        """True when ``symbol``'s lowercase form is a valid stream name on this market.
+
+        Spot: ``[A-Z0-9]+``; USD-M also has dated delivery contracts (``BTCUSDT_260327``).
+        """
+        pattern = _SPOT_SYMBOL if self.market == "spot" else _FUTURES_SYMBOL
+        return pattern.fullmatch(symbol) is not None
 
     # ------------------------------------------------------------------ streaming
 
