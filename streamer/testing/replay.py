@@ -21,7 +21,7 @@ from urllib.parse import parse_qsl, urlsplit
 import msgspec
 
 from . import _wire as wire
-from .captures import CaptureEvent, read_capture, shared_data_dir
+from .captures import CaptureEvent, capture_dir, read_capture
 
 if TYPE_CHECKING:
     from .sim import SimServer, _Conn
@@ -64,7 +64,7 @@ class ReplaySource:
     @classmethod
     def load(cls, name: str, data_dir: str | None, speed: float = 1.0) -> ReplaySource:
         """Read capture ``name`` (see :func:`streamer.testing.captures.read_capture`)."""
-        base = Path(data_dir) if data_dir else shared_data_dir()
+        base = Path(data_dir) if data_dir else capture_dir()
         events = read_capture(name, base)
         source = cls.from_events(name, events, speed)
         if base is not None:
