@@ -26,7 +26,7 @@ from typing import ClassVar, Literal, Protocol
 import msgspec
 
 from .metrics import Counters
-from .records import BookSnapshot, Kline, Record, Trade
+from .records import BookSnapshot, Kline, Record, StreamKey, Trade
 
 Channel = Literal["trade", "depth", "kline"]
 
@@ -59,18 +59,6 @@ class SymbolInfo(msgspec.Struct, frozen=True):
     def trading(self) -> bool:
         """True when the exchange reports the symbol as trading normally."""
         return self.status == "TRADING"
-
-
-class StreamKey(msgspec.Struct, frozen=True, order=True):
-    """Identifies one output stream of one symbol, e.g. ``(binance, spot, BTCUSDT, kline_1m)``.
-
-    Sinks report their holdings by this key so the collector can resume after a restart.
-    """
-
-    exchange: str
-    market: str
-    symbol: str
-    stream: str
 
 
 class SequenceRule(msgspec.Struct, frozen=True):

@@ -41,8 +41,9 @@ from typing import Annotated
 import msgspec
 import typer
 
+from streamer.core.units import KLINE_INTERVALS as INTERVALS
+from streamer.core.units import interval_ms, next_open_time
 from streamer.plugins.sinks import _csv_layout as layout
-from streamer.plugins.streams.kline import INTERVALS, interval_ms, next_open_time
 
 #: Marker kinds that account for a missing range or a resync.
 EXPLAINING_KINDS = frozenset({"filled", "unfillable", "gap", "overflow", "resync"})
