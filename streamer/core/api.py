@@ -19,6 +19,7 @@ the exact path of the offending key.
 from __future__ import annotations
 
 import logging
+import os
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Callable, Sequence
 from typing import ClassVar, Literal, Protocol
@@ -254,9 +255,23 @@ class Sink(ABC):
       what overflows as a gap marker.
     * :meth:`holdings` reports the last key held per stream so a restart never writes a
       duplicate and backfills exactly what is missing.
+    * :meth:`verify` (a classmethod, optional) checks the files a sink of this type wrote;
+      ``streamer verify PATH --sink TYPE`` dispatches to it.
     """
 
     Options: ClassVar[type[msgspec.Struct]] = NoOptions
+
+    @classmethod
+    def verify(cls, path: str | os.PathLike[str], *, as_json: bool = False) -> tuple[str, int]:
+        """Check the data a sink of this type wrote at ``path`` (its configured location).
+
+        Returns the report to print (a table, or JSON with ``as_json``) and the exit code:
+        0 when the data is complete and consistent (or every problem is explained by a gap
+        marker), 1 otherwise. Raises ``ValueError`` for a ``path`` that is not such data
+        (the command prints ``error: ...`` and exits 2). The default raises
+        ``NotImplementedError``: the sink type has no checker.
+        """
+        raise NotImplementedError(f"sink type {cls.__name__} cannot check its data")
 
     def __init__(self, options: msgspec.Struct, context: SinkContext) -> None:
         self.options = options
