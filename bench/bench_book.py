@@ -1,7 +1,7 @@
 """Benchmark of the order-book engine: level updates per second and top-20 snapshot cost.
 
 Workload: the recorded USD-M BTCUSDT depth stream (6 minutes, ~6500 events, deep book) from
-``../shared/research/data`` when present, otherwise a seeded synthetic stream of the same
+``tests/data`` when present, otherwise a seeded synthetic stream of the same
 shape. Updates are decoded once up front; only book work is timed.
 
 Measured (median of ``--repeat`` runs, one core, same process and run for every subject):
@@ -52,7 +52,7 @@ def _recorded() -> Workload | None:
         from streamer.testing.captures import read_hftbacktest
     except ImportError:
         return None
-    data = Path(__file__).resolve().parents[1].parent / "shared/research/data"
+    data = Path(__file__).resolve().parents[1] / "tests/data"
     if not data.is_dir():
         return None
     decoder = FrameDecoder("usdm")

@@ -1,7 +1,8 @@
 """market-streamer: a plugin-based collector of crypto exchange market data.
 
-Public API for plugin authors: :data:`hookimpl`, the base classes, the records and the
-plugin-manager factory. Everything else is internal.
+Public API for plugin authors: :data:`hookimpl`, the base classes, the records, the record
+vocabulary (each record's output stream name and :class:`StreamKey`, resume key and time),
+kline interval arithmetic and the plugin-manager factory. Everything else is internal.
 """
 
 from .core.api import (
@@ -21,11 +22,34 @@ from .core.api import (
 from .core.hookspecs import hookimpl
 from .core.metrics import Counters
 from .core.plugins import PluginError, Registry, make_plugin_manager
-from .core.records import BookSnapshot, DepthUpdate, Kline, Level, Marker, Record, Trade
+from .core.records import (
+    AGGTRADE_STREAM,
+    DEPTH_STREAM,
+    KLINE_STREAM_PREFIX,
+    ORDERBOOK_STREAM,
+    BookSnapshot,
+    DepthUpdate,
+    Kline,
+    Level,
+    Marker,
+    Record,
+    Trade,
+    kline_stream,
+    record_key,
+    record_time,
+    stream_key,
+    stream_name,
+)
+from .core.units import KLINE_INTERVALS, interval_ms, next_open_time
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AGGTRADE_STREAM",
+    "DEPTH_STREAM",
+    "KLINE_INTERVALS",
+    "KLINE_STREAM_PREFIX",
+    "ORDERBOOK_STREAM",
     "BookSnapshot",
     "Counters",
     "DepthUpdate",
@@ -50,5 +74,12 @@ __all__ = [
     "Trade",
     "__version__",
     "hookimpl",
+    "interval_ms",
+    "kline_stream",
     "make_plugin_manager",
+    "next_open_time",
+    "record_key",
+    "record_time",
+    "stream_key",
+    "stream_name",
 ]

@@ -24,7 +24,7 @@ from streamer.plugins.exchanges.binance.decode import (
     decode_rest_error,
 )
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared/research/data"
+DATA = Path(__file__).resolve().parent / "data"
 CF = DATA / "cryptofeed_sample_data"
 
 SPOT_AGG = (
@@ -227,8 +227,6 @@ def test_rest_decoders():
 
 def _capture_frames(name: str) -> tuple[str, list[tuple[float, str]]]:
     path = CF / f"{name}.ws.1.0"
-    if not path.exists():
-        pytest.skip(f"recorded captures not available at {CF}")
     lines = path.read_text().splitlines()
     frames = []
     for line in lines[1:]:
@@ -311,8 +309,6 @@ def test_capture_spot_us_closed_kline_and_depth_counts():
 
 def test_capture_rest_snapshots_decode():
     path = CF / "BINANCE_FUTURES.http.0.0"
-    if not path.exists():
-        pytest.skip(f"recorded captures not available at {CF}")
     for line in path.read_text().splitlines():
         if not line.strip():
             continue
@@ -325,8 +321,6 @@ def test_capture_rest_snapshots_decode():
 
 def test_capture_exchange_info_decodes():
     path = CF / "BINANCE_FUTURES.0"
-    if not path.exists():
-        pytest.skip(f"recorded captures not available at {CF}")
     first = path.read_text().splitlines()[0]
     body = first.partition(" -> ")[2].partition(": ")[2]
     info = decode_exchange_info(body.encode())
@@ -337,8 +331,6 @@ def test_capture_exchange_info_decodes():
 
 def test_hftbacktest_spot_frames_decode():
     path = DATA / "hftbacktest_examples/spot_btcusdt_20240808.gz"
-    if not path.exists():
-        pytest.skip(f"recorded captures not available at {path.parent}")
     decoder = FrameDecoder("spot")
     counts = {"depth": 0, "trade": 0, "ticker": 0, "snapshot": 0}
     with gzip.open(path, "rt") as fh:

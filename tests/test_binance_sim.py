@@ -310,7 +310,7 @@ async def test_unknown_symbol_and_unsupported_interval_are_startup_errors():
         await h.adapter.aclose()
 
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared/research/data"
+DATA = Path(__file__).resolve().parent / "data"
 
 
 def _ws_payload(frame: bytes) -> bytes:
@@ -324,8 +324,6 @@ def _ws_payload(frame: bytes) -> bytes:
     [("BINANCE_FUTURES", "usdm"), ("BINANCE_US", "spot"), ("BINANCE", "spot")],
 )
 async def test_replayed_capture_yields_every_recorded_aggtrade_and_closed_kline(capture, market):
-    if not DATA.is_dir():
-        pytest.skip(f"recorded captures not available at {DATA}")
     cfg = SimConfig(replay=capture, replay_speed=0, data_dir=str(DATA))
     async with SimServer(cfg) as sim:
         decoder = FrameDecoder(market)

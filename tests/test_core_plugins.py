@@ -63,7 +63,8 @@ def _public_methods(cls: type) -> list[str]:
     return [
         name
         for name, member in vars(cls).items()
-        if not name.startswith("_") and (inspect.isfunction(member) or isinstance(member, property))
+        if not name.startswith("_")
+        and (inspect.isfunction(member) or isinstance(member, property | classmethod))
     ]
 
 

@@ -13,13 +13,13 @@ import pytest
 from conftest import load_status, start_streamer, synth_config, wait_for
 from core_plugins import read_lines, read_markers
 
+from streamer import stream_key
 from streamer.core.api import StreamKey
 from streamer.core.config import parse_config
 from streamer.core.records import Kline, Marker, Trade, encode_batch
 from streamer.core.runtime import HighWater, auto_workers, partition, read_status, run
 from streamer.core.runtime.bootstrap import ChildSpec, PluginSelection
 from streamer.core.runtime.channels import FrameError, FrameReader, frame
-from streamer.core.runtime.keys import stream_key
 from streamer.core.runtime.writer import Writer
 
 PLUGINS = ["core_plugins"]

@@ -15,14 +15,12 @@ from streamer.core.metrics import Counters
 from streamer.core.records import DepthUpdate, Kline, Trade
 from streamer.plugins.sinks.csv_batch import CsvSink, Options
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared/research/data/cryptofeed_sample_data"
+DATA = Path(__file__).resolve().parent / "data/cryptofeed_sample_data"
 
 
 def load(capture: str, market: str) -> tuple[list, list[dict]]:
     """Records from a cryptofeed capture (aggTrade, kline, depth) and the raw payloads."""
     path = DATA / f"{capture}.ws.1.0"
-    if not path.exists():
-        pytest.skip(f"recorded Binance data not found at {path} (shared research folder absent)")
     records, raw = [], []
     with path.open() as f:
         next(f)  # the connection line
@@ -99,7 +97,7 @@ def test_real_capture_roundtrip(tmp_path: Path, capture: str, market: str) -> No
     assert levels == {lvl for d in depth for lvl in (*d.bids, *d.asks)}
     assert counters.total("rows_duplicate") == 0 and counters.get("rows_quoted") == 0
     if capture == "BINANCE_FUTURES":
-        # Golden numbers of the capture (research/data/README.md).
+        # Golden numbers of the capture (tests/data/README.md).
         sushi = rows(next((base / "aggTrades/SUSHIUSDT").iterdir()))
         assert [int(r[0]) for r in sushi] == list(range(87353230, 87353270))
         assert len(rows(next((base / "aggTrades/CTKUSDT").iterdir()))) == 38

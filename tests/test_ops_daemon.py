@@ -173,7 +173,7 @@ def test_stop_kills_children_left_behind_by_the_supervisor(fake):
     result = d.stop(paths, timeout=20)
     assert result.outcome == "stopped"
     assert "killed children left behind" in result.message
-    wait_until(lambda: not d._group_alive(started.pid), what="the process group to die")
+    wait_until(lambda: not d.group_alive(started.pid), what="the process group to die")
 
 
 def test_a_collector_that_dies_at_start_is_reported_with_its_log(fake):

@@ -7,6 +7,8 @@ import gzip
 import json
 import logging
 import shutil
+import sys
+import types
 from pathlib import Path
 
 import msgspec
@@ -14,12 +16,13 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from streamer.core.api import SinkContext
+from streamer import hookimpl
+from streamer.core.api import Sink, SinkContext
 from streamer.core.metrics import Counters
 from streamer.core.ops import cli as ops_cli
-from streamer.core.ops import integrity
-from streamer.core.ops.integrity import render_table, verify
 from streamer.core.records import BookSnapshot, DepthUpdate, Kline, Marker, Trade
+from streamer.plugins.sinks import _csv_verify as integrity
+from streamer.plugins.sinks._csv_verify import render_table, verify
 from streamer.plugins.sinks.csv_batch import CsvSink, Options
 
 DAY = 86_400_000
@@ -506,3 +509,72 @@ def test_table_lists_marker_counts(tmp_path: Path) -> None:
     table = render_table(verify(tmp_path))
     (line,) = [x for x in table.splitlines() if x.startswith("binance/spot/BTCUSDT/aggtrade")]
     assert line.endswith("filled=2 gap=1")
+
+
+# -- dispatch to the sink type that wrote the files ------------------------------------------
+class _ProbeSink(Sink):
+    """A sink type that brings its own checker: reports the path and a fixed exit code."""
+
+    async def write(self, batch) -> None:
+        pass
+
+    async def flush(self) -> None:
+        pass
+
+    @classmethod
+    def verify(cls, path, *, as_json: bool = False) -> tuple[str, int]:
+        if not Path(path).is_dir():
+            raise ValueError(f"{path}: no probe data here")
+        return (json.dumps({"probe": str(path)}) if as_json else f"probe checked {path}"), 1
+
+
+def _probe_plugin(monkeypatch) -> None:
+    """Install an inline plugin module (``verify_probe``) registering sinks ``probe`` and
+    ``mute`` (no checker), the way ``STREAMER_PLUGIN_MODULES`` adds development plugins."""
+    module = types.ModuleType("verify_probe")
+
+    class _MuteSink(_ProbeSink):
+        verify = Sink.verify
+
+    @hookimpl
+    def register_sinks(register) -> None:
+        register("probe", _ProbeSink)
+        register("mute", _MuteSink)
+
+    module.register_sinks = register_sinks  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "verify_probe", module)
+    monkeypatch.setenv("STREAMER_PLUGIN_MODULES", "verify_probe")
+
+
+def test_verify_dispatches_to_the_named_sink_types_checker(tmp_path: Path, monkeypatch) -> None:
+    _probe_plugin(monkeypatch)
+    result = cli([str(tmp_path), "--sink", "probe"])
+    assert (result.exit_code, result.stdout) == (1, f"probe checked {tmp_path}\n")
+    result = cli([str(tmp_path), "--sink", "probe", "--json"])
+    assert json.loads(result.stdout) == {"probe": str(tmp_path)}
+    result = cli([str(tmp_path / "nope"), "--sink", "probe"])  # the checker's ValueError
+    assert (result.exit_code, result.stdout) == (2, "")
+    assert result.stderr == f"error: {tmp_path / 'nope'}: no probe data here\n"
+
+
+def test_verify_defaults_to_the_csv_sink(tmp_path: Path, monkeypatch) -> None:
+    _probe_plugin(monkeypatch)  # other sink types installed do not change the default
+    write(tmp_path, *trades("spot", range(1, 5)))
+    result = cli([str(tmp_path)])
+    assert result.exit_code == 0 and "binance/spot/BTCUSDT/aggtrade" in result.stdout
+    assert cli([str(tmp_path), "--sink", "csv"]).stdout == result.stdout
+
+
+@pytest.mark.parametrize(
+    ("sink", "message"),
+    [
+        ("mute", "error: sink type 'mute' cannot check its files\n"),
+        ("nope", "error: unknown sink 'nope'; available: csv, mute, probe\n"),
+    ],
+)
+def test_verify_with_a_sink_type_that_cannot_check_is_bad_input(
+    tmp_path: Path, monkeypatch, sink: str, message: str
+) -> None:
+    _probe_plugin(monkeypatch)
+    result = cli([str(tmp_path), "--sink", sink])
+    assert (result.exit_code, result.stdout, result.stderr) == (2, "", message)

@@ -2,7 +2,7 @@
 
 Each symbol's depth diffs are replayed in receipt order on top of the first REST snapshot
 recorded for it (fed when it was received), with the spot or futures rules. The expected
-dropped/applied counts come from ``../shared/research/data/README.md``. Every applied update
+dropped/applied counts come from ``tests/data/README.md``. Every applied update
 is checked for a crossed book, and the top-N levels are compared with an independent rebuild
 (plain dicts ranked by Decimal value) at the same update ids: every update of the 30 s
 captures, every 4th update of the 6-minute ones (their books hold ~3000 levels a side).
@@ -12,21 +12,18 @@ from __future__ import annotations
 
 import heapq
 from decimal import Decimal
+from pathlib import Path
 from urllib.parse import parse_qs, urlparse
 
 import pytest
 
 from streamer.core.api import SequenceRule
 from streamer.core.records import DepthUpdate
+from streamer.plugins.exchanges.binance import decode
 from streamer.plugins.streams import _book as B
+from streamer.testing import captures
 
-captures = pytest.importorskip("streamer.testing.captures")
-decode = pytest.importorskip("streamer.plugins.exchanges.binance.decode")
-
-DATA = captures.shared_data_dir()
-pytestmark = pytest.mark.skipif(
-    DATA is None, reason="recorded captures not found at ../shared/research/data"
-)
+DATA = Path(__file__).resolve().parent / "data"
 
 SPOT = SequenceRule("spot", 5000)
 FUTURES = SequenceRule("futures", 1000, (5, 10, 20, 50, 100, 500, 1000))

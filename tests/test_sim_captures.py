@@ -10,26 +10,25 @@ import pytest
 
 from streamer.testing.captures import (
     CaptureEvent,
+    capture_dir,
     read_capture,
     read_cryptofeed,
     read_hftbacktest,
-    shared_data_dir,
 )
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared/research/data"
+DATA = Path(__file__).resolve().parent / "data"
 
 
-def _need_data() -> Path:
-    if not DATA.is_dir():
-        pytest.skip(f"shared captures not available at {DATA}")
-    return DATA
+def test_capture_dir_is_the_checkouts_tests_data(monkeypatch):
+    monkeypatch.delenv("STREAMER_CAPTURE_DIR", raising=False)
+    assert capture_dir() == DATA
 
 
-def test_shared_data_dir_env_override(tmp_path, monkeypatch):
-    monkeypatch.setenv("STREAMER_SHARED_DATA", str(tmp_path))
-    assert shared_data_dir() == tmp_path
-    monkeypatch.setenv("STREAMER_SHARED_DATA", str(tmp_path / "missing"))
-    assert shared_data_dir() is None
+def test_capture_dir_env_override(tmp_path, monkeypatch):
+    monkeypatch.setenv("STREAMER_CAPTURE_DIR", str(tmp_path))
+    assert capture_dir() == tmp_path
+    monkeypatch.setenv("STREAMER_CAPTURE_DIR", str(tmp_path / "missing"))
+    assert capture_dir() is None
 
 
 def test_cryptofeed_synthetic_merge(tmp_path):
@@ -79,8 +78,7 @@ def test_hftbacktest_synthetic(tmp_path):
 
 
 def test_real_binance_futures_capture():
-    data = _need_data()
-    events = read_cryptofeed("BINANCE_FUTURES", data)
+    events = read_cryptofeed("BINANCE_FUTURES", DATA)
     rest = [e for e in events if e.kind == "rest"]
     assert {e.url.split("symbol=")[1].split("&")[0] for e in rest} >= {
         "SUSHIUSDT",
@@ -99,8 +97,7 @@ def test_real_binance_futures_capture():
 
 
 def test_real_hftbacktest_capture():
-    data = _need_data()
-    events = read_capture("spot_btcusdt_20240808.gz", data)
+    events = read_capture("spot_btcusdt_20240808.gz", DATA)
     rest = [e for e in events if e.kind == "rest"]
     assert len(rest) >= 1
     assert rest[0].url.endswith("/api/v3/depth?symbol=BTCUSDT&limit=1000")

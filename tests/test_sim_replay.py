@@ -14,12 +14,9 @@ from streamer.testing.captures import read_cryptofeed
 from streamer.testing.faults import FaultPlan
 from streamer.testing.sim import SimConfig, SimServer
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared/research/data"
+DATA = Path(__file__).resolve().parent / "data"
 
-pytestmark = [
-    pytest.mark.anyio,
-    pytest.mark.skipif(not DATA.is_dir(), reason=f"shared captures not available at {DATA}"),
-]
+pytestmark = pytest.mark.anyio
 
 
 @pytest.fixture

@@ -10,6 +10,7 @@ import anyio
 import msgspec
 import pytest
 
+from streamer import next_open_time
 from streamer.core.api import (
     ExchangeAdapter,
     ExchangeContext,
@@ -24,7 +25,7 @@ from streamer.core.metrics import Counters
 from streamer.core.records import DepthUpdate, Kline, Marker, Record, Trade
 from streamer.plugins.streams.aggtrade import AggTradeOptions, AggTradeStream
 from streamer.plugins.streams.depth import DepthOptions, DepthStream
-from streamer.plugins.streams.kline import KlineOptions, KlineStream, next_open_time
+from streamer.plugins.streams.kline import KlineOptions, KlineStream
 
 pytestmark = pytest.mark.anyio
 LOG = logging.getLogger("test.streams")

@@ -19,6 +19,7 @@ the exact path of the offending key.
 from __future__ import annotations
 
 import logging
+import os
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Callable, Sequence
 from typing import ClassVar, Literal, Protocol
@@ -26,7 +27,7 @@ from typing import ClassVar, Literal, Protocol
 import msgspec
 
 from .metrics import Counters
-from .records import BookSnapshot, Kline, Record, Trade
+from .records import BookSnapshot, Kline, Record, StreamKey, Trade
 
 Channel = Literal["trade", "depth", "kline"]
 
@@ -59,18 +60,6 @@ class SymbolInfo(msgspec.Struct, frozen=True):
     def trading(self) -> bool:
         """True when the exchange reports the symbol as trading normally."""
         return self.status == "TRADING"
-
-
-class StreamKey(msgspec.Struct, frozen=True, order=True):
-    """Identifies one output stream of one symbol, e.g. ``(binance, spot, BTCUSDT, kline_1m)``.
-
-    Sinks report their holdings by this key so the collector can resume after a restart.
-    """
-
-    exchange: str
-    market: str
-    symbol: str
-    stream: str
 
 
 class SequenceRule(msgspec.Struct, frozen=True):
@@ -283,9 +272,23 @@ class Sink(ABC):
       reports how many and exits non-zero. Record the lost key ranges where the next run
       sees them (the CSV sink writes ``gap`` markers); streams the next run can backfill
       are re-fetched from :meth:`holdings` anyway, since lost rows never advanced them.
+    * :meth:`verify` (a classmethod, optional) checks the files a sink of this type wrote;
+      ``streamer verify PATH --sink TYPE`` dispatches to it.
     """
 
     Options: ClassVar[type[msgspec.Struct]] = NoOptions
+
+    @classmethod
+    def verify(cls, path: str | os.PathLike[str], *, as_json: bool = False) -> tuple[str, int]:
+        """Check the data a sink of this type wrote at ``path`` (its configured location).
+
+        Returns the report to print (a table, or JSON with ``as_json``) and the exit code:
+        0 when the data is complete and consistent (or every problem is explained by a gap
+        marker), 1 otherwise. Raises ``ValueError`` for a ``path`` that is not such data
+        (the command prints ``error: ...`` and exits 2). The default raises
+        ``NotImplementedError``: the sink type has no checker.
+        """
+        raise NotImplementedError(f"sink type {cls.__name__} cannot check its data")
 
     def __init__(self, options: msgspec.Struct, context: SinkContext) -> None:
         self.options = options

@@ -11,6 +11,11 @@ never per message. A plugin module implements any subset of them with ``@hookimp
 
 Every hook is documented in CONTRIBUTING.md ("Writing plugins"); a test fails when one is
 missing there.
+
+Behaviour that belongs to one component type is a method of its base class, not a hook: for
+``streamer verify PATH --sink TYPE`` the core command looks ``TYPE`` up among the registered
+sinks and calls its classmethod ``Sink.verify(path, as_json=...)``, so each sink type (CSV,
+Parquet, a database) brings the checker for its own data.
 """
 
 from __future__ import annotations

@@ -8,6 +8,11 @@ Decimals for output. Times are integers in the exchange's unit (Binance: millise
 
 Records carry their ``exchange``, ``market`` and ``symbol`` so that a sink can route them
 without extra context.
+
+The record vocabulary is defined here, once, for every component: the output stream a
+record belongs to (:func:`stream_name`, :func:`stream_key`; ``aggtrade``, ``depth``,
+``kline_<interval>``, ``orderbook``), its increasing resume key within that stream
+(:func:`record_key`) and the time that places it in a period (:func:`record_time`).
 """
 
 from __future__ import annotations
@@ -134,6 +139,86 @@ class Marker(msgspec.Struct, tag="marker", **_STRUCT):
 
 Record = Trade | DepthUpdate | Kline | BookSnapshot | Marker
 """Any record that can travel from a collector worker to a sink."""
+
+
+# --- the record vocabulary: stream names, resume keys, times -------------------------------
+
+#: Output stream names of trades, depth updates and order books.
+AGGTRADE_STREAM, DEPTH_STREAM, ORDERBOOK_STREAM = "aggtrade", "depth", "orderbook"
+#: Klines of interval ``1m`` go to stream ``kline_1m``, and so on (see :func:`kline_stream`).
+KLINE_STREAM_PREFIX = "kline_"
+
+
+def kline_stream(interval: str) -> str:
+    """The output stream name of klines of ``interval``: ``kline_1m``, ``kline_1h``..."""
+    return KLINE_STREAM_PREFIX + interval
+
+
+class StreamKey(msgspec.Struct, frozen=True, order=True):
+    """Identifies one output stream of one symbol, e.g. ``(binance, spot, BTCUSDT, kline_1m)``.
+
+    Sinks report their holdings by this key so the collector can resume after a restart.
+    """
+
+    exchange: str
+    market: str
+    symbol: str
+    stream: str
+
+
+def stream_name(record: Record) -> str:
+    """The output stream name of ``record``: ``aggtrade`` (:class:`Trade`), ``depth``
+    (:class:`DepthUpdate`), ``kline_<interval>`` (:class:`Kline`), ``orderbook``
+    (:class:`BookSnapshot`), or the stream a :class:`Marker` is about."""
+    kind = type(record)
+    if kind is Trade:
+        return AGGTRADE_STREAM
+    if kind is DepthUpdate:
+        return DEPTH_STREAM
+    if kind is Kline:
+        return KLINE_STREAM_PREFIX + record.interval  # type: ignore[union-attr]
+    if kind is BookSnapshot:
+        return ORDERBOOK_STREAM
+    return record.stream  # type: ignore[union-attr]  # Marker
+
+
+def stream_key(record: Record) -> StreamKey:
+    """The :class:`StreamKey` ``record`` belongs to."""
+    return StreamKey(record.exchange, record.market, record.symbol, stream_name(record))
+
+
+def record_key(record: Record) -> int | None:
+    """The increasing key of ``record`` within its stream, by which a sink reports what it
+    holds and the collector resumes: ``trade_id`` of a trade, ``open_time`` of a kline,
+    ``last_update_id`` of a depth update or book; ``None`` for a marker.
+
+    Only closed klines count as held: an open bar is updated again until it closes.
+    """
+    kind = type(record)
+    if kind is Trade:
+        return record.trade_id  # type: ignore[union-attr]
+    if kind is Kline:
+        return record.open_time  # type: ignore[union-attr]
+    if kind is DepthUpdate or kind is BookSnapshot:
+        return record.last_update_id  # type: ignore[union-attr]
+    return None
+
+
+def record_time(record: Record) -> int:
+    """The exchange time of ``record`` (ms on Binance) that places it in a day or hour:
+    ``transact_time`` of a trade, ``open_time`` of a kline, ``event_time`` of a depth update,
+    ``event_time`` (else ``receive_time``) of a book, ``time`` of a marker (0: unknown)."""
+    kind = type(record)
+    if kind is Trade:
+        return record.transact_time  # type: ignore[union-attr]
+    if kind is Kline:
+        return record.open_time  # type: ignore[union-attr]
+    if kind is DepthUpdate:
+        return record.event_time  # type: ignore[union-attr]
+    if kind is BookSnapshot:
+        return record.event_time or record.receive_time  # type: ignore[union-attr]
+    return record.time  # type: ignore[union-attr]  # Marker
+
 
 RECORD_TYPES: tuple[type[msgspec.Struct], ...] = (Trade, DepthUpdate, Kline, BookSnapshot, Marker)
 

@@ -1,9 +1,12 @@
-"""Parsing of human-friendly durations used in configuration (``"100ms"``, ``"1s"``, ``"10m"``)."""
+"""Units: human-friendly durations used in configuration (``"100ms"``, ``"1s"``, ``"10m"``)
+and kline interval arithmetic (``"1m"``, ``"1h"``, ``"1M"``)."""
 
 from __future__ import annotations
 
 import math
 import re
+from calendar import monthrange
+from datetime import UTC, datetime
 
 _DURATION = re.compile(r"^\s*(?P<value>\d+(?:\.\d+)?)\s*(?P<unit>ms|s|m|h|d)\s*$")
 _SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
@@ -61,3 +64,31 @@ def check_duration(name: str, value: str | float | int, *, positive: bool = Fals
         return parse_duration(value, positive=positive)
     except ValueError as exc:
         raise ValueError(f"{name}: {exc}") from None
+
+
+# --- kline intervals ------------------------------------------------------------------------
+
+#: Kline interval names (Binance's spelling, shared by the exchanges; ``1M`` is a month).
+KLINE_INTERVALS: tuple[str, ...] = (
+    "1s", "1m", "3m", "5m", "15m", "30m", "1h", "2h", "4h", "6h", "8h", "12h", "1d", "3d",
+    "1w", "1M",
+)  # fmt: skip
+_INTERVAL_UNIT_MS = {"s": 1000, "m": 60_000, "h": 3_600_000, "d": 86_400_000, "w": 604_800_000}
+
+
+def interval_ms(interval: str) -> int | None:
+    """Length of a fixed kline interval in ms (``"1h"`` -> 3600000); ``None`` for the calendar
+    month ``1M``. Raises ``KeyError``/``ValueError`` on a name not in :data:`KLINE_INTERVALS`."""
+    if interval == "1M":
+        return None
+    return int(interval[:-1]) * _INTERVAL_UNIT_MS[interval[-1]]
+
+
+def next_open_time(open_time: int, interval: str) -> int:
+    """Open time (ms) of the bar after the one opening at ``open_time`` (UTC calendar months)."""
+    step = interval_ms(interval)
+    if step is not None:
+        return open_time + step
+    dt = datetime.fromtimestamp(open_time / 1000, tz=UTC)
+    days = monthrange(dt.year, dt.month)[1]
+    return open_time + days * 86_400_000

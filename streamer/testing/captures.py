@@ -1,6 +1,7 @@
-"""Readers for the recorded Binance captures in ``../shared/research/data``.
+"""Readers for the recorded Binance captures in ``tests/data`` (see its README for each
+file's source repository, commit and licence).
 
-Two line formats exist (see that folder's README):
+Two line formats exist:
 
 * cryptofeed ``<NAME>.ws.1.0``: a first line ``<ws url> <-> <connect_epoch_s>``, then
   ``<receipt_epoch_s_float>: <raw text frame>`` (combined-stream envelopes). The matching
@@ -23,14 +24,14 @@ import msgspec
 
 __all__ = [
     "CaptureEvent",
+    "capture_dir",
     "read_capture",
     "read_cryptofeed",
     "read_hftbacktest",
-    "shared_data_dir",
 ]
 
-#: Environment variable that overrides where the shared captures live.
-ENV_VAR = "STREAMER_SHARED_DATA"
+#: Environment variable that overrides where the recorded captures live.
+ENV_VAR = "STREAMER_CAPTURE_DIR"
 
 
 class CaptureEvent(msgspec.Struct, frozen=True):
@@ -48,18 +49,17 @@ class CaptureEvent(msgspec.Struct, frozen=True):
     payload: bytes
 
 
-def shared_data_dir() -> Path | None:
+def capture_dir() -> Path | None:
     """The folder of recorded captures, or ``None`` when it is not available.
 
-    ``$STREAMER_SHARED_DATA`` wins when set; otherwise ``../shared/research/data`` relative
-    to the repository root (the checkout this package is imported from).
+    ``$STREAMER_CAPTURE_DIR`` wins when set; otherwise ``tests/data`` of the checkout this
+    package is imported from (absent from an installed wheel).
     """
     env = os.environ.get(ENV_VAR)
     if env:
         path = Path(env)
         return path if path.is_dir() else None
-    repo_root = Path(__file__).resolve().parents[2]
-    path = repo_root.parent / "shared" / "research" / "data"
+    path = Path(__file__).resolve().parents[2] / "tests" / "data"
     return path if path.is_dir() else None
 
 
@@ -79,7 +79,7 @@ def read_cryptofeed(name: str, data_dir: Path) -> list[CaptureEvent]:
 
     Merges ``<name>.ws.1.0`` and ``<name>.http.0.0`` (when present) into one list sorted by
     local time; ties keep file order with REST before WebSocket. ``data_dir`` may be the
-    shared data folder or its ``cryptofeed_sample_data`` subfolder. Raises
+    capture folder or its ``cryptofeed_sample_data`` subfolder. Raises
     ``FileNotFoundError`` when the ws file is missing and ``ValueError`` on a bad line.
     """
     folder = _cryptofeed_dir(data_dir)
@@ -156,7 +156,7 @@ def read_capture(name: str, data_dir: Path | None = None) -> list[CaptureEvent]:
     """Read a capture by name: a cryptofeed name (``"BINANCE"``), an hftbacktest file name
     (``"spot_btcusdt_20240808.gz"``) or a path to either kind of file.
 
-    ``data_dir`` defaults to :func:`shared_data_dir`; raises ``FileNotFoundError`` when the
+    ``data_dir`` defaults to :func:`capture_dir`; raises ``FileNotFoundError`` when the
     capture cannot be found.
     """
     candidate = Path(name)
@@ -164,9 +164,9 @@ def read_capture(name: str, data_dir: Path | None = None) -> list[CaptureEvent]:
         return read_hftbacktest(candidate.name, candidate.parent)
     if candidate.name.endswith(".ws.1.0") and candidate.exists():
         return read_cryptofeed(candidate.name[: -len(".ws.1.0")], candidate.parent)
-    base = data_dir if data_dir is not None else shared_data_dir()
+    base = data_dir if data_dir is not None else capture_dir()
     if base is None:
-        raise FileNotFoundError(f"capture {name!r}: shared data folder not found (set ${ENV_VAR})")
+        raise FileNotFoundError(f"capture {name!r}: capture folder not found (set ${ENV_VAR})")
     if name.endswith(".gz"):
         return read_hftbacktest(name, base)
     if (_cryptofeed_dir(base) / f"{name}.ws.1.0").exists():

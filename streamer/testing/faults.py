@@ -8,13 +8,22 @@ Every injected fault increments a ``fault_*`` counter in ``sim.counters``.
 
 from __future__ import annotations
 
+import asyncio
+import math
 import threading
 import time
 from collections.abc import Callable
+from typing import Any, Protocol
 
 import msgspec
 
-__all__ = ["FaultPlan", "Faults", "RestFault"]
+from streamer.core.metrics import Counters
+
+from . import _wire as wire
+
+__all__ = ["ConnectionFaults", "FaultPlan", "Faults", "RestFault"]
+
+_json = msgspec.json.Encoder()
 
 
 class FaultPlan(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -229,3 +238,85 @@ class Faults:
     def stalled(self) -> bool:
         """True while a stall is in force."""
         return self.stalled_until > time.monotonic()
+
+
+class _Connections(Protocol):
+    """What :class:`ConnectionFaults` needs of the simulator's transport."""
+
+    conns: set[Any]
+    loop: asyncio.AbstractEventLoop | None
+
+    def close(self, conn: Any, abrupt: bool, code: int = 1000, reason: str = "") -> None: ...
+
+
+class ConnectionFaults:
+    """What the connection faults do to the open WebSocket connections: close them (all or
+    by path, now or after N more messages), announce a server shutdown, and run the
+    :class:`FaultPlan`'s periodic ones. Wired to :class:`Faults`' live controls."""
+
+    def __init__(
+        self,
+        faults: Faults,
+        connections: _Connections,
+        counters: Counters,
+        now_ms: Callable[[], int],
+    ) -> None:
+        self.faults = faults
+        self.connections = connections
+        self.counters = counters
+        self.now_ms = now_ms
+        faults.on_close = self.close_matching
+        faults.on_shutdown = self.shutdown_all
+        faults.on_close_after = self.close_after
+
+    def close_matching(self, abrupt: bool, match: str) -> None:
+        """Close every connection whose request path contains ``match``."""
+        for conn in list(self.connections.conns):
+            if match in conn.path:
+                self.counters.incr("fault_connections_closed")
+                self.connections.close(conn, abrupt, 1000, "closed by simulator fault")
+
+    def close_after(self, count: int, abrupt: bool) -> None:
+        """Close each open connection after it has sent ``count`` more messages."""
+        for conn in list(self.connections.conns):
+            conn.close_after = conn.sent + count
+            conn.close_abrupt = abrupt
+
+    def shutdown_all(self, grace_s: float) -> None:
+        """Send Binance's ``serverShutdown`` event, then close every connection (1001)."""
+        now = self.now_ms()
+        payload = _json.encode({"e": "serverShutdown", "E": now})
+        wrapped = b'{"stream":"!serverShutdown","data":' + payload + b"}"
+        conns = [c for c in self.connections.conns if not c.closing]
+        for conn in conns:
+            conn.transport.write(wire.frame(wrapped if conn.combined else payload))
+        self.counters.incr("server_shutdowns")
+        loop = self.connections.loop
+        assert loop is not None
+
+        def _later() -> None:
+            for conn in conns:
+                self.connections.close(conn, False, 1001, "server shutdown")
+
+        loop.call_later(grace_s, _later)
+
+    async def run_plan(self, shutdown_grace_s: float) -> None:
+        """Forever: the plan's periodic closes and shutdowns, and its one stall."""
+        plan = self.faults.plan
+        start = time.monotonic()
+        stall_done = False
+        next_close = start + plan.close_every_s if plan.close_every_s else math.inf
+        next_shutdown = start + plan.shutdown_every_s if plan.shutdown_every_s else math.inf
+        while True:
+            await asyncio.sleep(0.05)
+            now = time.monotonic()
+            if now >= next_close:
+                next_close += plan.close_every_s
+                self.close_matching(plan.abrupt, "")
+            if now >= next_shutdown:
+                next_shutdown += plan.shutdown_every_s
+                self.shutdown_all(shutdown_grace_s)
+            if plan.stall_after_s and not stall_done and now - start >= plan.stall_after_s:
+                stall_done = True
+                self.counters.incr("fault_stalls")
+                self.faults.stall(plan.stall_for_s)

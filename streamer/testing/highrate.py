@@ -19,15 +19,16 @@ import asyncio
 import logging
 import random
 import time
-from typing import TYPE_CHECKING
 
 from streamer.core.logs import RateLimitedLog
+from streamer.core.metrics import Counters
 
 from . import _wire as wire
-from .market import make_spec
-
-if TYPE_CHECKING:
-    from .sim import SimServer, _Conn
+from .faults import Faults
+from .market import SymbolSpec, make_spec
+from .protocol import StreamProtocol
+from .rest import RestApi
+from .transport import Connection, Transport
 
 __all__ = ["HighRateSource", "high_rate_symbols"]
 
@@ -84,17 +85,33 @@ class _Sym:
 
 
 class HighRateSource:
-    """Generates the benchmark traffic for one :class:`~streamer.testing.sim.SimServer`."""
+    """Generates the benchmark traffic of one simulator: ``rate`` messages per second over
+    ``symbols`` spot symbols (listed in ``specs``; ``rest`` answers their book snapshots),
+    sent to the subscribers ``protocol`` knows through ``transport``."""
 
-    def __init__(self, server: SimServer, rate: int, symbols: int) -> None:
-        self.server = server
+    def __init__(
+        self,
+        rate: int,
+        symbols: int,
+        seed: int,
+        specs: dict[tuple[str, str], SymbolSpec],
+        rest: RestApi,
+        protocol: StreamProtocol,
+        transport: Transport,
+        counters: Counters,
+        faults: Faults,
+    ) -> None:
+        self.protocol = protocol
+        self.transport = transport
+        self.counters = counters
+        self.faults = faults
         self.rate = rate
-        rng = random.Random(server.config.seed)
+        rng = random.Random(seed)
         self.symbols: dict[str, _Sym] = {}
         for name in high_rate_symbols(max(1, symbols)):
-            self.symbols[name] = _Sym(name, rng, server.config.seed)
-            server.specs[("spot", name)] = make_spec("spot", name, server.config.seed)
-        server.rest.snapshot_hook = self.snapshot
+            self.symbols[name] = _Sym(name, rng, seed)
+            specs[("spot", name)] = make_spec("spot", name, seed)
+        rest.snapshot_hook = self.snapshot
         self.generated = 0
         self.backpressure = 0
         self._version = -1
@@ -118,10 +135,10 @@ class HighRateSource:
         return sym.last_u, [], []
 
     def _active(self) -> tuple[list, list, list]:
-        server = self.server
-        if self._version != server._subs_version:
+        protocol = self.protocol
+        if self._version != protocol.version:
             depth, agg, kline = [], [], []
-            for (market, name), subs in server._subs.items():
+            for (market, name), subs in protocol.subs.items():
                 if market != "spot" or not subs:
                     continue
                 sym_name, _, kind = name.partition("@")
@@ -141,12 +158,12 @@ class HighRateSource:
             # than the previous one would leave them past the end (IndexError that ended
             # the generator, so later clients got nothing).
             self._cursor = [0, 0, 0]
-            self._version = server._subs_version
+            self._version = protocol.version
         return self._lists
 
-    def _build(self, n: int) -> dict[_Conn, list[bytes]]:
+    def _build(self, n: int) -> dict[Connection, list[bytes]]:
         lists = self._active()
-        out: dict[_Conn, list[bytes]] = {}
+        out: dict[Connection, list[bytes]] = {}
         if not any(lists):
             return out
         now = time.time_ns() // 1_000_000
@@ -222,7 +239,7 @@ class HighRateSource:
                 counts[kind] += 1
             made += 1
         self._step = step
-        counters = self.server.counters
+        counters = self.counters
         for kind, name in enumerate(("depth", "aggTrade", "kline")):
             if counts[kind]:
                 counters.incr("ws_messages_sent", "", name, counts[kind])
@@ -237,13 +254,13 @@ class HighRateSource:
         max_burst = max(1, min(_MAX_BATCH, int(self.rate * _MAX_BURST_S)))
         while True:
             await asyncio.sleep(0.002)
-            if self.server.faults.stalled():
+            if self.faults.stalled():
                 start, done = loop.time(), 0
                 continue
-            conns = [c for c in self.server._conns if not c.closing]
+            conns = [c for c in self.transport.conns if not c.closing]
             if any(c.transport.get_write_buffer_size() > _HIGH_WATER for c in conns):
                 self.backpressure += 1
-                self.server.counters.incr("high_rate_backpressure")
+                self.counters.incr("high_rate_backpressure")
                 continue
             target = int((loop.time() - start) * self.rate)
             if target - done > max_burst:
@@ -256,7 +273,7 @@ class HighRateSource:
                 batches = self._build(n)
             except Exception as exc:
                 # One bad round must not end generation for every later client.
-                self.server.counters.incr("sim_internal_errors")
+                self.counters.incr("sim_internal_errors")
                 self._errors.error("high_rate_error", "high-rate generation failed: %r", exc)
                 self._version = -1
                 continue

@@ -13,18 +13,19 @@ from __future__ import annotations
 
 import asyncio
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 from urllib.parse import parse_qsl, urlsplit
 
 import msgspec
 
-from . import _wire as wire
-from .captures import CaptureEvent, read_capture, shared_data_dir
+from streamer.core.metrics import Counters
 
-if TYPE_CHECKING:
-    from .sim import SimServer, _Conn
+from . import _wire as wire
+from .captures import CaptureEvent, capture_dir, read_capture
+from .faults import Faults
+from .transport import Connection, Transport
 
 __all__ = ["ReplayFrame", "ReplaySource"]
 
@@ -64,7 +65,7 @@ class ReplaySource:
     @classmethod
     def load(cls, name: str, data_dir: str | None, speed: float = 1.0) -> ReplaySource:
         """Read capture ``name`` (see :func:`streamer.testing.captures.read_capture`)."""
-        base = Path(data_dir) if data_dir else shared_data_dir()
+        base = Path(data_dir) if data_dir else capture_dir()
         events = read_capture(name, base)
         source = cls.from_events(name, events, speed)
         if base is not None:
@@ -134,7 +135,9 @@ class ReplaySource:
         self._served[(path, symbol)] = n + 1
         return bodies[min(n, len(bodies) - 1)]
 
-    async def play(self, server: SimServer, conn: _Conn) -> None:
+    async def play(
+        self, conn: Connection, transport: Transport, faults: Faults, counters: Counters
+    ) -> None:
         """Send the capture to ``conn`` at the configured pace, then keep it open."""
         if not self.frames:
             return
@@ -149,20 +152,25 @@ class ReplaySource:
                 delay = due - loop.time()
                 if delay > 0.001:
                     await asyncio.sleep(delay)
-            if frame.stream not in conn.streams or server.faults.stalled():
+            if frame.stream not in conn.streams or faults.stalled():
                 continue
             data = frame.combined_frame if conn.combined else frame.raw_frame
-            self._send_with_faults(server, conn, frame, data)
+            self._send_with_faults(conn, frame, data, transport.send, faults, counters)
             if conn.transport.get_write_buffer_size() > 1 << 20:
                 # Let a slow client catch up instead of buffering the whole capture.
                 await asyncio.sleep(0.001)
-        server.counters.incr("replay_finished")
+        counters.incr("replay_finished")
 
     def _send_with_faults(
-        self, server: SimServer, conn: _Conn, frame: ReplayFrame, data: bytes
+        self,
+        conn: Connection,
+        frame: ReplayFrame,
+        data: bytes,
+        send: Callable[[Connection, bytes, str, str], None],
+        faults: Faults,
+        counters: Counters,
     ) -> None:
         """Send one recorded frame, applying the same stream faults as the synthetic market."""
-        faults, counters = server.faults, server.counters
         if frame.kind == "aggTrade" and faults.take_drop_aggtrade(frame.symbol):
             counters.incr("fault_aggtrade_dropped", frame.symbol)
             return
@@ -177,10 +185,10 @@ class ReplaySource:
             return
         if fault == "malformed":
             junk = b'{"stream":"' + frame.stream.encode() + b'","data":{"e":'
-            server._send(conn, wire.text_header(len(junk)) + junk, "malformed", frame.symbol)
-        server._send(conn, data, frame.kind, frame.symbol)
+            send(conn, wire.text_header(len(junk)) + junk, "malformed", frame.symbol)
+        send(conn, data, frame.kind, frame.symbol)
         if fault == "duplicate":
-            server._send(conn, data, frame.kind, frame.symbol)
+            send(conn, data, frame.kind, frame.symbol)
         held = self._held.pop(id(conn), None)
         if held is not None:
-            server._send(conn, held, frame.kind, frame.symbol)
+            send(conn, held, frame.kind, frame.symbol)

@@ -1,13 +1,16 @@
 """REST half of the simulator: ``/api/v3/*`` (spot) and ``/fapi/v1/*`` (USD-M).
 
-:class:`RestApi` turns a request into ``(status, body)``; the server adds the weight
-accounting (``X-MBX-USED-WEIGHT-1M``, 429/418) around it. Answers use Binance's shapes and
+:class:`RestApi` turns a request into ``(status, body)``; :class:`RestFront` answers the
+HTTP request around it: the weight accounting (``X-MBX-USED-WEIGHT-1M``, 429/418 bans),
+the REST faults, and a replay's recorded answers. Answers use Binance's shapes and
 error JSON (``{"code":-1121,"msg":"Invalid symbol."}``) with HTTP 400 for bad parameters.
 """
 
 from __future__ import annotations
 
+import asyncio
 import bisect
+import math
 import re
 import time
 from collections.abc import Callable
@@ -15,9 +18,14 @@ from typing import Any
 
 import msgspec
 
-from .market import INTERVAL_MS, SPOT_INTERVALS, USDM_INTERVALS, SymbolMarket, SymbolSpec
+from streamer.core.metrics import Counters
 
-__all__ = ["ApiError", "RestApi", "request_weight"]
+from . import _wire as wire
+from .faults import Faults
+from .market import INTERVAL_MS, SPOT_INTERVALS, USDM_INTERVALS, SymbolMarket, SymbolSpec
+from .simconfig import SimConfig
+
+__all__ = ["ApiError", "RestApi", "RestFront", "request_weight"]
 
 _json = msgspec.json.Encoder()
 _SYMBOL_RE = re.compile(r"^[A-Z0-9\-_.]{1,20}$")
@@ -443,3 +451,151 @@ def _fmt_units(value: int, decimals: int) -> str:
 def wall_ms() -> int:
     """Local wall clock in ms."""
     return time.time_ns() // 1_000_000
+
+
+class RestFront:
+    """Answers one simulator's REST requests over HTTP.
+
+    ``recorded(path, query)`` (a replay's recorded answers) is asked first when set.
+    """
+
+    def __init__(
+        self,
+        config: SimConfig,
+        counters: Counters,
+        faults: Faults,
+        api: RestApi,
+        now_ms: Callable[[], int],
+    ) -> None:
+        self.config = config
+        self.counters = counters
+        self.faults = faults
+        self.api = api
+        self.now_ms = now_ms
+        self.recorded: Callable[[str, list[tuple[str, str]]], bytes | None] | None = None
+        self._weights: dict[str, list[float]] = {}
+
+    def _weight_state(self, market: str) -> list[float]:
+        window = self.config.weight_window_s
+        idx = math.floor(time.monotonic() / window)
+        state = self._weights.get(market)
+        if state is None or state[0] != idx:
+            banned = state[3] if state else 0.0
+            state = self._weights[market] = [idx, 0, 0, banned]
+        return state
+
+    async def answer(self, req: wire.Request, writer: asyncio.StreamWriter) -> bool:
+        """Answer one REST request; returns whether to keep the connection open."""
+        keep = req.keep_alive
+        path = req.path
+        self.counters.incr("rest_requests", "", path)
+        if path.startswith("/api/v3/"):
+            market, endpoint = "spot", path[len("/api/v3/") :]
+        elif path.startswith("/fapi/v1/"):
+            market, endpoint = "usdm", path[len("/fapi/v1/") :]
+        else:
+            market, endpoint = "", ""
+        if self.recorded is not None:
+            found = self.recorded(path, req.query)
+            if found is not None:
+                writer.write(
+                    wire.http_response(200, found, [("X-MBX-USED-WEIGHT-1M", "1")], keep_alive=keep)
+                )
+                return keep
+        if not market:
+            self.counters.incr("rest_not_found")
+            body = _json.encode({"code": -1, "msg": f"Path {path} not found."})
+            writer.write(wire.http_response(404, body, keep_alive=keep))
+            return keep
+        if req.method != "GET":
+            body = _json.encode({"code": -1, "msg": "Method not allowed."})
+            writer.write(wire.http_response(405, body, keep_alive=keep))
+            return keep
+        state = self._weight_state(market)
+        fault = self.faults.take_rest_fault(path)
+        if fault is not None:
+            self.counters.incr("fault_rest", "", str(fault.status))
+            if fault.status == 0:
+                await asyncio.sleep(fault.delay_s)
+                writer.transport.abort()
+                return False
+            headers = [("X-MBX-USED-WEIGHT-1M", str(int(state[1])))]
+            if fault.retry_after is not None:
+                headers.append(("Retry-After", str(fault.retry_after)))
+            writer.write(
+                wire.http_response(
+                    fault.status, _fault_body(fault.status), headers, keep_alive=keep
+                )
+            )
+            return keep
+        now = time.monotonic()
+        limit = self.config.weight_limit_spot if market == "spot" else self.config.weight_limit_usdm
+        if state[3] > now:
+            self.counters.incr("rest_418", "", market)
+            retry = max(1, math.ceil(state[3] - now))
+            body = _json.encode(
+                {
+                    "code": -1003,
+                    "msg": f"Way too much request weight used; IP banned until "
+                    f"{int(self.now_ms() + retry * 1000)}. Please use WebSocket Streams "
+                    "for live updates to avoid bans.",
+                }
+            )
+            headers = [("X-MBX-USED-WEIGHT-1M", str(int(state[1]))), ("Retry-After", str(retry))]
+            writer.write(wire.http_response(418, body, headers, keep_alive=keep))
+            return keep
+        params = dict(req.query)
+        weight = request_weight(market, endpoint, params)
+        if state[1] + weight > limit:
+            state[2] += 1
+            window = self.config.weight_window_s
+            if state[2] > self.config.ban_after_429s:
+                state[3] = now + self.config.ban_s
+                self.counters.incr("rest_bans", "", market)
+                return await self.answer(req, writer)
+            self.counters.incr("rest_429", "", market)
+            retry = max(1, math.ceil((state[0] + 1) * window - now))
+            body = _json.encode(
+                {
+                    "code": -1003,
+                    "msg": f"Too much request weight used; current limit is {limit} request "
+                    "weight per 1 MINUTE. Please use WebSocket Streams for live updates to "
+                    "avoid polling the API.",
+                }
+            )
+            headers = [("X-MBX-USED-WEIGHT-1M", str(int(state[1]))), ("Retry-After", str(retry))]
+            writer.write(wire.http_response(429, body, headers, keep_alive=keep))
+            return keep
+        state[1] += weight
+        headers = [("X-MBX-USED-WEIGHT-1M", str(int(state[1])))]
+        try:
+            micro = req.headers.get("x-mbx-time-unit", "").upper() == "MICROSECOND"
+            body = self.api.handle(market, endpoint, req.query, micro)
+            status = 200
+        except ApiError as exc:
+            self.counters.incr("rest_errors", "", str(exc.code))
+            body, status = exc.body(), exc.status
+        if status == 200 and endpoint == "depth":
+            delay = self.faults.take_snapshot_delay()
+            if delay:
+                self.counters.incr("fault_slow_snapshots")
+                await asyncio.sleep(delay)
+        writer.write(wire.http_response(status, body, headers, keep_alive=keep))
+        return keep
+
+
+def _fault_body(status: int) -> bytes:
+    if status == 429:
+        return _json.encode({"code": -1003, "msg": "Too many requests queued."})
+    if status == 418:
+        return _json.encode({"code": -1003, "msg": "Way too much request weight used; IP banned."})
+    if status == 403:
+        return _json.encode({"code": -1, "msg": "WAF limit violated."})
+    if status >= 500:
+        return _json.encode(
+            {
+                "code": -1001,
+                "msg": "Internal error; unable to process your request. Please try again.",
+            }
+        )
+    return _json.encode({"code": -1, "msg": "Simulated error."})

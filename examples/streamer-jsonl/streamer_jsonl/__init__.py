@@ -23,6 +23,8 @@ from streamer import (
     StreamKey,
     Trade,
     hookimpl,
+    record_key,
+    stream_key,
 )
 
 __version__ = "0.1.0"
@@ -46,28 +48,16 @@ _KIND = {
 }
 
 
-def _stream(record: Record) -> str:
-    # The output stream names every market-streamer component agrees on.
-    if isinstance(record, Trade):
-        return "aggtrade"
-    if isinstance(record, DepthUpdate):
-        return "depth"
-    if isinstance(record, Kline):
-        return f"kline_{record.interval}"
-    if isinstance(record, BookSnapshot):
-        return "orderbook"
-    return record.stream
+_TYPE = {name: cls for cls, name in _KIND.items()}
 
 
-def _key(row: dict) -> int | None:
-    kind = row.get("kind")
-    if kind == "trade":
-        return row["trade_id"]
-    if kind == "kline":
-        return row["open_time"] if row["closed"] else None
-    if kind in ("depth", "book"):
-        return row["last_update_id"]
-    return None
+def _held_key(line: bytes) -> int | None:
+    """The resume key of one written line (``None``: a marker or an unclosed kline)."""
+    row = msgspec.json.decode(line)
+    record = _TYPE[row.pop("kind")](**row)
+    if isinstance(record, Kline) and not record.closed:
+        return None  # an open bar is written again until it closes
+    return record_key(record)
 
 
 class JsonLinesSink(Sink):
@@ -97,7 +87,7 @@ class JsonLinesSink(Sink):
     async def write(self, batch: Sequence[Record]) -> None:
         lines: dict[StreamKey, list[bytes]] = {}
         for record in batch:
-            key = StreamKey(record.exchange, record.market, record.symbol, _stream(record))
+            key = stream_key(record)
             row = {"kind": _KIND[type(record)], **msgspec.structs.asdict(record)}
             lines.setdefault(key, []).append(self._encoder.encode(row))
         for key, rows in lines.items():
@@ -126,7 +116,7 @@ class JsonLinesSink(Sink):
             with open(path, "rb") as handle:
                 for line in handle:
                     try:
-                        value = _key(msgspec.json.decode(line))
+                        value = _held_key(line)
                     except msgspec.DecodeError:
                         continue  # a torn last line after a crash
                     if value is not None:

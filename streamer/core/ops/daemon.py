@@ -39,6 +39,8 @@ from typing import Literal
 import msgspec
 
 from .logfile import DEFAULT_BACKUPS, DEFAULT_MAX_BYTES, pump_command
+from .processes import group_alive, pid_alive, process_cmdline, process_start_ticks
+from .status import StatusError, load_status
 
 PIDFILE_NAME = "streamer.pid"
 LOGFILE_NAME = "streamer.log"
@@ -139,86 +141,6 @@ class StopResult(msgspec.Struct, kw_only=True):
 
 
 # -- /proc helpers ---------------------------------------------------------------------------
-def _proc_stat(pid: int) -> tuple[str, int] | None:
-    """``(state letter, start ticks)`` of ``pid`` from ``/proc``, or None when unavailable."""
-    try:
-        raw = Path(f"/proc/{pid}/stat").read_bytes()
-    except OSError:
-        return None
-    # The command name (field 2) may contain spaces and parentheses: split after the last ')'.
-    fields = raw[raw.rfind(b")") + 2 :].split()
-    try:
-        return fields[0].decode(), int(fields[19])
-    except (IndexError, ValueError):
-        return None
-
-
-def process_start_ticks(pid: int) -> int | None:
-    """Start time of ``pid`` in clock ticks since boot, or None (no such process / no /proc)."""
-    stat = _proc_stat(pid)
-    return stat[1] if stat else None
-
-
-def process_cmdline(pid: int) -> list[str]:
-    """Arguments of ``pid`` from ``/proc``, decoded as ``sys.argv`` is (empty when
-    unavailable, e.g. a zombie or no ``/proc``)."""
-    try:
-        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return []
-    if not raw:
-        return []
-    # NUL-terminated arguments; an empty argument is kept as "".
-    return [os.fsdecode(part) for part in raw.removesuffix(b"\0").split(b"\0")]
-
-
-def pid_alive(pid: int, start_ticks: int | None = None) -> bool:
-    """True when ``pid`` runs (not a zombie) and, if given, started at ``start_ticks``."""
-    if pid <= 0:
-        return False
-    # Reap it if it happens to be our own child (tests, ``restart`` in one process).
-    with contextlib.suppress(ChildProcessError, OSError):
-        os.waitpid(pid, os.WNOHANG)
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass  # exists, owned by someone else
-    stat = _proc_stat(pid)
-    if stat is None:
-        return start_ticks is None or not Path("/proc/self/stat").exists()
-    state, ticks = stat
-    if state in ("Z", "X"):
-        return False
-    return start_ticks is None or ticks == start_ticks
-
-
-def _group_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    # killpg(0) also succeeds for zombies: look for a live member.
-    proc = Path("/proc")
-    if not proc.is_dir():
-        return True
-    for entry in proc.iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            raw = (entry / "stat").read_bytes()
-        except OSError:
-            continue
-        fields = raw[raw.rfind(b")") + 2 :].split()
-        if len(fields) > 2 and int(fields[2]) == pgid and fields[0] not in (b"Z", b"X"):
-            return True
-    return False
-
-
-# -- pidfile ---------------------------------------------------------------------------------
 def read_pidfile(path: Path) -> PidInfo | None:
     """The pidfile's content; None when absent. A corrupt file raises :class:`DaemonError`
     only if it cannot be read at all; unparsable content yields a pid of 0 (stale)."""
@@ -340,7 +262,6 @@ ReadyCheck = Callable[[DaemonPaths, int, float], tuple[bool, str]]
 def status_ready(paths: DaemonPaths, pid: int, since: float) -> tuple[bool, str]:
     """Default readiness: a status document newer than ``since`` from ``pid`` in which
     every child process is running. Returns ``(ready, what is missing)``."""
-    from .status import StatusError, load_status
 
     try:
         view = load_status(paths.status_file)
@@ -360,7 +281,6 @@ def status_ready(paths: DaemonPaths, pid: int, since: float) -> tuple[bool, str]
 
 def _foreground_collector(paths: DaemonPaths) -> int:
     """Pid of a live collector publishing to this state dir outside the daemon, else 0."""
-    from .status import StatusError, load_status
 
     try:
         view = load_status(paths.status_file)
@@ -566,13 +486,13 @@ def stop(paths: DaemonPaths, *, timeout: float = DEFAULT_STOP_TIMEOUT) -> StopRe
                 _kill_group(pid)
             _wait_dead(pid, ticks, 5.0)
             notes.append(f"did not exit within {timeout:g}s: killed its process group")
-        elif _group_alive(pid):
+        elif group_alive(pid):
             # The supervisor is gone but some child of it is not: give it a moment. While
             # a member lives, its group id cannot be handed to a new process.
             deadline = time.monotonic() + 3.0
-            while _group_alive(pid) and time.monotonic() < deadline:
+            while group_alive(pid) and time.monotonic() < deadline:
                 time.sleep(_POLL)
-            if _group_alive(pid):
+            if group_alive(pid):
                 _kill_group(pid)
                 notes.append("killed children left behind by the supervisor")
         paths.pidfile.unlink(missing_ok=True)

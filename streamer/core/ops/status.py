@@ -39,6 +39,8 @@ from typing import Any, Literal, TextIO
 
 import msgspec
 
+from .processes import pid_alive
+
 Health = Literal["healthy", "degraded", "down"]
 
 #: Row flags.
@@ -248,12 +250,6 @@ def _rate(cur: int | None, prev: int | None, window: float, age: float) -> float
         delta = cur - prev if cur >= prev else cur  # a restart reset the counter
         return delta / window
     return cur / age if age > 0 else 0.0
-
-
-def _pid_alive(pid: int) -> bool:
-    from .daemon import pid_alive
-
-    return pid_alive(pid)
 
 
 def build_view(
@@ -568,7 +564,7 @@ def _judge(view: StatusView, th: Thresholds, check_pid: bool) -> None:
         down = True
         code = "" if view.exit_code is None else f" with exit code {view.exit_code}"
         problems.append(f"the collector stopped{code}")
-    elif check_pid and view.pid and not _pid_alive(view.pid):
+    elif check_pid and view.pid and not pid_alive(view.pid):
         down = True
         view.state = "gone"
         problems.append(f"supervisor pid {view.pid} is not running (it died without a status)")

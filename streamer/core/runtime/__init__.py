@@ -32,7 +32,7 @@ from ..api import ExchangeContext, StreamContext
 from ..config import Config, ConfigError, ResolvedPipeline, validate_components
 from ..metrics import Counters
 from .bootstrap import PluginSelection, auto_workers, partition
-from .keys import HighWater, record_key, stream_key, stream_name
+from .keys import HighWater
 from .status import read_status
 from .supervisor import PipelinePlan, Supervisor
 
@@ -44,10 +44,7 @@ __all__ = [
     "partition",
     "plan_pipelines",
     "read_status",
-    "record_key",
     "run",
-    "stream_key",
-    "stream_name",
 ]
 
 log = logging.getLogger("streamer.runtime")

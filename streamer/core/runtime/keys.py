@@ -1,48 +1,15 @@
-"""Stream keys of records and the writer's generic de-duplication by high-water mark.
+"""The writer's generic de-duplication by high-water mark.
 
-Every record belongs to one output stream (:class:`~streamer.core.api.StreamKey`) and most
-carry an increasing key: ``Trade.trade_id`` (``aggtrade``), ``Kline.open_time`` of closed
-bars (``kline_<interval>``), ``DepthUpdate.last_update_id`` (``depth``) and
-``BookSnapshot.last_update_id`` (``orderbook``). A writer keeps the highest key it has
+Every record belongs to one output stream and most carry an increasing key (the record
+vocabulary of :mod:`streamer.core.records`: :func:`~streamer.core.records.stream_name`,
+:func:`~streamer.core.records.record_key`). A writer keeps the highest key it has
 passed to its sink per stream and drops anything at or below it, so a restarted worker may
 overlap what the sink already holds without writing duplicates.
 """
 
 from __future__ import annotations
 
-from ..api import StreamKey
-from ..records import BookSnapshot, DepthUpdate, Kline, Marker, Record, Trade
-
-
-def stream_name(record: Record) -> str:
-    """The output stream name of ``record`` (``aggtrade``, ``depth``, ``kline_1m``...)."""
-    kind = type(record)
-    if kind is Trade:
-        return "aggtrade"
-    if kind is DepthUpdate:
-        return "depth"
-    if kind is Kline:
-        return "kline_" + record.interval  # type: ignore[union-attr]
-    if kind is BookSnapshot:
-        return "orderbook"
-    return record.stream  # type: ignore[union-attr]  # Marker
-
-
-def stream_key(record: Record) -> StreamKey:
-    """The :class:`StreamKey` ``record`` belongs to."""
-    return StreamKey(record.exchange, record.market, record.symbol, stream_name(record))
-
-
-def record_key(record: Record) -> int | None:
-    """The increasing key of ``record`` within its stream; ``None`` for markers."""
-    kind = type(record)
-    if kind is Trade:
-        return record.trade_id  # type: ignore[union-attr]
-    if kind is Kline:
-        return record.open_time  # type: ignore[union-attr]
-    if kind is DepthUpdate or kind is BookSnapshot:
-        return record.last_update_id  # type: ignore[union-attr]
-    return None
+from ..records import Kline, Marker, Record, StreamKey, Trade, record_key, stream_name
 
 
 class HighWater:

@@ -34,11 +34,19 @@ from ..api import (
 from ..config import validate_components
 from ..logs import RateLimitedLog
 from ..metrics import Counters
-from ..records import DepthUpdate, Kline, Marker, Record, Trade, encode_batch
+from ..records import (
+    DepthUpdate,
+    Kline,
+    Marker,
+    Record,
+    Trade,
+    encode_batch,
+    record_key,
+    stream_name,
+)
 from .bootstrap import ChildSpec
 from .channels import Hello, Status, frame
 from .child import ChildLoop, SupervisorGone, leave_socket_dir, supervisor_gone
-from .keys import record_key, stream_name
 
 _CHANNEL_OF = {Trade: "trade", DepthUpdate: "depth", Kline: "kline"}
 _CONNECT_RETRY = 0.05

@@ -34,12 +34,12 @@ from ..api import Sink, SinkContext, StreamKey
 from ..config import validate_components
 from ..logs import RateLimitedLog
 from ..metrics import Counters
-from ..records import decode_batch
+from ..records import decode_batch, stream_name
 from ..units import parse_duration
 from .bootstrap import ChildSpec
 from .channels import FrameReader, Hello, Ready, Status, encode_control
 from .child import ChildLoop, SupervisorGone, leave_socket_dir
-from .keys import HighWater, stream_name
+from .keys import HighWater
 from .worker import connect_unix_retry
 
 DEFAULT_FLUSH_INTERVAL = 1.0

@@ -13,14 +13,26 @@ from collections.abc import Sequence
 
 import msgspec
 
-from streamer.core.records import BookSnapshot, DepthUpdate, Kline, Marker, Trade
+from streamer import (
+    AGGTRADE_STREAM,
+    DEPTH_STREAM,
+    ORDERBOOK_STREAM,
+    BookSnapshot,
+    DepthUpdate,
+    Kline,
+    Marker,
+    Trade,
+    kline_stream,
+)
 
 #: Spelling of booleans in every file (the data.binance.vision futures spelling).
 TRUE, FALSE = "true", "false"
 _BOOL = (FALSE, TRUE)
 
-#: Record kinds, each with its own folder under ``<exchange>/<market>/``.
-AGGTRADE, DEPTH, KLINE, ORDERBOOK, MARKERS = "aggtrade", "depth", "kline", "orderbook", "markers"
+#: Record kinds, each with its own folder under ``<exchange>/<market>/``; the kinds of trades,
+#: depth updates and books are their output stream names.
+AGGTRADE, DEPTH, ORDERBOOK = AGGTRADE_STREAM, DEPTH_STREAM, ORDERBOOK_STREAM
+KLINE, MARKERS = "kline", "markers"
 DATASET_DIR = {
     AGGTRADE: "aggTrades",
     DEPTH: "depth",
@@ -197,7 +209,7 @@ def period_sort_key(name: str) -> tuple[str, int] | None:
 
 def stream_name(kind: str, interval: str) -> str:
     """Output stream name used in StreamKey and Marker: ``aggtrade``, ``kline_1m``..."""
-    return f"kline_{interval}" if kind == KLINE else kind
+    return kline_stream(interval) if kind == KLINE else kind
 
 
 # --- row encoders: each returns one str of whole rows, every row ending in "\n" ---------

@@ -198,6 +198,14 @@ class CsvSink(Sink):
 
     Options = Options
 
+    @classmethod
+    def verify(cls, path: str | os.PathLike[str], *, as_json: bool = False) -> tuple[str, int]:
+        """``streamer verify``: gaps, duplicates, chain breaks, crossed books and torn rows in
+        the tree at ``path`` (see :mod:`._csv_verify`)."""
+        from ._csv_verify import verify_tree  # only the verify command needs it
+
+        return verify_tree(path, as_json=as_json)
+
     def __init__(
         self, options: Options, context: SinkContext, *, io: files.FileIO | None = None
     ) -> None:

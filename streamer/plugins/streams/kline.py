@@ -15,8 +15,6 @@ in order afterwards. Filled and unfillable ranges become markers.
 from __future__ import annotations
 
 import time
-from calendar import monthrange
-from datetime import UTC, datetime
 from typing import Annotated, ClassVar
 
 import msgspec
@@ -24,33 +22,10 @@ import msgspec
 from streamer.core.api import Channel, StreamContext, Subscription
 from streamer.core.hookspecs import hookimpl
 from streamer.core.records import Kline, Record
-from streamer.core.units import check_duration
+from streamer.core.units import KLINE_INTERVALS as INTERVALS
+from streamer.core.units import check_duration, next_open_time
 
 from .aggtrade import GapFillStream, KeySequencer
-
-#: Interval names understood by the stream type (Binance's spelling; ``1M`` is a month).
-INTERVALS: tuple[str, ...] = (
-    "1s", "1m", "3m", "5m", "15m", "30m", "1h", "2h", "4h", "6h", "8h", "12h", "1d", "3d",
-    "1w", "1M",
-)  # fmt: skip
-_UNIT_MS = {"s": 1000, "m": 60_000, "h": 3_600_000, "d": 86_400_000, "w": 604_800_000}
-
-
-def interval_ms(interval: str) -> int | None:
-    """Length of a fixed interval in ms; None for the calendar month ``1M``."""
-    if interval == "1M":
-        return None
-    return int(interval[:-1]) * _UNIT_MS[interval[-1]]
-
-
-def next_open_time(open_time: int, interval: str) -> int:
-    """Open time of the bar after the one opening at ``open_time`` (UTC calendar months)."""
-    step = interval_ms(interval)
-    if step is not None:
-        return open_time + step
-    dt = datetime.fromtimestamp(open_time / 1000, tz=UTC)
-    days = monthrange(dt.year, dt.month)[1]
-    return open_time + days * 86_400_000
 
 
 class KlineOptions(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):

@@ -1,9 +1,11 @@
 """``streamer verify DATA_DIR``: are the files of the CSV sink complete and consistent?
 
-Reads the tree written by the ``csv`` sink (layout and columns from
-:mod:`streamer.plugins.sinks._csv_layout`), plain and ``.csv.gz``, streaming (files are read
-in blocks of whole rows, never whole), and reports per (exchange, market, symbol, stream):
-files, rows, first/last key and time span, and the problems found:
+The ``csv`` sink's :meth:`~streamer.plugins.sinks.csv_batch.CsvSink.verify`, which the core
+``verify`` command dispatches to, calls :func:`verify_tree`. It reads the tree written by the
+``csv`` sink (layout and columns from :mod:`._csv_layout`), plain and ``.csv.gz``,
+streaming (files are read in blocks of whole rows, never whole), and reports per
+(exchange, market, symbol, stream): files, rows, first/last key and time span, and the
+problems found:
 
 * ``gap`` / ``duplicate``: aggTrade ids not consecutive per symbol (across files), closed
   klines missing or repeated by open time (UTC calendar months for ``1M``);
@@ -35,14 +37,13 @@ import time
 import zlib
 from collections.abc import Iterator
 from decimal import Decimal, InvalidOperation
-from pathlib import Path
-from typing import Annotated
 
 import msgspec
-import typer
 
-from streamer.plugins.sinks import _csv_layout as layout
-from streamer.plugins.streams.kline import INTERVALS, interval_ms, next_open_time
+from streamer import KLINE_INTERVALS as INTERVALS
+from streamer import interval_ms, next_open_time
+
+from . import _csv_layout as layout
 
 #: Marker kinds that account for a missing range or a resync.
 EXPLAINING_KINDS = frozenset({"filled", "unfillable", "gap", "overflow", "resync"})
@@ -67,7 +68,7 @@ _BOOK_RECV = layout.BOOK_PREFIX_COLUMNS.index("receive_time")
 _NB = len(layout.BOOK_PREFIX_COLUMNS)  # index of bid_price_0; ask_price_0 is _NB + 2
 
 
-class VerifyError(Exception):
+class VerifyError(ValueError):
     """Bad input (a missing or unreadable data directory): exit code 2."""
 
 
@@ -844,18 +845,9 @@ def render_json(report: Report) -> str:
     return msgspec.json.format(msgspec.json.encode(doc).decode(), indent=2)
 
 
-def verify_command(
-    data_dir: Annotated[Path, typer.Argument(help="Root folder of a csv sink (its path).")],
-    json_out: Annotated[bool, typer.Option("--json", help="Machine-readable JSON.")] = False,
-) -> None:
-    """Check the csv sink's files: gaps, duplicates, chain breaks, crossed books, torn rows.
-
-    Exit code 0 when every problem is explained by a marker, 1 otherwise, 2 for bad input.
-    """
-    try:
-        report = verify(data_dir)
-    except VerifyError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(2) from None
-    typer.echo(render_json(report) if json_out else render_table(report))
-    raise typer.Exit(report.exit_code)
+def verify_tree(root: str | os.PathLike[str], *, as_json: bool = False) -> tuple[str, int]:
+    """The report on the csv tree at ``root`` (a table, or JSON) and its exit code: 0 when
+    every problem is explained by a marker, 1 otherwise. Raises :class:`VerifyError` (a
+    ``ValueError``) when ``root`` is not a csv sink's tree."""
+    report = verify(root)
+    return (render_json(report) if as_json else render_table(report)), report.exit_code

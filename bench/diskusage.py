@@ -1,9 +1,9 @@
 """Disk usage of a CSV data tree, and a measurement run against the simulator.
 
-``python -m streamer.core.ops.diskusage DATA_DIR`` sums the files of a ``csv`` sink tree
+``python bench/diskusage.py DATA_DIR`` sums the files of a ``csv`` sink tree
 (``<exchange>/<market>/<kind>/<SYMBOL>/...``) per exchange, market, kind and symbol.
 
-``python -m streamer.core.ops.diskusage --measure 120`` collects every built-in stream of
+``python bench/diskusage.py --measure 120`` collects every built-in stream of
 two spot symbols from a local simulator for 120 s, plain and gzip, and prints bytes per row
 and the projected bytes per day per symbol at the simulator's rates and at the rates of a
 real recorded Binance BTCUSDT capture (``--capture``). The numbers in
