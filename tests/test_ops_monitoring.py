@@ -201,7 +201,7 @@ def test_a_full_disk_shows_as_write_errors_in_status_health_and_metrics(tmp_path
         view = sample(state / "status.json", window=1.0)
         sink = next(s for s in view.sinks if s.name == "files")
         assert sink.write_errors > 0 and sink.rows_buffered > 0
-        assert table_cells(render_table(view), "sink", "files")["errors"] == str(sink.write_errors)
+        assert table_cells(render_table(view), "dups", "files")["errors"] == str(sink.write_errors)
 
         metrics = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
         errors = [line for line in metrics.splitlines()

@@ -387,10 +387,12 @@ class _SinkStreams(msgspec.Struct):
     bare: dict[tuple[str, str], dict[str, Any]]
 
     def of(self, market: str, symbol: str, stream: str) -> tuple[dict[str, Any] | None, bool]:
-        """The counters of one stream and whether they are the writer's market-keyed ones."""
-        found = self.markets.get((market, symbol, stream))
-        if found is not None:
-            return found, True
+        """The counters of one stream and whether they are the writer's market-keyed ones.
+
+        A writer that keys by market has its counts summed over markets in the bare
+        section: those belong to no single pipeline, so they are never a fallback."""
+        if self.markets:
+            return self.markets.get((market, symbol, stream)), True
         return self.bare.get((symbol, stream)), False
 
 
