@@ -172,3 +172,42 @@ def test_metrics_command_serves_the_status_file(tmp_path):
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+def test_sink_write_errors_counted_per_stream_are_exported_with_labels():
+    """Fault 10: ``streamer_sink_write_errors_total`` read the process-wide counter only and
+    stayed 0 while the CSV sink counted its failed writes per stream."""
+    doc = make_doc()
+    sink = doc["sinks"]["csv"]
+    sink["streams"]["BTCUSDT"]["aggtrade"]["write_errors"] = 5
+    sink["totals"]["write_errors"] = 5
+    sink["process"].update(rows_buffered=40, last_flush_time=NOW_MS - 20_000,
+                           flush_interval_ms=1000, rows_pending=40)  # fmt: skip
+    lines = render_metrics(doc).splitlines()
+    assert 'streamer_sink_write_errors_total{sink="csv"} 5' in lines
+    assert (
+        'streamer_sink_stream_write_errors_total{sink="csv",symbol="BTCUSDT",stream="aggtrade"} 5'
+        in lines
+    )
+    assert 'streamer_sink_rows_buffered{sink="csv"} 40' in lines
+    assert 'streamer_sink_pending{sink="csv"} 45' in lines  # 40 rows + 2 + 3 queued batches
+    assert 'streamer_sink_since_flush_seconds{sink="csv"} 20.0' in lines
+    assert 'streamer_sink_flagged{sink="csv",flag="stalled"} 1' in lines
+
+
+def test_behind_and_held_series_per_stream():
+    doc = make_doc()
+    doc["sinks"]["csv"]["markets"] = {
+        "binance/spot": {"BTCUSDT": {"aggtrade": {"records_written": 995,
+                                                  "written_event_time": NOW_MS - 1500}}}
+    }  # fmt: skip
+    doc["pipelines"]["spot"]["streams"]["BTCUSDT"]["aggtrade"].update(
+        trades_held=12, held_for_ms=2500
+    )
+    lines = render_metrics(doc).splitlines()
+    btc = '{pipeline="spot",symbol="BTCUSDT",stream="aggtrade"}'
+    assert f"streamer_behind_seconds{btc} 1.5" in lines
+    assert f"streamer_trades_held{btc} 12" in lines
+    assert f"streamer_held_seconds{btc} 2.5" in lines
+    # Not published: no series at all.
+    assert not any("ETHUSDT" in line for line in lines if line.startswith("streamer_behind"))

@@ -15,10 +15,13 @@ import msgspec
 import pytest
 
 from streamer.core.ops.status import (
+    BEHIND,
     LAGGING,
     RESTARTED,
     RESYNC,
     SILENT,
+    STALLED,
+    UNRESPONSIVE,
     LiveSummary,
     StatusError,
     StatusHistory,
@@ -355,3 +358,222 @@ def test_sample_measures_rates_between_two_publications(tmp_path: Path):
     started = time.monotonic()
     assert sample(path, window=5, check_pid=False).window == 0
     assert time.monotonic() - started < 1
+
+
+# -- monitoring that tells the truth (issue 11, faults 10-13 and the "behind" figure) --------
+def table_cells(table: str, column: str, *key: str) -> dict[str, str]:
+    """The cells of the row whose first cells are ``key`` in the table section that has a
+    ``column`` header (headers of two words are joined with ``_``)."""
+    lines = table.splitlines()
+    at = next(i for i, line in enumerate(lines) if column in line.split())
+    header = lines[at].replace("last event", "last_event").replace("last flush", "last_flush")
+    for line in lines[at + 1 :]:
+        if not line.strip():
+            break
+        if tuple(line.split()[: len(key)]) == key:
+            return dict(zip(header.split(), line.split(), strict=False))
+    raise AssertionError(f"no row {key!r} under {column!r}")
+
+
+def test_write_errors_a_sink_counts_per_stream_reach_the_sink_row_and_health():
+    """Fault 10: the CSV sink counts ``write_errors`` per stream; the row read only the
+    process-wide counter, so a full disk showed 0 errors and a healthy collector."""
+    doc = make_doc()
+    sink = doc["sinks"]["csv"]
+    sink["streams"]["BTCUSDT"]["aggtrade"]["write_errors"] = 3
+    sink["streams"]["ETHUSDT"]["aggtrade"]["write_errors"] = 4
+    sink["totals"]["write_errors"] = 7
+    sink["process"]["rows_buffered"] = 120
+    view = view_of(doc)
+    assert view.sinks[0].write_errors == 7
+    assert view.health == "degraded"
+    assert "sink csv has 7 write error(s), 120 row(s) wait for a retry" in view.problems
+    cells = table_cells(render_table(view), "dups", "csv")
+    assert cells["errors"] == "7"
+    # A document without totals: the per-stream and process counts are summed.
+    del sink["totals"]["write_errors"]
+    sink["process"]["write_errors"] = 1
+    assert view_of(doc).sinks[0].write_errors == 8
+
+
+def _kline_doc(lag_ms: int, interval: str = "1m") -> dict[str, Any]:
+    doc = make_doc()
+    doc["pipelines"]["spot"]["streams"]["BTCUSDT"][f"kline_{interval}"] = {
+        "records_emitted": 90,
+        "last_event_time": NOW_MS - lag_ms,
+    }
+    return doc
+
+
+def test_kline_lag_is_judged_against_its_interval_not_the_trade_threshold():
+    """Fault 11: a 1m kline stream writes one bar a minute, so its last event is up to 60 s
+    old by design; with a flat 10 s threshold health read DEGRADED most of every minute."""
+    for lag_ms in (11_000, 50_000, 65_000):
+        view = view_of(_kline_doc(lag_ms))
+        assert row(view, "BTCUSDT", "kline_1m").flags == [], lag_ms
+        assert view.health == "healthy", (lag_ms, view.problems)
+    # One interval plus the grace is too old: the bar did not come.
+    assert row(view_of(_kline_doc(75_000)), "BTCUSDT", "kline_1m").flags == [LAGGING]
+    # An hourly bar is neither lagging nor silent 30 minutes after the last one...
+    prev = _kline_doc(30 * 60_000, "1h")
+    later = copy.deepcopy(prev)
+    later["updated_at"] = NOW_MS + 1000
+    later["pipelines"]["spot"]["streams"]["BTCUSDT"]["kline_1h"]["last_event_time"] -= 1000
+    view = view_of(later, prev=prev)
+    assert row(view, "BTCUSDT", "kline_1h").cadence == 3600
+    assert row(view, "BTCUSDT", "kline_1h").flags == []
+    # ... nor right after start, before its first bar closed.
+    young = _kline_doc(0, "1h")
+    young["started_at"] = NOW_MS - 1_800_000
+    young["pipelines"]["spot"]["streams"]["BTCUSDT"]["kline_1h"] = {"records_emitted": 0}
+    assert row(view_of(young), "BTCUSDT", "kline_1h").flags == []
+    # Trades keep the seconds threshold.
+    doc = make_doc()
+    doc["pipelines"]["spot"]["streams"]["BTCUSDT"]["aggtrade"]["last_event_time"] = NOW_MS - 11_000
+    assert row(view_of(doc), "BTCUSDT", "aggtrade").flags == [LAGGING]
+
+
+def test_a_stream_with_an_interval_option_is_judged_by_the_published_cadence():
+    doc = make_doc()
+    book = doc["pipelines"]["spot"]["streams"]["BTCUSDT"]["orderbook"]
+    book["last_event_time"] = NOW_MS - 40_000
+    assert LAGGING in row(view_of(doc), "BTCUSDT", "orderbook").flags
+    # The worker says its order books come every 60 s.
+    doc["children"]["spot.worker0"]["info"]["cadence"] = {"orderbook": 60.0}
+    book_row = row(view_of(doc), "BTCUSDT", "orderbook")
+    assert book_row.cadence == 60.0 and book_row.flags == []
+
+
+def _stalled_doc(since_flush_ms: int, *, rows_pending: int = 0, queued: int = 0) -> dict:
+    doc = make_doc()
+    doc["sinks"]["csv"]["process"].update(
+        last_flush_time=NOW_MS - since_flush_ms,
+        flush_interval_ms=1000,
+        rows_pending=rows_pending,
+    )
+    doc["children"]["sink.csv"]["info"]["queue_depth"] = 0
+    doc["children"]["spot.worker0"]["info"]["queue_depths"] = {"csv": queued}
+    return doc
+
+
+def test_a_writer_that_stopped_flushing_with_rows_pending_is_degraded():
+    """Fault 12: a stopped writer (SIGSTOP) read HEALTHY: nothing looked at its flushes."""
+    view = view_of(_stalled_doc(20_000, queued=8))
+    sink = view.sinks[0]
+    assert sink.flags == [STALLED] and sink.pending == 8
+    assert sink.since_flush == pytest.approx(20.0)
+    assert view.health == "degraded"
+    assert (
+        "sink csv has not flushed for 20s with 8 row(s)/batch(es) pending (flush interval 1s)"
+        in view.problems
+    )
+    assert "stalled" in render_table(view)
+    # Rows in the sink itself count too.
+    assert view_of(_stalled_doc(20_000, rows_pending=50)).sinks[0].flags == [STALLED]
+    # Nothing pending: an idle writer is fine however long ago it flushed.
+    assert view_of(_stalled_doc(600_000)).health == "healthy"
+    # Pending, but flushed within a few intervals: normal.
+    assert view_of(_stalled_doc(3_000, queued=8)).health == "healthy"
+    # A long flush interval stretches the allowance (5 intervals).
+    slow = _stalled_doc(20_000, queued=8)
+    slow["sinks"]["csv"]["process"]["flush_interval_ms"] = 10_000
+    assert view_of(slow).health == "healthy"
+
+
+def test_a_child_whose_own_report_is_old_is_unresponsive():
+    doc = make_doc()
+    doc["children"]["sink.csv"]["info"]["status_time"] = NOW_MS - 30_000
+    doc["children"]["spot.worker0"]["info"]["status_time"] = NOW_MS - 900
+    view = view_of(doc)
+    sink = next(c for c in view.children if c.name == "sink.csv")
+    assert sink.flags == [UNRESPONSIVE] and sink.report_age == pytest.approx(30.0)
+    assert view.health == "degraded"
+    assert "sink.csv has not reported for 30s (stopped or stuck)" in view.problems
+
+
+def _two_markets_doc() -> dict[str, Any]:
+    """BTCUSDT on spot and on USD-M, written by one CSV sink (its writer keys by market)."""
+    doc = make_doc()
+    spot = doc["pipelines"]["spot"]
+    spot["streams"] = {"BTCUSDT": {"aggtrade": {"records_emitted": 1000}}}
+    usdm = copy.deepcopy(spot)
+    usdm.update(market="usdm")
+    usdm["streams"]["BTCUSDT"]["aggtrade"]["records_emitted"] = 70
+    doc["pipelines"]["usdm"] = usdm
+    doc["children"]["usdm.worker0"] = _child("worker", 13)
+    both = {"records_written": 1070, "records_flushed": 1060}
+    doc["sinks"]["csv"] = {
+        "type": "csv",
+        "totals": {"records_written": 1070, "rows_written": 1060},
+        "streams": {"BTCUSDT": {"aggtrade": {**both, "rows_written": 1060}}},
+        "markets": {
+            "binance/spot": {"BTCUSDT": {"aggtrade": {"records_written": 1000,
+                                                      "records_flushed": 995}}},
+            "binance/usdm": {"BTCUSDT": {"aggtrade": {"records_written": 70,
+                                                      "records_flushed": 65}}},
+        },
+        "process": {"rows_written": 1060},
+        "high_water": {},
+    }  # fmt: skip
+    return doc
+
+
+def test_spot_and_usdm_rows_of_one_symbol_keep_their_own_sink_counts():
+    """Fault 13: the sink's counts were matched by (symbol, stream) only, so the spot and
+    the USD-M rows of BTCUSDT both showed the sum of the two markets."""
+    view = view_of(_two_markets_doc())
+    rows = {(r.pipeline, r.symbol, r.stream): r for r in view.streams}
+    spot, usdm = rows["spot", "BTCUSDT", "aggtrade"], rows["usdm", "BTCUSDT", "aggtrade"]
+    assert (spot.messages, spot.written, spot.flushed) == (1000, 1000, 995)
+    assert (usdm.messages, usdm.written, usdm.flushed) == (70, 70, 65)
+    back = msgspec.json.decode(render_json(view))
+    assert [(r["pipeline"], r["written"], r["flushed"]) for r in back["streams"]] == [
+        ("spot", 1000, 995),
+        ("usdm", 70, 65),
+    ]
+    cells = table_cells(render_table(view), "behind", "usdm", "BTCUSDT", "aggtrade")
+    assert (cells["msgs"], cells["written"], cells["flushed"]) == ("70", "70", "65")
+    # Nothing written yet for USD-M: its row must not borrow the spot counts.
+    doc = _two_markets_doc()
+    del doc["sinks"]["csv"]["markets"]["binance/usdm"]
+    usdm = next(r for r in view_of(doc).streams if r.pipeline == "usdm")
+    assert (usdm.written, usdm.flushed) == (None, None)
+
+
+def test_written_output_behind_is_shown_and_judged_per_stream_cadence():
+    doc = _two_markets_doc()
+    markets = doc["sinks"]["csv"]["markets"]
+    doc["sinks"]["csv"]["process"]["flush_interval_ms"] = 1000
+    markets["binance/spot"]["BTCUSDT"]["aggtrade"]["written_event_time"] = NOW_MS - 2_000
+    markets["binance/usdm"]["BTCUSDT"]["aggtrade"]["written_event_time"] = NOW_MS - 95_000
+    view = view_of(doc)
+    rows = {r.pipeline: r for r in view.streams}
+    assert rows["spot"].behind == pytest.approx(2.0) and rows["spot"].flags == []
+    assert rows["usdm"].behind == pytest.approx(95.0) and rows["usdm"].flags == [BEHIND]
+    assert rows["usdm"].written_event_time == NOW_MS - 95_000
+    assert "usdm BTCUSDT aggtrade is behind: its newest written record is 1.6m old" in (
+        view.problems
+    )
+    assert view.health == "degraded"
+    table = render_table(view)
+    assert "behind" in table and "1.6m" in table
+    # A 1m kline is written once a minute: 65 s behind is on time, 75 s is not.
+    for behind_ms, flags in ((65_000, []), (75_000, [BEHIND])):
+        doc = _kline_doc(1_000)
+        doc["sinks"]["csv"]["process"]["flush_interval_ms"] = 1000
+        doc["sinks"]["csv"]["markets"] = {
+            "binance/spot": {"BTCUSDT": {"kline_1m": {"written_event_time": NOW_MS - behind_ms}}}
+        }
+        assert row(view_of(doc), "BTCUSDT", "kline_1m").flags == flags, behind_ms
+
+
+def test_held_trades_are_shown_when_published_and_nothing_when_not():
+    doc = make_doc()
+    doc["pipelines"]["spot"]["streams"]["BTCUSDT"]["aggtrade"].update(
+        trades_held=250, held_for_ms=4_200
+    )
+    view = view_of(doc)
+    btc, eth = row(view, "BTCUSDT", "aggtrade"), row(view, "ETHUSDT", "aggtrade")
+    assert (btc.held, btc.held_for) == (250, pytest.approx(4.2))
+    assert (eth.held, eth.held_for, eth.behind) == (None, None, None)
+    assert "250/4.2s" in render_table(view)

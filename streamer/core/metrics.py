@@ -3,6 +3,10 @@
 A counter is identified by ``(name, symbol, stream)``; ``symbol`` and ``stream`` are empty
 for process-wide counters. Incrementing is a dict update, cheap enough to do per message;
 logging is not (see :mod:`streamer.core.logs`).
+
+The same symbol can trade on several markets (``BTCUSDT`` on spot and on USD-M futures). A
+process that sees records of several markets (a sink writer) keys its per-stream counters
+by :func:`market_symbol`, which the status merge splits back into ``(market, symbol)``.
 """
 
 from __future__ import annotations
@@ -10,6 +14,28 @@ from __future__ import annotations
 from collections import defaultdict
 
 CounterKey = tuple[str, str, str]
+
+#: First character of a market-qualified symbol (see :func:`market_symbol`).
+MARKET_MARK = "@"
+
+
+def market_symbol(exchange: str, market: str, symbol: str) -> str:
+    """``symbol`` qualified by its exchange and market: ``"@binance/spot/BTCUSDT"``.
+
+    Use it as the ``symbol`` of a counter when one process counts the same symbol of
+    several markets; :func:`split_market_symbol` undoes it.
+    """
+    return f"{MARKET_MARK}{exchange}/{market}/{symbol}"
+
+
+def split_market_symbol(symbol: str) -> tuple[str, str] | None:
+    """``("binance/spot", "BTCUSDT")`` for a :func:`market_symbol`, ``None`` for a bare one."""
+    if not symbol.startswith(MARKET_MARK):
+        return None
+    parts = symbol[1:].split("/", 2)
+    if len(parts) != 3:
+        return None
+    return f"{parts[0]}/{parts[1]}", parts[2]
 
 
 class Counters:

@@ -4,8 +4,10 @@ Exit codes (stable; scripts depend on them):
 
 ====  =========  ==========================================================================
 0     healthy    the collector publishes fresh status, every child runs, no stream flagged
-1     degraded   running, but a child is down or restarted recently, a stream is silent,
-                 lagging or stuck in resync, or a sink reports write errors or dropped rows
+1     degraded   running, but a child is down, restarted recently or unresponsive, a
+                 stream is silent, lagging, behind or stuck in resync (thresholds follow
+                 each stream's cadence), or a sink reports write errors or dropped rows or
+                 stopped flushing while rows wait for it
 2     down       no status, a stale status, a stopped collector or a dead supervisor
 ====  =========  ==========================================================================
 

@@ -172,7 +172,7 @@ def _render(out: _Out, view: StatusView, doc: Mapping[str, Any]) -> None:
             sample(
                 "streamer_rows_flushed_total",
                 "counter",
-                "Rows durably in files (the lowest over the sinks).",
+                "Records durably in files (the lowest over the sinks).",
                 r.flushed,
                 lab,
             )
@@ -216,6 +216,30 @@ def _render(out: _Out, view: StatusView, doc: Mapping[str, Any]) -> None:
                 r.lag,
                 lab,
             )
+        if r.behind is not None:
+            sample(
+                "streamer_behind_seconds",
+                "gauge",
+                "Status time minus the exchange time of the newest record in the files.",
+                r.behind,
+                lab,
+            )
+        if r.held is not None:
+            sample(
+                "streamer_trades_held",
+                "gauge",
+                "Trades held back by the stream while a gap is filled.",
+                r.held,
+                lab,
+            )
+        if r.held_for is not None:
+            sample(
+                "streamer_held_seconds",
+                "gauge",
+                "How long the oldest held trade has waited.",
+                r.held_for,
+                lab,
+            )
         for flag in r.flags:
             sample(
                 "streamer_stream_flagged",
@@ -248,6 +272,44 @@ def _render(out: _Out, view: StatusView, doc: Mapping[str, Any]) -> None:
             s.rows_dropped,
             **lab,
         )
+        m(
+            "streamer_sink_rows_buffered",
+            "gauge",
+            "Rows waiting for a retry after failed writes.",
+            s.rows_buffered,
+            **lab,
+        )
+        m(
+            "streamer_sink_pending",
+            "gauge",
+            "Rows and batches waiting for the sink.",
+            s.pending,
+            **lab,
+        )
+        m(
+            "streamer_sink_since_flush_seconds",
+            "gauge",
+            "Seconds since the writer last flushed.",
+            s.since_flush,
+            **lab,
+        )
+        for flag in s.flags:
+            m("streamer_sink_flagged", "gauge", "1 per flag raised on a sink.", 1, **lab, flag=flag)
+    # Per stream errors of each sink (sinks count them by bare symbol).
+    for name, body in sorted(_dict(doc.get("sinks")).items()):
+        for symbol, per_symbol in sorted(_dict(_dict(body).get("streams")).items()):
+            for stream, counters in sorted(_dict(per_symbol).items()):
+                errors = _dict(counters).get("write_errors")
+                if isinstance(errors, int) and errors:
+                    m(
+                        "streamer_sink_stream_write_errors_total",
+                        "counter",
+                        "Failed writes per sink and stream.",
+                        errors,
+                        sink=name,
+                        symbol=symbol,
+                        stream=stream,
+                    )
     for c in view.children:
         lab = {"child": c.name, "kind": c.kind}
         m(
@@ -271,6 +333,15 @@ def _render(out: _Out, view: StatusView, doc: Mapping[str, Any]) -> None:
             c.queue_depth,
             **lab,
         )
+        for flag in c.flags:
+            m(
+                "streamer_child_flagged",
+                "gauge",
+                "1 per flag raised on a child.",
+                1,
+                **lab,
+                flag=flag,
+            )
     # Every raw counter too, so nothing published is out of reach of a dashboard.
     for section, label in (("pipelines", "pipeline"), ("sinks", "sink")):
         for name, body in sorted(_dict(doc.get(section)).items()):

@@ -19,13 +19,29 @@ Which counters feed which column (first name found wins; see ``docs/operations.m
 =============  ===========================================================================
 messages       ``records_emitted`` of the pipeline's workers for that (symbol, stream)
 written        ``records_written`` of the sinks' writers (records handed to the sink)
-flushed        ``rows_flushed`` or the sink's own ``rows_written`` (rows in files)
+flushed        ``records_flushed`` of the writers (records known to be in files), else
+               (older writers) ``rows_flushed`` or the sink's own ``rows_written``
 last event     gauge ``last_event_time`` (exchange ms); lag = updated_at - last event
+behind         gauge ``written_event_time`` of the writers: updated_at minus the exchange
+               time of the newest record in the files (the slowest sink)
+held           gauges ``trades_held`` and ``held_for_ms`` of the stream, when published
 gaps           ``gaps_found`` or ``gaps_filled + gaps_unfillable``; filled ``gaps_filled``
 resyncs        ``resyncs``; verifications ``verifications``
 reconnects     ``reconnects`` per row, else the pipeline's ``reconnects``/``ws_reconnects``
 REST weight    gauge ``rest_weight_used`` of the pipeline
+sink errors    ``write_errors`` and ``rows_dropped`` summed over the sink's streams and
+               process; pending ``rows_pending`` + queued batches; ``last_flush_time``
 =============  ===========================================================================
+
+Sink counters are matched to a pipeline's rows by market: writers key theirs by
+``(exchange/market, symbol, stream)`` (the document's ``markets``), so BTCUSDT of a spot
+and of a USD-M pipeline are two rows with their own counts. Counters a sink keeps by bare
+symbol are used only when a writer published nothing for the market.
+
+Thresholds follow each stream's cadence: a ``kline_<interval>`` stream writes one bar per
+interval and a stream type with an ``interval`` option (an order book every ``1s``)
+publishes it as its cadence; the lag, silent and behind thresholds are the configured
+ones plus that cadence.
 """
 
 from __future__ import annotations
@@ -39,6 +55,8 @@ from typing import Any, Literal, TextIO
 
 import msgspec
 
+from ..records import KLINE_STREAM_PREFIX
+from ..units import KLINE_INTERVALS, interval_ms
 from .processes import pid_alive
 
 Health = Literal["healthy", "degraded", "down"]
@@ -50,6 +68,9 @@ RESYNC = "resync"
 RESTARTED = "restarted"
 DOWN = "down"
 BACKLOG = "backlog"
+BEHIND = "behind"
+STALLED = "stalled"
+UNRESPONSIVE = "unresponsive"
 
 
 class StatusError(Exception):
@@ -73,6 +94,16 @@ class Thresholds(msgspec.Struct, kw_only=True, frozen=True):
     restart_window: float = 300.0
     #: Records waiting in a worker (``pending_records``) above this are a ``backlog``.
     backlog_records: int = 100_000
+    #: A stream whose newest record in a sink's files is older than this, plus the sink's
+    #: flush interval and the stream's cadence, is ``behind``.
+    behind_after: float = 10.0
+    #: A sink that has not flushed for this many flush intervals (and at least
+    #: ``flush_stall_min`` seconds) while rows wait for it is ``stalled``.
+    flush_stall_intervals: float = 5.0
+    flush_stall_min: float = 5.0
+    #: A running child whose own last report is older than this is ``unresponsive``
+    #: (stopped with SIGSTOP, or its event loop is stuck).
+    child_stale_after: float = 10.0
 
 
 class StreamRow(msgspec.Struct, kw_only=True):
@@ -94,6 +125,15 @@ class StreamRow(msgspec.Struct, kw_only=True):
     verifications: int = 0
     #: Records recovered from REST (``<kind>_backfilled`` counters of the stream).
     backfilled: int = 0
+    #: Seconds between the stream's outputs when it writes on a clock (klines, books).
+    cadence: float = 0.0
+    #: Exchange time (ms) of the newest record in the files of the slowest sink.
+    written_event_time: int | None = None
+    #: Seconds the written output is behind: ``updated_at`` - ``written_event_time``.
+    behind: float | None = None
+    #: Trades held back by the stream (waiting for a gap fill) and for how long (s).
+    held: int | None = None
+    held_for: float | None = None
     #: Seconds without a new message, when known (from history or the event lag).
     idle: float | None = None
     flags: list[str] = msgspec.field(default_factory=list)
@@ -131,6 +171,13 @@ class SinkRow(msgspec.Struct, kw_only=True):
     duplicates_dropped: int = 0
     write_errors: int = 0
     rows_dropped: int = 0
+    #: Rows waiting for a retry after failed writes (gauge ``rows_buffered``).
+    rows_buffered: int = 0
+    #: Rows accepted by the sink and not yet flushed, plus batches queued for it.
+    pending: int = 0
+    #: Seconds since the writer last flushed (or found nothing to flush), when published.
+    since_flush: float | None = None
+    flush_interval: float | None = None
     flags: list[str] = msgspec.field(default_factory=list)
 
 
@@ -145,6 +192,8 @@ class ChildRow(msgspec.Struct, kw_only=True):
     uptime: float = 0.0
     last_exit_code: int | None = None
     queue_depth: int = 0
+    #: Seconds since the child's own last report (``None``: it does not say).
+    report_age: float | None = None
     flags: list[str] = msgspec.field(default_factory=list)
 
 
@@ -288,7 +337,7 @@ def build_view(
         window=window,
     )
     _children(view, doc, th)
-    sink_streams = _sinks(view, doc, prev, window, uptime)
+    sink_streams = _sinks(view, doc, prev, window, uptime, th)
     _pipelines(view, doc, prev, window, uptime, th, sink_streams, history)
     _judge(view, th, check_pid)
     return view
@@ -317,9 +366,39 @@ def _children(view: StatusView, doc: Mapping[str, Any], th: Thresholds) -> None:
             row.flags.append(DOWN)
         elif row.restarts and row.uptime < th.restart_window:
             row.flags.append(RESTARTED)
+        reported = _int(info.get("status_time"))
+        if reported and view.updated_at:
+            row.report_age = max(0.0, (view.updated_at - reported) / 1000.0)
+        if row.state == "running" and (row.report_age or 0.0) >= th.child_stale_after:
+            row.flags.append(UNRESPONSIVE)
         if _int(info.get("pending_records")) > th.backlog_records:
             row.flags.append(BACKLOG)
         view.children.append(row)
+
+
+class _SinkStreams(msgspec.Struct):
+    """One sink's per-stream counters: by market (current writers) and by bare symbol."""
+
+    flush_interval: float
+    markets: dict[tuple[str, str, str], dict[str, Any]]
+    bare: dict[tuple[str, str], dict[str, Any]]
+
+    def of(self, market: str, symbol: str, stream: str) -> tuple[dict[str, Any] | None, bool]:
+        """The counters of one stream and whether they are the writer's market-keyed ones.
+
+        A writer that keys by market has its counts summed over markets in the bare
+        section: those belong to no single pipeline, so they are never a fallback."""
+        if self.markets:
+            return self.markets.get((market, symbol, stream)), True
+        return self.bare.get((symbol, stream)), False
+
+
+def _markets_of(sink: Mapping[str, Any]) -> dict[tuple[str, str, str], dict[str, Any]]:
+    out: dict[tuple[str, str, str], dict[str, Any]] = {}
+    for market, per_market in _dict(sink.get("markets")).items():
+        for (symbol, stream), counters in _streams_of({"streams": per_market}).items():
+            out[(market, symbol, stream)] = counters
+    return out
 
 
 def _sinks(
@@ -328,11 +407,13 @@ def _sinks(
     prev: Mapping[str, Any] | None,
     window: float,
     age: float,
-) -> dict[tuple[str, str], list[tuple[int | None, int | None]]]:
-    """Fill ``view.sinks``; returns per (symbol, stream) the (written, flushed) of each sink."""
-    per_stream: dict[tuple[str, str], list[tuple[int | None, int | None]]] = {}
+    th: Thresholds,
+) -> list[_SinkStreams]:
+    """Fill ``view.sinks``; returns each sink's per-stream counters for the stream rows."""
+    out: list[_SinkStreams] = []
     prev_sinks = _dict(prev.get("sinks")) if prev else {}
     children = {c.name: c for c in view.children}
+    raw_children = _dict(doc.get("children"))
     for name, sink in sorted(_dict(doc.get("sinks")).items()):
         if not isinstance(sink, dict):
             continue
@@ -341,6 +422,7 @@ def _sinks(
         written = _first(totals, "records_written") or 0
         prev_totals = _dict(_dict(prev_sinks.get(name)).get("totals"))
         child = children.get(f"sink.{name}")
+        interval_ms = _first(process, "flush_interval_ms")
         row = SinkRow(
             name=name,
             type=str(sink.get("type", "")),
@@ -349,20 +431,49 @@ def _sinks(
             rate=_rate(written, _first(prev_totals, "records_written"), window, age),
             queue_depth=child.queue_depth if child else 0,
             duplicates_dropped=_first(totals, "duplicates_dropped") or 0,
-            write_errors=_first(process, "write_errors") or 0,
-            rows_dropped=_first(process, "rows_dropped") or 0,
+            # Sinks count errors per stream, per process or both: the totals hold the sum.
+            write_errors=_summed(sink, "write_errors"),
+            rows_dropped=_summed(sink, "rows_dropped"),
+            rows_buffered=_first(process, "rows_buffered") or 0,
+            flush_interval=interval_ms / 1000.0 if interval_ms else None,
         )
+        # What waits for this sink: rows in the sink, batches in its writer's queue and in
+        # the queues of the workers sending to it (those grow when the writer stops reading).
+        row.pending = (
+            (_first(process, "rows_pending") or 0)
+            + row.queue_depth
+            + sum(
+                _int(_dict(_dict(_dict(c).get("info")).get("queue_depths")).get(name))
+                for c in raw_children.values()
+                if isinstance(c, dict) and c.get("kind") == "worker"
+            )
+        )
+        last_flush = _first(process, "last_flush_time")
+        if last_flush and view.updated_at:
+            row.since_flush = max(0.0, (view.updated_at - last_flush) / 1000.0)
         if child and child.state == "down":
             row.flags.append(DOWN)
+        elif (
+            row.pending and row.since_flush is not None and row.since_flush >= _stall_after(row, th)
+        ):
+            row.flags.append(STALLED)
         view.sinks.append(row)
-        for key, counters in _streams_of(sink).items():
-            per_stream.setdefault(key, []).append(
-                (
-                    _first(counters, "records_written"),
-                    _first(counters, "rows_flushed", "rows_written"),
-                )
-            )
-    return per_stream
+        out.append(_SinkStreams(row.flush_interval or 0.0, _markets_of(sink), _streams_of(sink)))
+    return out
+
+
+def _stall_after(sink: SinkRow, th: Thresholds) -> float:
+    return max(th.flush_stall_min, th.flush_stall_intervals * (sink.flush_interval or 1.0))
+
+
+def _summed(sink: Mapping[str, Any], name: str) -> int:
+    """A sink counter over everything: its total, or (documents without one) the sum of
+    its process-wide and per-stream values."""
+    found = _first(_dict(sink.get("totals")), name)
+    if found is not None:
+        return found
+    per_stream = sum(_first(c, name) or 0 for c in _streams_of(sink).values())
+    return (_first(_dict(sink.get("process")), name) or 0) + per_stream
 
 
 def _sink_flushed(sink: Mapping[str, Any]) -> int | None:
@@ -391,7 +502,7 @@ def _pipelines(
     window: float,
     age: float,
     th: Thresholds,
-    sink_streams: dict[tuple[str, str], list[tuple[int | None, int | None]]],
+    sink_streams: list[_SinkStreams],
     history: StatusHistory | None,
 ) -> None:
     prev_pipes = _dict(prev.get("pipelines")) if prev else {}
@@ -433,15 +544,42 @@ def _pipelines(
             row.flags.append(RESTARTED)
         view.pipelines.append(row)
         prev_streams = _streams_of(prev_pipe)
+        market = f"{row.exchange}/{row.market}"
+        cadences: dict[str, float] = {}
+        for c in workers:
+            info = _dict(_dict(_dict(doc.get("children")).get(c.name)).get("info"))
+            for stream, seconds in _dict(info.get("cadence")).items():
+                cadences[stream] = max(cadences.get(stream, 0.0), _float(seconds))
         for (symbol, stream), counters in sorted(_streams_of(pipe).items()):
             if symbol == "*" or stream == "*":
                 continue  # counters of a symbol not tied to one stream (REST fetches...)
+            sinks = [
+                (found, keyed, sink.flush_interval)
+                for sink in sink_streams
+                for found, keyed in (sink.of(market, symbol, stream),)
+                if found is not None
+            ]
             view.streams.append(
                 _stream_row(
                     name, symbol, stream, counters, prev_streams.get((symbol, stream)),
-                    window, age, view, th, sink_streams.get((symbol, stream), []), history,
+                    window, age, view, th, sinks, history,
+                    cadence_of(stream, cadences),
                 )
             )  # fmt: skip
+
+
+_MONTH_MS = 31 * 86_400_000  # the longest calendar month, for the 1M bar's cadence
+
+
+def cadence_of(stream: str, published: Mapping[str, float] | None = None) -> float:
+    """Seconds between outputs of ``stream`` when it writes on a clock, else 0: the bar
+    length of ``kline_<interval>`` (a month counts 31 days), or what the worker published
+    for the stream (``info.cadence``, from an ``interval`` option)."""
+    if stream.startswith(KLINE_STREAM_PREFIX):
+        interval = stream.removeprefix(KLINE_STREAM_PREFIX)
+        if interval in KLINE_INTERVALS:
+            return (interval_ms(interval) or _MONTH_MS) / 1000
+    return (published or {}).get(stream, 0.0)
 
 
 def _stream_row(
@@ -454,8 +592,9 @@ def _stream_row(
     age: float,
     view: StatusView,
     th: Thresholds,
-    sinks: list[tuple[int | None, int | None]],
+    sinks: list[tuple[dict[str, Any], bool, float]],
     history: StatusHistory | None,
+    cadence: float = 0.0,
 ) -> StreamRow:
     messages = _first(counters, "records_emitted") or 0
     prev_messages = _first(prev, "records_emitted") if prev is not None else None
@@ -472,15 +611,35 @@ def _stream_row(
         rate=_rate(messages, prev_messages, window, age),
         last_event_time=last_event or None,
         lag=max(0.0, (view.updated_at - last_event) / 1000.0) if last_event else None,
-        written=_min(w for w, _ in sinks),
-        flushed=_min(f for _, f in sinks),
+        written=_min(_first(c, "records_written") for c, _, _ in sinks),
+        flushed=_min(
+            (_first(c, "records_flushed") or 0)
+            if keyed
+            else _first(c, "rows_flushed", "rows_written")
+            for c, keyed, _ in sinks
+        ),
         reconnects=_first(counters, "reconnects", "ws_reconnects") or 0,
         gaps_found=found,
         gaps_filled=filled,
         resyncs=_first(counters, "resyncs") or 0,
         verifications=_first(counters, "verifications") or 0,
         backfilled=sum(_int(v) for k, v in counters.items() if k.endswith("_backfilled")),
+        cadence=float(cadence),
+        held=_first(counters, "trades_held"),
     )
+    held_for = _first(counters, "held_for_ms")
+    row.held_for = held_for / 1000.0 if held_for is not None else None
+    # Behind: the slowest sink's newest written record, against that sink's allowance.
+    behind_flag = False
+    for c, _, flush_interval in sinks:
+        written_at = _first(c, "written_event_time")
+        if not written_at or not view.updated_at:
+            continue
+        behind = max(0.0, (view.updated_at - written_at) / 1000.0)
+        if row.behind is None or behind > row.behind:
+            row.behind, row.written_event_time = behind, written_at
+        if behind >= th.behind_after + flush_interval + cadence:
+            behind_flag = True
     # How long without progress: from history, else from the event lag.
     idle = None
     stalled_book = None
@@ -489,12 +648,15 @@ def _stream_row(
     if idle is None and row.lag is not None and window > 0 and row.rate == 0:
         idle = row.lag
     row.idle = idle
-    if (idle is not None and idle >= th.silent_after) or (
-        messages == 0 and view.uptime >= th.silent_after
+    silent_after = th.silent_after + cadence
+    if (idle is not None and idle >= silent_after) or (
+        messages == 0 and view.uptime >= silent_after
     ):
         row.flags.append(SILENT)
-    elif row.lag is not None and row.lag >= th.lag_after:
+    elif row.lag is not None and row.lag >= th.lag_after + cadence:
         row.flags.append(LAGGING)
+    if behind_flag:
+        row.flags.append(BEHIND)
     if stream == "orderbook" and _book_stuck(counters, view, th, stalled_book):
         row.flags.append(RESYNC)
     return row
@@ -579,14 +741,30 @@ def _judge(view: StatusView, th: Thresholds, check_pid: bool) -> None:
             problems.append(f"{child.name} restarted {child.restarts}x, up {child.uptime:.0f}s")
         if BACKLOG in child.flags:
             problems.append(f"{child.name} has a backlog of pending records")
+        if UNRESPONSIVE in child.flags:
+            problems.append(
+                f"{child.name} has not reported for {child.report_age or 0:.0f}s (stopped or stuck)"
+            )
     for row in view.streams:
         for flag in row.flags:
-            problems.append(f"{row.pipeline} {row.symbol} {row.stream} is {flag}")
+            what = f"{row.pipeline} {row.symbol} {row.stream} is {flag}"
+            if flag == BEHIND:
+                what += f": its newest written record is {_s(row.behind)} old"
+            problems.append(what)
     for sink in view.sinks:
         if sink.write_errors:
-            problems.append(f"sink {sink.name} has {sink.write_errors} write error(s)")
+            waiting = (
+                f", {sink.rows_buffered} row(s) wait for a retry" if sink.rows_buffered else ""
+            )
+            problems.append(f"sink {sink.name} has {sink.write_errors} write error(s){waiting}")
         if sink.rows_dropped:
             problems.append(f"sink {sink.name} dropped {sink.rows_dropped} row(s)")
+        if STALLED in sink.flags:
+            problems.append(
+                f"sink {sink.name} has not flushed for {sink.since_flush or 0:.0f}s with "
+                f"{sink.pending} row(s)/batch(es) pending "
+                f"(flush interval {sink.flush_interval or 1.0:g}s)"
+            )
     if not view.pipelines and not down:
         problems.append("no pipeline in the status")
     if down:
@@ -653,6 +831,12 @@ def _s(seconds: float | None) -> str:
     return f"{seconds / 86400:.1f}d"
 
 
+def _held(row: StreamRow) -> str:
+    if row.held is None:
+        return "-"
+    return f"{_n(row.held)}/{_s(row.held_for)}" if row.held_for is not None else _n(row.held)
+
+
 def _table(headers: list[str], rows: list[list[str]]) -> list[str]:
     widths = [len(h) for h in headers]
     for row in rows:
@@ -689,23 +873,26 @@ def render_table(view: StatusView) -> str:
     )  # fmt: skip
     lines.append("")
     lines += _table(
-        ["sink", "type", "written", "rows/s", "flushed", "queue", "dups", "errors", "dropped",
-         "flags"],
+        ["sink", "type", "written", "rows/s", "flushed", "queue", "pending", "last flush",
+         "dups", "errors", "dropped", "flags"],
         [
             [s.name, s.type, _n(s.written), _r(s.rate), _n(s.flushed), str(s.queue_depth),
-             _n(s.duplicates_dropped), str(s.write_errors), _n(s.rows_dropped), ",".join(s.flags)]
+             _n(s.pending), _s(s.since_flush), _n(s.duplicates_dropped), str(s.write_errors),
+             _n(s.rows_dropped), ",".join(s.flags)]
             for s in view.sinks
         ],
     )  # fmt: skip
     lines.append("")
     lines += _table(
         ["pipeline", "symbol", "stream", "msgs", "msg/s", "last event", "lag", "written",
-         "flushed", "reconn", "gaps", "filled", "backfill", "resyncs", "verified", "flags"],
+         "flushed", "behind", "held", "reconn", "gaps", "filled", "backfill", "resyncs",
+         "verified", "flags"],
         [
             [r.pipeline, r.symbol, r.stream, _n(r.messages), _r(r.rate),
              time.strftime("%H:%M:%S", time.gmtime(r.last_event_time / 1000))
              if r.last_event_time else "-",
-             _s(r.lag), _n(r.written), _n(r.flushed), str(r.reconnects), str(r.gaps_found),
+             _s(r.lag), _n(r.written), _n(r.flushed), _s(r.behind), _held(r),
+             str(r.reconnects), str(r.gaps_found),
              str(r.gaps_filled), _n(r.backfilled), str(r.resyncs), str(r.verifications),
              ",".join(r.flags)]
             for r in view.streams

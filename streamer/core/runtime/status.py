@@ -21,6 +21,9 @@ temporary file, then renamed, so a reader never sees a torn file). Its shape::
       },
       "sinks": {
         "csv": {"type": "csv", "totals": {...}, "streams": {...}, "process": {...},
+                "markets": {"binance/spot": {"BTCUSDT": {"aggtrade": {"records_written": 60,
+                                                                     "records_flushed": 58,
+                                                                     "written_event_time": ...}}}},
                 "high_water": {"binance/spot/BTCUSDT/aggtrade": 4711}}
       },
       "children": {
@@ -35,8 +38,15 @@ totals are those of the current incarnations. Counter names used by the runtime:
 workers ``records_emitted``, ``batches_sent``, ``backpressure_waits``,
 ``backpressure_wait_ms``, ``records_overflowed``, ``records_unrouted``, ``reconnects``;
 writers ``batches_received``, ``records_received``, ``records_written``,
-``duplicates_dropped``, ``batches_corrupt``, ``backpressure_waits``, ``flushes``. Plugins
-add their own through the same ``Counters``.
+``records_flushed``, ``duplicates_dropped``, ``batches_corrupt``, ``backpressure_waits``,
+``flushes`` and the gauges ``written_event_time`` (per stream: exchange time of the newest
+record known to be in the sink's files), ``last_flush_time`` (epoch ms), ``rows_pending``
+and ``flush_interval_ms``. Plugins add their own through the same ``Counters``.
+
+A counter whose symbol is market-qualified (:func:`~streamer.core.metrics.market_symbol`,
+as the writers key theirs: a sink receives the same symbol from spot and futures
+pipelines) lands in ``markets`` under ``"<exchange>/<market>"`` and, summed over markets,
+in ``streams`` as before.
 """
 
 from __future__ import annotations
@@ -50,6 +60,7 @@ from typing import Any
 
 import msgspec
 
+from ..metrics import split_market_symbol
 from .channels import CounterRow
 
 STATUS_FILE = "status.json"
@@ -57,17 +68,28 @@ STATUS_FILE = "status.json"
 
 #: Gauges that are merged by taking the largest value, not the sum: times, and figures every
 #: process reads from the same shared source (Binance reports the IP's used REST weight).
-MAX_MERGED = frozenset({"last_event_time", "rest_weight_used"})
+MAX_MERGED = frozenset(
+    {
+        "last_event_time",
+        "rest_weight_used",
+        "written_event_time",
+        "last_flush_time",
+        "flush_interval_ms",
+        "held_for_ms",
+    }
+)
 
 
 def merge_counters(row_sets: Iterable[Iterable[CounterRow]]) -> dict[str, Any]:
-    """Merge counter rows of several children into ``totals``, ``streams`` and ``process``.
+    """Merge counter rows of several children into ``totals``, ``streams`` and ``process``
+    (and ``markets`` when some symbols are market-qualified).
 
     Counters are summed; the gauges in :data:`MAX_MERGED` take the largest value.
     """
     totals: defaultdict[str, int] = defaultdict(int)
     process: defaultdict[str, int] = defaultdict(int)
     streams: dict[str, dict[str, dict[str, int]]] = {}
+    markets: dict[str, dict[str, dict[str, dict[str, int]]]] = {}
     for rows in row_sets:
         for name, symbol, stream, value in rows:
             combine = max if name in MAX_MERGED else operator.add
@@ -75,9 +97,25 @@ def merge_counters(row_sets: Iterable[Iterable[CounterRow]]) -> dict[str, Any]:
             if not symbol and not stream:
                 process[name] = combine(process[name], value)
                 continue
+            qualified = split_market_symbol(symbol)
+            if qualified is not None:
+                market, symbol = qualified
+                per = (
+                    markets.setdefault(market, {})
+                    .setdefault(symbol, {})
+                    .setdefault(stream or "*", {})
+                )
+                per[name] = combine(per.get(name, 0), value)
             per = streams.setdefault(symbol or "*", {}).setdefault(stream or "*", {})
             per[name] = combine(per.get(name, 0), value)
-    return {"totals": dict(sorted(totals.items())), "streams": streams, "process": dict(process)}
+    merged: dict[str, Any] = {
+        "totals": dict(sorted(totals.items())),
+        "streams": streams,
+        "process": dict(process),
+    }
+    if markets:
+        merged["markets"] = markets
+    return merged
 
 
 def write_status(state_dir: str | Path, status: dict[str, Any]) -> Path:

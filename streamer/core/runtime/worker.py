@@ -44,6 +44,7 @@ from ..records import (
     record_key,
     stream_name,
 )
+from ..units import parse_duration
 from .bootstrap import ChildSpec
 from .channels import Hello, Status, frame
 from .child import ChildLoop, SupervisorGone, leave_socket_dir, supervisor_gone
@@ -116,6 +117,9 @@ class Worker(ChildLoop):
         self._stop = anyio.Event()
         self._closing = False
         self._queues: dict[str, tuple] = {}
+        #: Seconds between outputs of streams that emit on a clock (an ``interval`` option),
+        #: published so ``streamer status`` judges their lag by their own cadence.
+        self._cadence: dict[str, float] = {}
 
     # -- emit / batching -------------------------------------------------------------
     def emit(self, record: Record) -> None:
@@ -251,6 +255,9 @@ class Worker(ChildLoop):
                 resume=dict(self.spec.resume),
             )
             streams.append(stream_cls(options, context))
+            cadence = _cadence_of(options)
+            if cadence:
+                self._cadence[name] = cadence
         return adapter, streams
 
     def _status(self, final: bool = False) -> Status:
@@ -264,6 +271,8 @@ class Worker(ChildLoop):
                 "queue_depths": depths,
                 "pending_records": len(self._pending),
                 "symbols": list(self.spec.symbols),
+                "cadence": self._cadence,
+                "status_time": time.time_ns() // 1_000_000,
             },
             final=final,
         )
@@ -300,6 +309,19 @@ class Worker(ChildLoop):
         finally:
             with anyio.CancelScope(shield=True):
                 await adapter.aclose()
+
+
+def _cadence_of(options: object) -> float | None:
+    """A stream type's output period from its ``interval`` option, when it has a positive
+    duration one (an order book every ``1s``); ``None`` otherwise."""
+    value = getattr(options, "interval", None)
+    if value is None or isinstance(value, bool):
+        return None
+    try:
+        seconds = parse_duration(value)
+    except (TypeError, ValueError):
+        return None  # e.g. "update"
+    return seconds if seconds > 0 and seconds == seconds and seconds != float("inf") else None
 
 
 def worker_main(spec: ChildSpec) -> None:

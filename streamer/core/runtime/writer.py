@@ -16,6 +16,14 @@ status, and the supervisor turns that into a non-zero exit.
 A sink whose ``open`` (or ``holdings``) raises cannot work: the writer reports why in a
 status message (``info["fatal"]``) and exits with :data:`EXIT_SINK_FAILED`, which the
 supervisor never restarts; it ends the run instead.
+
+What it publishes about its progress (per stream, keyed by
+:func:`~streamer.core.metrics.market_symbol` so spot and futures rows of one symbol stay
+apart): ``records_written`` (handed to the sink), ``records_flushed`` and the gauge
+``written_event_time`` (exchange time of the newest record known to be in the files: after
+a flush that left nothing pending, or once the sink's holdings reach the stream's last
+key); process-wide the gauges ``last_flush_time`` (epoch ms of the last flush tick that
+found the sink flushed or flushed it), ``rows_pending`` and ``flush_interval_ms``.
 """
 
 from __future__ import annotations
@@ -24,7 +32,7 @@ import logging
 import os
 import signal
 import sys
-from collections import defaultdict
+import time
 
 import anyio
 import msgspec
@@ -33,8 +41,8 @@ from anyio.abc import ByteStream
 from ..api import Sink, SinkContext, StreamKey
 from ..config import validate_components
 from ..logs import RateLimitedLog
-from ..metrics import Counters
-from ..records import decode_batch, stream_name
+from ..metrics import Counters, market_symbol
+from ..records import Trade, decode_batch, record_key, stream_name
 from ..units import parse_duration
 from .bootstrap import ChildSpec
 from .channels import FrameReader, Hello, Ready, Status, encode_control
@@ -71,6 +79,12 @@ class Writer(ChildLoop):
         )
         self._connections = 0
         self._dirty = False
+        self._sink: Sink | None = None
+        #: Per (exchange, market, symbol, stream): [records, newest event time, last key]
+        #: handed to the sink and not yet known to be flushed.
+        self._unflushed: dict[tuple[str, str, str, str], list] = {}
+        #: Newest event time known flushed, per stream (what ``written_event_time`` shows).
+        self._flushed_time: dict[tuple[str, str, str, str], int] = {}
 
     def _build(self) -> tuple[Sink, float]:
         registry = self.spec.plugins.registry()
@@ -137,6 +151,33 @@ class Writer(ChildLoop):
                     await sink.flush()
                     self.counters.incr("flushes")
                     self._dirty = False
+                await self._flushed(sink)
+
+    async def _flushed(self, sink: Sink, *, closed: bool = False) -> None:
+        """After a flush tick: publish its time and what is now known to be in the files."""
+        self.counters.set("last_flush_time", time.time_ns() // 1_000_000)
+        if not self._unflushed:
+            return
+        if not sink.pending_rows:
+            done = list(self._unflushed)
+        elif closed:
+            return  # rows lost at close: nothing more becomes durable
+        else:
+            # Some rows wait for a retry: a stream is flushed once the sink holds its last key.
+            held = await sink.holdings()
+            done = [
+                key
+                for key, (_, _, last) in self._unflushed.items()
+                if last is not None and held.get(StreamKey(*key), last - 1) >= last
+            ]
+        counters = self.counters
+        for key in done:
+            n, event_time, _ = self._unflushed.pop(key)
+            symbol = market_symbol(key[0], key[1], key[2])
+            counters.incr("records_flushed", symbol, key[3], n)
+            if event_time > self._flushed_time.get(key, 0):
+                self._flushed_time[key] = event_time
+                counters.set("written_event_time", event_time, symbol, key[3])
 
     async def _write(self, sink: Sink, payload: bytes) -> bool:
         try:
@@ -148,23 +189,49 @@ class Writer(ChildLoop):
         self.counters.incr("records_received", n=len(batch))
         kept, dropped = self._high_water.filter(batch)
         for key, n in dropped.items():
-            self.counters.incr("duplicates_dropped", key.symbol, key.stream, n)
+            symbol = market_symbol(key.exchange, key.market, key.symbol)
+            self.counters.incr("duplicates_dropped", symbol, key.stream, n)
         if not kept:
             return False
         await sink.write(kept)
-        tally: defaultdict[tuple[str, str], int] = defaultdict(int)
+        # Per stream: [records, newest event time, last record]; markers carry no event time.
+        tally: dict[tuple[str, str, str, str], list] = {}
         for record in kept:
-            tally[(record.symbol, stream_name(record))] += 1
-        for (symbol, stream), n in tally.items():
-            self.counters.incr("records_written", symbol, stream, n)
+            stream = "aggtrade" if type(record) is Trade else stream_name(record)
+            key = (record.exchange, record.market, record.symbol, stream)
+            event_time = getattr(record, "event_time", 0)
+            entry = tally.get(key)
+            if entry is None:
+                tally[key] = [1, event_time, record]
+            else:
+                entry[0] += 1
+                entry[2] = record
+                if event_time > entry[1]:
+                    entry[1] = event_time
+        unflushed = self._unflushed
+        for key, (n, event_time, last) in tally.items():
+            self.counters.incr("records_written", market_symbol(key[0], key[1], key[2]), key[3], n)
+            last_key = record_key(last)
+            pending = unflushed.get(key)
+            if pending is None:
+                unflushed[key] = [n, event_time, last_key]
+            else:
+                pending[0] += n
+                if event_time > pending[1]:
+                    pending[1] = event_time
+                if last_key is not None:
+                    pending[2] = last_key
         return True
 
     def _status(self, final: bool = False) -> Status:
+        if self._sink is not None:
+            self.counters.set("rows_pending", self._sink.pending_rows)
         return Status(
             counters=[(n, s, t, v) for (n, s, t), v in self.counters.snapshot().items()],
             info={
                 "queue_depth": self._receive.statistics().current_buffer_used,
                 "connections": self._connections,
+                "status_time": time.time_ns() // 1_000_000,
             },
             high_water=_marks(self._high_water.marks),
             final=final,
@@ -195,6 +262,9 @@ class Writer(ChildLoop):
     async def run(self) -> int:
         """Serve until stopped, then drain, flush and close the sink; returns the exit code."""
         sink, flush_every = self._build()
+        self._sink = sink
+        self.counters.set("flush_interval_ms", round(flush_every * 1000))
+        self.counters.set("last_flush_time", time.time_ns() // 1_000_000)
         path = self.spec.sink_paths[self.spec.sink]
         if os.path.exists(path):
             os.unlink(path)
@@ -223,6 +293,7 @@ class Writer(ChildLoop):
                 lost = sink.pending_rows
                 if lost:
                     self.counters.incr("rows_lost_at_close", n=lost)
+                await self._flushed(sink, closed=True)
                 await self._send_final(ctl)
                 outer.cancel_scope.cancel()
         finally:
