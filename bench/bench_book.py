@@ -33,7 +33,7 @@ from decimal import Decimal
 from pathlib import Path
 
 from streamer.core.api import ExchangeAdapter, SequenceRule, StreamContext
-from streamer.core.metrics import Counters
+from streamer.core.counters import Counters
 from streamer.core.records import BookSnapshot, DepthUpdate
 from streamer.plugins.streams import _book as B
 from streamer.plugins.streams.orderbook import OrderBookOptions, OrderBookStream

@@ -27,7 +27,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from streamer.core.api import SinkContext
-from streamer.core.metrics import Counters
+from streamer.core.counters import Counters
 from streamer.core.records import BookSnapshot, Trade
 from streamer.plugins.sinks.csv_batch import CsvSink, Options
 

@@ -114,7 +114,7 @@ def _throughput(port: int, symbols: int, seconds: float, with_streams: bool) -> 
     import msgspec
 
     from streamer.core.api import ExchangeContext, StreamContext
-    from streamer.core.metrics import Counters
+    from streamer.core.counters import Counters
     from streamer.plugins.exchanges.binance import BinanceAdapter, BinanceOptions
     from streamer.plugins.streams.aggtrade import AggTradeOptions, AggTradeStream
     from streamer.plugins.streams.depth import DepthOptions, DepthStream

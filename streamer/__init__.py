@@ -19,8 +19,8 @@ from .core.api import (
     Subscription,
     SymbolInfo,
 )
+from .core.counters import Counters
 from .core.hookspecs import hookimpl
-from .core.metrics import Counters
 from .core.plugins import PluginError, Registry, make_plugin_manager
 from .core.records import (
     AGGTRADE_STREAM,

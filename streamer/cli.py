@@ -36,7 +36,7 @@ from .core.config import (
     resolve_state_dir,
     validate_components,
 )
-from .core.metrics import Counters
+from .core.counters import Counters
 from .core.plugins import DISTRIBUTION, PluginError, Registry, make_plugin_manager
 from .core.runtime import PluginSelection
 from .core.runtime.bootstrap import setup_logging
@@ -148,7 +148,7 @@ def build_app() -> typer.Typer:
 
 def _add_ops_commands(app: typer.Typer) -> None:
     # daemon, status, health, metrics: operations commands that live in the core.
-    from .core.ops.cli import add_commands
+    from .core.ops.commands import add_commands
 
     add_commands(app)
 
@@ -258,7 +258,7 @@ def _run(
         selection = _selection(plugins, plugin_module)
         live = None
         if not quiet and sys.stderr.isatty():
-            from .core.ops.status import LiveSummary
+            from .core.ops.status_view import LiveSummary
 
             live = LiveSummary(sys.stderr)
         code = runtime.run(

@@ -11,7 +11,7 @@ import msgspec
 import pytest
 
 from streamer.core.api import ExchangeContext, Subscription
-from streamer.core.metrics import Counters
+from streamer.core.counters import Counters
 from streamer.core.records import Trade
 from streamer.plugins.exchanges.binance import BinanceAdapter, BinanceOptions
 from streamer.plugins.exchanges.binance.connections import (

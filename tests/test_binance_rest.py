@@ -12,7 +12,7 @@ import msgspec
 import pytest
 
 from streamer.core.api import ExchangeContext
-from streamer.core.metrics import Counters
+from streamer.core.counters import Counters
 from streamer.plugins.exchanges.binance import BinanceAdapter, BinanceOptions
 from streamer.plugins.exchanges.binance.rest import RestClient, RestError, WeightBudget
 

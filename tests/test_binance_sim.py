@@ -20,7 +20,7 @@ import pytest
 pytest.importorskip("streamer.testing.sim", reason="the simulator has not landed yet")
 
 from streamer.core.api import ExchangeContext, StreamContext, StreamKey
-from streamer.core.metrics import Counters
+from streamer.core.counters import Counters
 from streamer.core.records import DepthUpdate, Kline, Marker, Record, Trade
 from streamer.plugins.exchanges.binance import BinanceAdapter, BinanceOptions
 from streamer.plugins.exchanges.binance.decode import FrameDecoder

@@ -14,7 +14,7 @@ import msgspec
 import pytest
 
 from streamer.core.api import ExchangeContext, Subscription
-from streamer.core.metrics import Counters
+from streamer.core.counters import Counters
 from streamer.plugins.exchanges.binance import BinanceAdapter, BinanceOptions
 from streamer.testing.streams import parse_stream
 

@@ -19,7 +19,7 @@ from streamer.core.config import parse_config
 from streamer.core.records import Kline, Marker, Trade, encode_batch
 from streamer.core.runtime import HighWater, auto_workers, partition, read_status, run
 from streamer.core.runtime.bootstrap import ChildSpec, PluginSelection
-from streamer.core.runtime.channels import FrameError, FrameReader, frame
+from streamer.core.runtime.channels import OversizedFrame, FrameReader, frame
 from streamer.core.runtime.writer import Writer
 
 PLUGINS = ["core_plugins"]
@@ -381,7 +381,7 @@ def test_frame_reader_rejects_an_impossible_length():
     async def main():
         return await FrameReader(_Chunks(b"\xff\xff\xff\xff" + b"x" * 10)).receive()
 
-    with pytest.raises(FrameError, match="exceeds"):
+    with pytest.raises(OversizedFrame, match="exceeds"):
         anyio.run(main)
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from streamer.core.api import SinkContext, StreamKey
-from streamer.core.metrics import Counters
+from streamer.core.counters import Counters
 from streamer.core.records import BookSnapshot, Trade
 from streamer.plugins.sinks.csv_batch import CsvSink, Options
 
@@ -34,7 +34,7 @@ CHILD = textwrap.dedent(
     """
     import asyncio, logging, os, sys, time
     from streamer.core.api import SinkContext, StreamKey
-    from streamer.core.metrics import Counters
+    from streamer.core.counters import Counters
     from streamer.core.records import BookSnapshot, Trade
     from streamer.plugins.sinks._csv_files import FileIO
     from streamer.plugins.sinks.csv_batch import CsvSink, Options

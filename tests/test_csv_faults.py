@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from streamer.core.api import SinkContext
-from streamer.core.metrics import Counters
+from streamer.core.counters import Counters
 from streamer.core.records import Trade
 from streamer.plugins.sinks._csv_files import FileIO
 from streamer.plugins.sinks.csv_batch import CsvSink, Options

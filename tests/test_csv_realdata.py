@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from streamer.core.api import SinkContext, StreamKey
-from streamer.core.metrics import Counters
+from streamer.core.counters import Counters
 from streamer.core.records import DepthUpdate, Kline, Trade
 from streamer.plugins.sinks.csv_batch import CsvSink, Options
 

@@ -14,7 +14,7 @@ import msgspec
 import pytest
 
 from streamer.core.api import SinkContext, StreamKey
-from streamer.core.metrics import Counters
+from streamer.core.counters import Counters
 from streamer.core.plugins import Registry, make_plugin_manager
 from streamer.core.records import BookSnapshot, DepthUpdate, Kline, Marker, Trade
 from streamer.plugins.sinks.csv_batch import CsvSink, Options

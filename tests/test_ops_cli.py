@@ -14,7 +14,7 @@ import yaml
 from test_ops_status import make_doc
 from typer.testing import CliRunner
 
-from streamer.core.ops import cli as ops_cli
+from streamer.core.ops import commands as ops_cli
 from streamer.core.ops import daemon as d
 from streamer.core.ops.health import DEGRADED, DOWN, HEALTHY
 

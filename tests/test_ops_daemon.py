@@ -248,7 +248,7 @@ def test_a_foreground_collector_on_the_same_state_dir_is_refused(fake, tmp_path)
 def ops_app():
     import typer
 
-    from streamer.core.ops.cli import add_commands
+    from streamer.core.ops.commands import add_commands
 
     app = typer.Typer()
 

@@ -19,8 +19,8 @@ from conftest import write_sim_config
 from typer.testing import CliRunner
 
 from streamer.core.ops import daemon as d
-from streamer.core.ops.cli import add_commands
-from streamer.core.ops.status import StatusError, StatusView, read_document
+from streamer.core.ops.commands import add_commands
+from streamer.core.ops.status_view import StatusError, StatusView, read_document
 
 pytest.importorskip("streamer.testing.sim", reason="the simulator is not available")
 

@@ -18,8 +18,8 @@ from typer.testing import CliRunner
 
 from streamer import hookimpl
 from streamer.core.api import Sink, SinkContext
-from streamer.core.metrics import Counters
-from streamer.core.ops import cli as ops_cli
+from streamer.core.counters import Counters
+from streamer.core.ops import commands as ops_cli
 from streamer.core.records import BookSnapshot, DepthUpdate, Kline, Marker, Trade
 from streamer.plugins.sinks import _csv_verify as integrity
 from streamer.plugins.sinks._csv_verify import render_table, verify

@@ -22,10 +22,10 @@ from test_ops_status import table_cells
 from streamer.core.api import StreamKey
 from streamer.core.config import parse_config
 from streamer.core.ops.health import check_health
-from streamer.core.ops.status import STALLED, build_view, render_table, sample
+from streamer.core.ops.status_view import STALLED, build_view, render_table, sample
 from streamer.core.records import Trade, encode_batch
 from streamer.core.runtime.bootstrap import ChildSpec, PluginSelection
-from streamer.core.runtime.status import merge_counters
+from streamer.core.runtime.status_file import merge_counters
 from streamer.core.runtime.worker import _cadence_of
 from streamer.core.runtime.writer import Writer
 

@@ -14,7 +14,7 @@ from typing import Any
 import msgspec
 import pytest
 
-from streamer.core.ops.status import (
+from streamer.core.ops.status_view import (
     BEHIND,
     LAGGING,
     RESTARTED,
@@ -39,7 +39,7 @@ NOW_MS = 1_764_000_100_000
 
 
 def make_doc(**changes: Any) -> dict[str, Any]:
-    """A status document shaped like the runtime's (streamer/core/runtime/status.py)."""
+    """A status document shaped like the runtime's (streamer/core/runtime/status_file.py)."""
     doc: dict[str, Any] = {
         "pid": 0,
         "started_at": NOW_MS - 100_000,

@@ -23,7 +23,7 @@ from streamer.core.api import (
     Subscription,
     SymbolInfo,
 )
-from streamer.core.metrics import Counters
+from streamer.core.counters import Counters
 from streamer.core.records import BookSnapshot, DepthUpdate, Level
 
 SPOT_RULE = SequenceRule("spot", 5000)

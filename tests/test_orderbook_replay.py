@@ -204,7 +204,7 @@ async def test_replay_through_the_stream_type(name: str) -> None:
     from test_orderbook_fakes import FakeExchange
 
     from streamer.core.api import StreamContext
-    from streamer.core.metrics import Counters
+    from streamer.core.counters import Counters
     from streamer.core.records import BookSnapshot
     from streamer.plugins.streams.orderbook import STREAM, OrderBookOptions, OrderBookStream
 

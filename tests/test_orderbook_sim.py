@@ -18,7 +18,7 @@ pytest.importorskip("streamer.testing.sim", reason="the simulator has not landed
 pytest.importorskip("streamer.plugins.exchanges.binance.adapter", reason="no Binance adapter")
 
 from streamer.core.api import ExchangeContext, StreamContext
-from streamer.core.metrics import Counters
+from streamer.core.counters import Counters
 from streamer.core.records import BookSnapshot, DepthUpdate, Marker, Record
 from streamer.plugins.exchanges.binance import BinanceAdapter, BinanceOptions
 from streamer.plugins.streams.orderbook import STREAM, OrderBookOptions, OrderBookStream

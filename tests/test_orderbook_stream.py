@@ -10,7 +10,7 @@ import pytest
 from test_orderbook_fakes import FUTURES_RULE, SPOT_RULE, FakeExchange, TruthBook
 
 from streamer.core.api import SequenceRule, StreamContext
-from streamer.core.metrics import Counters
+from streamer.core.counters import Counters
 from streamer.core.plugins import Registry, make_plugin_manager
 from streamer.core.records import BookSnapshot, DepthUpdate, Marker, Trade
 from streamer.plugins.streams import _book as B

@@ -21,7 +21,7 @@ from streamer.core.api import (
     Subscription,
     SymbolInfo,
 )
-from streamer.core.metrics import Counters
+from streamer.core.counters import Counters
 from streamer.core.records import DepthUpdate, Kline, Marker, Record, Trade
 from streamer.plugins.streams.aggtrade import AggTradeOptions, AggTradeStream
 from streamer.plugins.streams.depth import DepthOptions, DepthStream

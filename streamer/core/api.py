@@ -26,7 +26,7 @@ from typing import ClassVar, Literal, Protocol
 
 import msgspec
 
-from .metrics import Counters
+from .counters import Counters
 from .records import BookSnapshot, Kline, Record, StreamKey, Trade
 
 Channel = Literal["trade", "depth", "kline"]

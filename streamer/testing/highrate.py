@@ -20,8 +20,8 @@ import logging
 import random
 import time
 
+from streamer.core.counters import Counters
 from streamer.core.logs import RateLimitedLog
-from streamer.core.metrics import Counters
 
 from . import _wire as wire
 from .faults import Faults

@@ -18,7 +18,7 @@ from typing import Any
 
 import msgspec
 
-from streamer.core.metrics import Counters
+from streamer.core.counters import Counters
 
 from . import _wire as wire
 from .faults import Faults

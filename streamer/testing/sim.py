@@ -36,7 +36,7 @@ from collections.abc import Callable
 
 import msgspec
 
-from streamer.core.metrics import Counters
+from streamer.core.counters import Counters
 from streamer.core.records import Kline, Trade
 
 from . import _wire as wire

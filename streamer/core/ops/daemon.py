@@ -40,7 +40,7 @@ import msgspec
 
 from .logfile import DEFAULT_BACKUPS, DEFAULT_MAX_BYTES, pump_command
 from .processes import group_alive, pid_alive, process_cmdline, process_start_ticks
-from .status import StatusError, load_status
+from .status_view import StatusError, load_status
 
 PIDFILE_NAME = "streamer.pid"
 LOGFILE_NAME = "streamer.log"

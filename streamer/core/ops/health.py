@@ -20,7 +20,7 @@ import os
 
 import msgspec
 
-from .status import StatusError, StatusView, Thresholds, sample
+from .status_view import StatusError, StatusView, Thresholds, sample
 
 HEALTHY = 0
 DEGRADED = 1

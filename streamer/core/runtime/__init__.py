@@ -30,10 +30,10 @@ import anyio
 
 from ..api import ExchangeContext, StreamContext
 from ..config import Config, ConfigError, ResolvedPipeline, validate_components
-from ..metrics import Counters
+from ..counters import Counters
 from .bootstrap import PluginSelection, auto_workers, partition
 from .keys import HighWater
-from .status import read_status
+from .status_file import read_status
 from .supervisor import PipelinePlan, Supervisor
 
 __all__ = [

@@ -70,7 +70,7 @@ _encoder = msgspec.msgpack.Encoder()
 _control_decoder = msgspec.msgpack.Decoder(Control)
 
 
-class FrameError(Exception):
+class OversizedFrame(Exception):
     """A frame header announced an impossible length."""
 
 
@@ -94,7 +94,7 @@ class FrameReader:
             header = await self._buffered.receive_exactly(4)
             size = int.from_bytes(header, "big")
             if size > MAX_FRAME:
-                raise FrameError(f"frame of {size} bytes exceeds the {MAX_FRAME} byte limit")
+                raise OversizedFrame(f"frame of {size} bytes exceeds the {MAX_FRAME} byte limit")
             return await self._buffered.receive_exactly(size) if size else b""
         except (anyio.IncompleteRead, anyio.EndOfStream, anyio.BrokenResourceError):
             return None

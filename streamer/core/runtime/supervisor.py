@@ -53,7 +53,7 @@ from .channels import (
     make_socket_dir,
 )
 from .sinklock import PathLocks, check_sinks
-from .status import merge_counters, write_status
+from .status_file import merge_counters, write_status
 from .worker import worker_main
 from .writer import EXIT_SINK_FAILED, writer_main
 
@@ -389,7 +389,7 @@ class Supervisor:
             return  # not the main thread: only duration ends the run
 
     def status(self) -> dict[str, Any]:
-        """The merged status document (see :mod:`streamer.core.runtime.status`)."""
+        """The merged status document (see :mod:`streamer.core.runtime.status_file`)."""
         now = time.monotonic()
         pipelines = {}
         for plan in self.plans:
@@ -579,7 +579,7 @@ async def _metrics_endpoint(source, port: int) -> None:
     # Prometheus /metrics from the live status (streamer.core.ops); off when port is 0.
     if port <= 0:
         return
-    from ..ops.metrics import metrics_endpoint
+    from ..ops.prometheus import metrics_endpoint
 
     await metrics_endpoint(source, port, log)
 

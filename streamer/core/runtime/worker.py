@@ -32,8 +32,8 @@ from ..api import (
     StreamType,
 )
 from ..config import validate_components
+from ..counters import Counters
 from ..logs import RateLimitedLog
-from ..metrics import Counters
 from ..records import (
     DepthUpdate,
     Kline,

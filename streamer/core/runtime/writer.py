@@ -18,7 +18,7 @@ status message (``info["fatal"]``) and exits with :data:`EXIT_SINK_FAILED`, whic
 supervisor never restarts; it ends the run instead.
 
 What it publishes about its progress (per stream, keyed by
-:func:`~streamer.core.metrics.market_symbol` so spot and futures rows of one symbol stay
+:func:`~streamer.core.counters.market_symbol` so spot and futures rows of one symbol stay
 apart): ``records_written`` (handed to the sink), ``records_flushed`` and the gauge
 ``written_event_time`` (exchange time of the newest record known to be in the files: after
 a flush that left nothing pending, or once the sink's holdings reach the stream's last
@@ -40,8 +40,8 @@ from anyio.abc import ByteStream
 
 from ..api import Sink, SinkContext, StreamKey
 from ..config import validate_components
+from ..counters import Counters, market_symbol
 from ..logs import RateLimitedLog
-from ..metrics import Counters, market_symbol
 from ..records import Trade, decode_batch, record_key, stream_name
 from ..units import parse_duration
 from .bootstrap import ChildSpec

@@ -33,8 +33,8 @@ import anyio
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosedOK
 
+from streamer.core.counters import Counters
 from streamer.core.logs import RateLimitedLog
-from streamer.core.metrics import Counters
 from streamer.core.records import Record
 
 from .decode import ControlError, FrameDecoder, FrameError, ServerShutdown

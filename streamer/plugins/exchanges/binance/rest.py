@@ -24,8 +24,8 @@ from collections.abc import Awaitable, Callable, Mapping
 import anyio
 import httpx
 
+from streamer.core.counters import Counters
 from streamer.core.logs import RateLimitedLog
-from streamer.core.metrics import Counters
 
 from .decode import decode_rest_error
 

@@ -23,7 +23,7 @@ import typer
 from ..config import DEFAULT_STATE_DIR, STATE_DIR_ENV, resolve_state_dir
 from . import daemon as d
 from .health import check_health, render_report
-from .status import (
+from .status_view import (
     StatusError,
     StatusHistory,
     Thresholds,
@@ -369,7 +369,7 @@ def _metrics(
     host: Annotated[str, typer.Option(help="Address to bind.")] = "127.0.0.1",
 ) -> None:
     """Serve /metrics (Prometheus text) from the status file until Ctrl-C."""
-    from .metrics import file_source, serve_metrics
+    from .prometheus import file_source, serve_metrics
 
     paths = _paths(state_dir, config)
     if not port and config:

@@ -1,6 +1,6 @@
 """The status file: what a running ``streamer run`` publishes for ``streamer status``.
 
-Every child sends its :class:`~streamer.core.metrics.Counters` snapshot to the supervisor
+Every child sends its :class:`~streamer.core.counters.Counters` snapshot to the supervisor
 every ``runtime.status_interval`` seconds (and once more when it stops). The supervisor
 merges them and atomically replaces ``<runtime.state_dir>/status.json`` (written to a
 temporary file, then renamed, so a reader never sees a torn file). Its shape::
@@ -43,7 +43,7 @@ writers ``batches_received``, ``records_received``, ``records_written``,
 record known to be in the sink's files), ``last_flush_time`` (epoch ms), ``rows_pending``
 and ``flush_interval_ms``. Plugins add their own through the same ``Counters``.
 
-A counter whose symbol is market-qualified (:func:`~streamer.core.metrics.market_symbol`,
+A counter whose symbol is market-qualified (:func:`~streamer.core.counters.market_symbol`,
 as the writers key theirs: a sink receives the same symbol from spot and futures
 pipelines) lands in ``markets`` under ``"<exchange>/<market>"`` and, summed over markets,
 in ``streams`` as before.
@@ -60,7 +60,7 @@ from typing import Any
 
 import msgspec
 
-from ..metrics import split_market_symbol
+from ..counters import split_market_symbol
 from .channels import CounterRow
 
 STATUS_FILE = "status.json"

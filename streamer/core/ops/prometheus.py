@@ -27,7 +27,7 @@ import anyio
 from anyio.abc import SocketStream, TaskStatus
 
 from .health import EXIT_CODES
-from .status import StatusError, StatusView, Thresholds, build_view, read_document
+from .status_view import StatusError, StatusView, Thresholds, build_view, read_document
 
 StatusSource = Callable[[], Mapping[str, Any] | None]
 

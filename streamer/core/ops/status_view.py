@@ -1,7 +1,7 @@
 """Reading, judging and rendering what a running collector publishes.
 
 The runtime replaces ``<state_dir>/status.json`` every ``runtime.status_interval`` seconds
-(shape documented in :mod:`streamer.core.runtime.status`). This module turns one or two
+(shape documented in :mod:`streamer.core.runtime.status_file`). This module turns one or two
 such documents into a :class:`StatusView`: per pipeline, per sink, per child process and
 per ``(pipeline, symbol, stream)`` row, with rates and flags, plus an overall verdict
 (``healthy``, ``degraded``, ``down``) that ``streamer health`` turns into an exit code.

@@ -9,7 +9,7 @@ import httpx
 import pytest
 from test_ops_status import NOW_MS, make_doc
 
-from streamer.core.ops.metrics import (
+from streamer.core.ops.prometheus import (
     file_source,
     metrics_endpoint,
     render_metrics,
@@ -142,7 +142,7 @@ def test_metrics_command_serves_the_status_file(tmp_path):
         port = probe.getsockname()[1]
     script = (
         "import typer\n"
-        "from streamer.core.ops.cli import add_commands\n"
+        "from streamer.core.ops.commands import add_commands\n"
         "app = typer.Typer()\n"
         "@app.callback()\n"
         "def root():\n"
