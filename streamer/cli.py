@@ -137,6 +137,7 @@ def build_app() -> typer.Typer:
     app.command("run")(_run)
     app.command("plugins")(_plugins)
     app.command("symbols")(_symbols)
+    app.command("verify")(_verify)
     config_app = typer.Typer(help="Validate or show a configuration file.", no_args_is_help=True)
     config_app.command("check")(_config_check)
     config_app.command("show")(_config_show)
@@ -398,6 +399,29 @@ def _symbols(
         typer.echo(f"{info.symbol}\t{info.status}\t{info.base_asset}\t{info.quote_asset}")
         shown += 1
     typer.echo(f"{shown} symbol(s)", err=True)
+
+
+# -- verify ----------------------------------------------------------------------------------
+def _verify(
+    data_dir: Annotated[Path, typer.Argument(help="Root folder a sink wrote (its path).")],
+    json_out: Annotated[bool, typer.Option("--json", help="Machine-readable JSON.")] = False,
+    sink: Annotated[str, typer.Option(help="Type of the sink that wrote it.")] = "csv",
+) -> None:
+    """Check a sink's files: gaps, duplicates, chain breaks, crossed books, torn rows.
+
+    The sink type that wrote the files checks them (``Sink.verify``). Exit code 0 when every
+    problem is explained by a marker, 1 otherwise, 2 for bad input.
+    """
+    try:
+        text, code = _selection(None).registry().sink(sink).verify(data_dir, as_json=json_out)
+    except NotImplementedError:
+        typer.echo(f"error: sink type {sink!r} cannot check its files", err=True)
+        raise typer.Exit(2) from None
+    except (PluginError, ImportError, ValueError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    typer.echo(text)
+    raise typer.Exit(code)
 
 
 def main() -> None:

@@ -19,7 +19,7 @@ from streamer.core.config import parse_config
 from streamer.core.records import Kline, Marker, Trade, encode_batch
 from streamer.core.runtime import HighWater, auto_workers, partition, read_status, run
 from streamer.core.runtime.bootstrap import ChildSpec, PluginSelection
-from streamer.core.runtime.channels import OversizedFrame, FrameReader, frame
+from streamer.core.runtime.channels import FrameReader, OversizedFrame, frame
 from streamer.core.runtime.writer import Writer
 
 PLUGINS = ["core_plugins"]

@@ -13,13 +13,12 @@ from pathlib import Path
 
 import msgspec
 import pytest
-import typer
 from typer.testing import CliRunner
 
 from streamer import hookimpl
+from streamer.cli import build_app
 from streamer.core.api import Sink, SinkContext
 from streamer.core.counters import Counters
-from streamer.core.ops import commands as ops_cli
 from streamer.core.records import BookSnapshot, DepthUpdate, Kline, Marker, Trade
 from streamer.plugins.sinks import _csv_verify as integrity
 from streamer.plugins.sinks._csv_verify import render_table, verify
@@ -171,14 +170,7 @@ def clean_tree(root: Path, market: str, gz: bool) -> None:
 
 
 def cli(args: list[str]):
-    app = typer.Typer()
-
-    @app.callback()
-    def _root() -> None:
-        """Test app."""
-
-    ops_cli.add_commands(app)
-    return CliRunner().invoke(app, ["verify", *args])
+    return CliRunner().invoke(build_app(), ["verify", *args])
 
 
 def stream(report, market: str, name: str, symbol: str = "BTCUSDT"):

@@ -10,7 +10,6 @@ Every command finds the state directory by the one rule of
 from __future__ import annotations
 
 import contextlib
-import os
 import sys
 import time
 from pathlib import Path
@@ -397,38 +396,3 @@ def add_commands(app: typer.Typer) -> None:
     app.command("status")(_status)
     app.command("health")(_health)
     app.command("metrics")(_metrics)
-    _add_verify(app)
-
-
-def _add_verify(app: typer.Typer) -> None:
-    """Add ``verify DATA_DIR [--sink TYPE]``: the sink type that wrote the files checks them
-    (``Sink.verify``; the ``csv`` sink's checker is :mod:`streamer.plugins.sinks._csv_verify`)."""
-
-    def verify(
-        data_dir: Annotated[Path, typer.Argument(help="Root folder a sink wrote (its path).")],
-        json_out: Annotated[bool, typer.Option("--json", help="Machine-readable JSON.")] = False,
-        sink: Annotated[str, typer.Option(help="Type of the sink that wrote it.")] = "csv",
-    ) -> None:
-        """Check a sink's files: gaps, duplicates, chain breaks, crossed books, torn rows.
-
-        Exit code 0 when every problem is explained by a marker, 1 otherwise, 2 for bad input.
-        """
-        from importlib import import_module
-
-        from ..plugins import PluginError, Registry, make_plugin_manager
-
-        modules = os.environ.get("STREAMER_PLUGIN_MODULES", "")
-        try:
-            extras = [import_module(m.strip()) for m in modules.split(",") if m.strip()]
-            registry = Registry.from_manager(make_plugin_manager(None, plugins=extras)[0])
-            text, code = registry.sink(sink).verify(data_dir, as_json=json_out)
-        except NotImplementedError:
-            typer.echo(f"error: sink type {sink!r} cannot check its files", err=True)
-            raise typer.Exit(2) from None
-        except (PluginError, ImportError, ValueError) as exc:
-            typer.echo(f"error: {exc}", err=True)
-            raise typer.Exit(2) from None
-        typer.echo(text)
-        raise typer.Exit(code)
-
-    app.command("verify")(verify)
