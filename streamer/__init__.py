@@ -6,6 +6,7 @@ kline interval arithmetic and the plugin-manager factory. Everything else is int
 """
 
 from .core.api import (
+    Channel,
     ExchangeAdapter,
     ExchangeContext,
     Inbox,
@@ -21,6 +22,7 @@ from .core.api import (
 )
 from .core.counters import Counters
 from .core.hookspecs import hookimpl
+from .core.logs import RateLimitedLog
 from .core.plugins import PluginError, Registry, make_plugin_manager
 from .core.records import (
     AGGTRADE_STREAM,
@@ -32,6 +34,7 @@ from .core.records import (
     Kline,
     Level,
     Marker,
+    MarkerKind,
     Record,
     Trade,
     kline_stream,
@@ -40,7 +43,13 @@ from .core.records import (
     stream_key,
     stream_name,
 )
-from .core.units import KLINE_INTERVALS, interval_ms, next_open_time
+from .core.units import (
+    KLINE_INTERVALS,
+    check_duration,
+    interval_ms,
+    next_open_time,
+    parse_duration,
+)
 
 __version__ = "0.1.0"
 
@@ -51,6 +60,7 @@ __all__ = [
     "KLINE_STREAM_PREFIX",
     "ORDERBOOK_STREAM",
     "BookSnapshot",
+    "Channel",
     "Counters",
     "DepthUpdate",
     "ExchangeAdapter",
@@ -59,8 +69,10 @@ __all__ = [
     "Kline",
     "Level",
     "Marker",
+    "MarkerKind",
     "NoOptions",
     "PluginError",
+    "RateLimitedLog",
     "Record",
     "Registry",
     "SequenceRule",
@@ -73,11 +85,13 @@ __all__ = [
     "SymbolInfo",
     "Trade",
     "__version__",
+    "check_duration",
     "hookimpl",
     "interval_ms",
     "kline_stream",
     "make_plugin_manager",
     "next_open_time",
+    "parse_duration",
     "record_key",
     "record_time",
     "stream_key",

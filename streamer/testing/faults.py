@@ -17,7 +17,7 @@ from typing import Any, Protocol
 
 import msgspec
 
-from streamer.core.counters import Counters
+from streamer import Counters
 
 from . import _wire as wire
 

@@ -20,8 +20,7 @@ import logging
 import random
 import time
 
-from streamer.core.counters import Counters
-from streamer.core.logs import RateLimitedLog
+from streamer import Counters, RateLimitedLog
 
 from . import _wire as wire
 from .faults import Faults

@@ -25,7 +25,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
-from streamer.core.records import Kline, Trade
+from streamer import Kline, Trade
 
 __all__ = [
     "INTERVAL_MS",

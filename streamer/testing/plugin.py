@@ -10,7 +10,7 @@ from typing import Annotated, Any
 
 import typer
 
-from streamer.core.hookspecs import hookimpl
+from streamer import hookimpl
 
 __all__ = ["register_commands", "sim_command"]
 

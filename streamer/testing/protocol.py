@@ -16,7 +16,7 @@ from typing import Any
 
 import msgspec
 
-from streamer.core.counters import Counters
+from streamer import Counters
 
 from . import _wire as wire
 from .faults import Faults

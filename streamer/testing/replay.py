@@ -20,7 +20,7 @@ from urllib.parse import parse_qsl, urlsplit
 
 import msgspec
 
-from streamer.core.counters import Counters
+from streamer import Counters
 
 from . import _wire as wire
 from .captures import CaptureEvent, capture_dir, read_capture

@@ -36,8 +36,7 @@ from collections.abc import Callable
 
 import msgspec
 
-from streamer.core.counters import Counters
-from streamer.core.records import Kline, Trade
+from streamer import Counters, Kline, Trade
 
 from . import _wire as wire
 from .faults import ConnectionFaults, Faults

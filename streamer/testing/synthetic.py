@@ -15,7 +15,7 @@ from typing import Any
 
 import msgspec
 
-from streamer.core.counters import Counters
+from streamer import Counters
 
 from .faults import Faults
 from .market import BarAccumulator, SymbolMarket, TickResult, bar_open

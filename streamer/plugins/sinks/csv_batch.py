@@ -39,11 +39,21 @@ from typing import Annotated, Literal
 
 import msgspec
 
-from streamer.core.api import Sink, SinkContext, StreamKey
-from streamer.core.hookspecs import hookimpl
-from streamer.core.logs import RateLimitedLog
-from streamer.core.records import BookSnapshot, DepthUpdate, Kline, Marker, Record, Trade
-from streamer.core.units import check_duration, parse_duration
+from streamer import (
+    BookSnapshot,
+    DepthUpdate,
+    Kline,
+    Marker,
+    RateLimitedLog,
+    Record,
+    Sink,
+    SinkContext,
+    StreamKey,
+    Trade,
+    check_duration,
+    hookimpl,
+    parse_duration,
+)
 
 from . import _csv_files as files
 from . import _csv_layout as layout

@@ -32,8 +32,7 @@ import math
 from bisect import bisect_left, insort
 from collections.abc import Iterable, Sequence
 
-from streamer.core.api import SequenceRule
-from streamer.core.records import BookSnapshot, DepthUpdate, Level
+from streamer import BookSnapshot, DepthUpdate, Level, SequenceRule
 
 # -- result codes ------------------------------------------------------------------------
 #: The update was applied to the live book.

@@ -15,10 +15,18 @@ from typing import ClassVar
 
 import msgspec
 
-from streamer.core.api import Channel, StreamContext, StreamKey, StreamType, Subscription
-from streamer.core.hookspecs import hookimpl
-from streamer.core.records import DepthUpdate, Marker, Record
-from streamer.core.units import check_duration
+from streamer import (
+    Channel,
+    DepthUpdate,
+    Marker,
+    Record,
+    StreamContext,
+    StreamKey,
+    StreamType,
+    Subscription,
+    check_duration,
+    hookimpl,
+)
 
 
 class DepthOptions(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):

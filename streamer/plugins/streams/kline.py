@@ -19,11 +19,17 @@ from typing import Annotated, ClassVar
 
 import msgspec
 
-from streamer.core.api import Channel, StreamContext, Subscription
-from streamer.core.hookspecs import hookimpl
-from streamer.core.records import Kline, Record
-from streamer.core.units import KLINE_INTERVALS as INTERVALS
-from streamer.core.units import check_duration, next_open_time
+from streamer import KLINE_INTERVALS as INTERVALS
+from streamer import (
+    Channel,
+    Kline,
+    Record,
+    StreamContext,
+    Subscription,
+    check_duration,
+    hookimpl,
+    next_open_time,
+)
 
 from .aggtrade import GapFillStream, KeySequencer
 

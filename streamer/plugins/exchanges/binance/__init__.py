@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from streamer.core.hookspecs import hookimpl
+from streamer import hookimpl
 
 from .adapter import BinanceAdapter, BinanceOptions
 

@@ -16,7 +16,7 @@ from typing import Any, Final
 
 import msgspec
 
-from streamer.core.records import BookSnapshot, DepthUpdate, Kline, Level, Record, Trade
+from streamer import BookSnapshot, DepthUpdate, Kline, Level, Record, Trade
 
 EXCHANGE: Final = "binance"
 _US_THRESHOLD: Final = 10**15  # a ms epoch stays below this until the year 33658
