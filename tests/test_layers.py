@@ -183,15 +183,23 @@ def test_relative_imports_resolve_to_the_module_they_name(tmp_path):
 
 def test_checker_finds_each_kind_of_violation(monkeypatch):
     real = _graph()[0]
-    fake = {name: set(targets) for name, targets in real.items()}
-    fake["streamer.core.records"].add("streamer.testing.sim")  # core -> testing
-    fake["streamer.plugins.streams.kline"].add("streamer.plugins.sinks._csv_layout")  # plugins
-    fake["streamer.core.units"].add("streamer.core.api")  # api -> records -> ... -> units
-    fake["streamer.core.records"].add("streamer.core.units")
-    monkeypatch.setattr(sys.modules[__name__], "_graph", lambda: (fake, _lines(fake)))
-    found = [_rule(v) for v in layer_violations()]
-    assert "streamer.core.records imports streamer.testing.sim" in found
+
+    def violations_with(*edges: tuple[str, str]) -> list[str]:
+        fake = {name: set(targets) for name, targets in real.items()}
+        for source, target in edges:
+            fake[source].add(target)
+        monkeypatch.setattr(sys.modules[__name__], "_graph", lambda: (fake, _lines(fake)))
+        return [_rule(v) for v in layer_violations()]
+
+    found = violations_with(("streamer.core.ops.health", "streamer.core.units"))
+    assert found == [], found  # core -> core is fine
+    found = violations_with(("streamer.core.records", "streamer.testing.market"))
+    assert "streamer.core.records imports streamer.testing.market" in found
+    found = violations_with(
+        ("streamer.plugins.streams.kline", "streamer.plugins.sinks._csv_layout")
+    )
     assert "streamer.plugins.streams.kline imports streamer.plugins.sinks._csv_layout" in found
+    found = violations_with(("streamer.core.units", "streamer.core.api"))  # api -> ... -> units
     cycles = [v for v in found if v.startswith("import cycle:") and "streamer.core.units" in v]
     assert cycles, found
 
