@@ -20,10 +20,10 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
+from streamer import Counters
 from streamer.cli import build_app
 from streamer.core import runtime
 from streamer.core.api import ExchangeContext, Subscription
-from streamer.core.metrics import Counters
 from streamer.plugins.exchanges.binance.adapter import BinanceAdapter, BinanceOptions
 
 SPOT_SPEEDS = "use one of 100ms, 1000ms"
