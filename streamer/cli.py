@@ -324,13 +324,19 @@ def _config_check(
 ) -> None:
     """Validate FILE: exit 0 when valid, 1 with a one-line error otherwise.
 
-    Also runs every sink's start-up check (its path exists or can be created, is a
-    directory, is writable), as ``streamer run`` does before it starts anything."""
+    Also runs, as ``streamer run`` does before it starts anything, the checks that need
+    the exchange adapter but not the network (a depth speed or kline interval the market
+    does not serve...) and every sink's start-up check (its path exists or can be created,
+    is a directory, is writable)."""
+    from .core.runtime import check_streams
     from .core.runtime.sinklock import check_sinks
 
     with _bad_input():
-        cfg, registry = _load_and_validate(file, plugins)
-        check_sinks(validate_components(cfg, registry, source=str(file))[1], registry)
+        cfg = load_config(file)
+        registry = _selection(plugins).registry()
+        pipelines, sinks = validate_components(cfg, registry, source=str(file))
+        anyio.run(lambda: check_streams(pipelines, registry, source=str(file)))
+        check_sinks(sinks, registry)
     typer.echo(f"{file}: ok ({len(cfg.pipelines)} pipeline(s), {len(cfg.sinks)} sink(s))")
 
 

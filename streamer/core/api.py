@@ -154,6 +154,16 @@ class ExchangeAdapter(ABC):
             )  # fmt: skip
         return chosen
 
+    def check_subscriptions(self, subscriptions: Sequence[Subscription]) -> None:  # noqa: B027
+        """Raise ``ValueError`` (one line) when a subscription asks for something this
+        market does not serve: a depth speed, a kline interval, a channel...
+
+        ``streamer config check`` and ``streamer run`` call it with what each stream type
+        asks for, before anything starts, so a value :meth:`stream` would refuse is
+        refused up front instead of in a restart loop. No I/O; the symbols may be a
+        placeholder, so judge only channels and params. Default: accept everything.
+        """
+
     @abstractmethod
     async def stream(self, subscriptions: Sequence[Subscription], inbox: Inbox) -> None:
         """Receive ``subscriptions`` forever, delivering records to ``inbox``."""

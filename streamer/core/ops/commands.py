@@ -117,7 +117,8 @@ def _echo_start(result: d.StartResult) -> None:
     if result.ready:
         typer.echo(result.message)
     else:
-        typer.echo(f"error: {result.message}", err=True)
+        # The collector refused to start: its own one line says why, as `run` would.
+        typer.echo(f"error: {result.error or result.message}", err=True)
         raise typer.Exit(1)
 
 

@@ -28,6 +28,7 @@ import contextlib
 import errno
 import fcntl
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -121,13 +122,19 @@ class DaemonState(msgspec.Struct, kw_only=True):
 
 class StartResult(msgspec.Struct, kw_only=True):
     """Outcome of :func:`start`. ``ready`` is False when the collector did not come up in
-    time (it may still be running: see ``running``); ``message`` is for the operator."""
+    time (it may still be running: see ``running``); ``message`` is for the operator.
+
+    ``error``: when the collector exited during start-up, the one line it printed as
+    ``error: ...`` in this start's output (without the prefix; "" when there is none, e.g.
+    it crashed or was killed): the refusal ``streamer run`` would print in a terminal.
+    """
 
     pid: int
     ready: bool
     running: bool
     message: str
     recovered_stale: str = ""
+    error: str = ""
 
 
 class StopResult(msgspec.Struct, kw_only=True):
@@ -341,6 +348,7 @@ def start(
                 f"{paths.state_dir} outside the daemon; stop it first"
             )
         paths.log_file.parent.mkdir(parents=True, exist_ok=True)
+        log_start = _log_position(paths.log_file)
         since = time.time()
         child_env = dict(os.environ if env is None else env)
         child_env.setdefault("PYTHONUNBUFFERED", "1")
@@ -383,10 +391,10 @@ def start(
         )
         write_pidfile(paths.pidfile, info)
         write_pidfile(paths.state_dir / LAST_START_NAME, info)
-    return _await_ready(paths, proc, pump, since, wait, ready, recovered)
+    return _await_ready(paths, proc, pump, since, wait, ready, recovered, log_start)
 
 
-def _await_ready(paths, proc, pump, since, wait, ready, recovered) -> StartResult:
+def _await_ready(paths, proc, pump, since, wait, ready, recovered, log_start) -> StartResult:
     if wait <= 0:
         return StartResult(
             pid=proc.pid, ready=False, running=True, message=f"started pid {proc.pid}",
@@ -408,6 +416,7 @@ def _await_ready(paths, proc, pump, since, wait, ready, recovered) -> StartResul
                     f"the collector exited with code {code} during start-up", paths.log_file
                 ),
                 recovered_stale=recovered,
+                error=_collector_error(paths.log_file, log_start),
             )
         ok, why = ready(paths, proc.pid, since)
         if ok:
@@ -430,6 +439,47 @@ def _await_ready(paths, proc, pump, since, wait, ready, recovered) -> StartResul
         ),
         recovered_stale=recovered,
     )
+
+
+def _log_position(path: Path) -> tuple[int, int]:
+    """``(inode, size)`` of the log before a start ((0, 0) when missing): where this
+    start's output begins."""
+    try:
+        st = path.stat()
+    except OSError:
+        return 0, 0
+    return st.st_ino, st.st_size
+
+
+#: A log record at ERROR or above, as the runtime formats them (``LOG_FORMAT``):
+#: ``<date> <time> <process> ERROR <logger>: <message>``.
+_LOGGED_ERROR = re.compile(r"^\S+ \S+ \S+ (?:ERROR|CRITICAL) [\w.]+: (.+)$")
+
+
+def _collector_error(path: Path, start: tuple[int, int]) -> str:
+    """Why the collector refused to start, from what it wrote since ``start``: its last
+    ``error: ...`` line (the CLI's refusal, without the prefix), else its last ERROR log
+    record's message (a sink that could not open is logged by the supervisor), else "".
+    A log rotated meanwhile (another inode, or shorter) is read whole."""
+    inode, offset = start
+    try:
+        with open(path, "rb") as handle:
+            st = os.fstat(handle.fileno())
+            if st.st_ino != inode or st.st_size < offset:
+                offset = 0
+            handle.seek(max(offset, st.st_size - 65536))
+            data = handle.read(65536)
+    except OSError:
+        return ""
+    lines = data.decode(errors="replace").splitlines()
+    for line in reversed(lines):
+        if line.startswith("error: "):
+            return line[len("error: ") :].strip()
+    for line in reversed(lines):
+        match = _LOGGED_ERROR.match(line)
+        if match:
+            return match[1].strip()
+    return ""
 
 
 def _with_log(message: str, log_file: Path) -> str:

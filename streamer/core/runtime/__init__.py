@@ -28,7 +28,7 @@ from collections.abc import Callable, Iterable, Sequence
 
 import anyio
 
-from ..api import ExchangeContext, StreamContext
+from ..api import ExchangeAdapter, ExchangeContext, StreamContext
 from ..config import Config, ConfigError, ResolvedPipeline, validate_components
 from ..counters import Counters
 from .bootstrap import PluginSelection, auto_workers, partition
@@ -41,6 +41,7 @@ __all__ = [
     "PipelinePlan",
     "PluginSelection",
     "auto_workers",
+    "check_streams",
     "partition",
     "plan_pipelines",
     "read_status",
@@ -57,21 +58,16 @@ async def plan_pipelines(
 
     Returns the plans and each sink instance's type name. Raises ``ConfigError``,
     ``PluginError`` or ``ValueError`` (an unknown symbol) before any process starts.
+    Everything ``streamer config check`` checks (:func:`check_streams`) is checked before
+    the exchange is asked for its symbols.
     """
     registry = plugins.registry()
     resolved, sinks = validate_components(config, registry, source=source)
+    await check_streams(resolved, registry, source=source)
     plans = []
     for index, pipeline in enumerate(resolved):
         cfg = pipeline.config
-        adapter_cls = registry.exchange(cfg.exchange)
-        adapter = adapter_cls(
-            pipeline.exchange_options,
-            ExchangeContext(
-                pipeline=cfg.name,
-                counters=Counters(),
-                logger=logging.getLogger(f"streamer.exchange.{cfg.exchange}"),
-            ),
-        )
+        adapter = _build_adapter(pipeline, registry)
         try:
             try:
                 symbols = await adapter.resolve_symbols(cfg.symbols)
@@ -86,9 +82,6 @@ async def plan_pipelines(
             await adapter.aclose()
         if not symbols:
             raise ValueError(f"{source}: pipelines[{index}].symbols: no trading symbol left")
-        _check_subscriptions(
-            pipeline, registry, adapter, symbols[0], f"{source}: pipelines[{index}]"
-        )
         workers = cfg.workers or auto_workers(len(symbols), os.cpu_count())
         plans.append(
             PipelinePlan(
@@ -103,26 +96,80 @@ async def plan_pipelines(
     return plans, {name: type_name for name, (type_name, _) in sinks.items()}
 
 
+def _build_adapter(pipeline: ResolvedPipeline, registry) -> ExchangeAdapter:
+    cfg = pipeline.config
+    return registry.exchange(cfg.exchange)(
+        pipeline.exchange_options,
+        ExchangeContext(
+            pipeline=cfg.name,
+            counters=Counters(),
+            logger=logging.getLogger(f"streamer.exchange.{cfg.exchange}"),
+        ),
+    )
+
+
 #: Channels whose records say which subscription they answer (a kline carries its
 #: interval); on the others, two stream types asking different params would each receive
 #: both feeds, so the runtime refuses that at start-up.
 _PARAM_CARRIED = frozenset({"kline"})
 
+#: The symbol :func:`check_streams` builds stream types for: the check is about channels
+#: and their params, which do not depend on the symbol (and it needs no network).
+PLACEHOLDER_SYMBOL = "SYMBOL"
 
-def _check_subscriptions(
-    pipeline: ResolvedPipeline, registry, adapter, symbol: str, where: str
+
+async def check_streams(
+    pipelines: Sequence[ResolvedPipeline], registry, *, source: str = "<config>"
+) -> None:
+    """The exchange-dependent checks of every pipeline, without the network.
+
+    Builds each pipeline's exchange adapter and stream types from their validated options
+    (for :data:`PLACEHOLDER_SYMBOL`), so every stream type's constructor checks run (a
+    kline interval or an order-book depth the market does not serve), and lets the adapter
+    judge the subscriptions they ask for (:meth:`ExchangeAdapter.check_subscriptions`: a
+    depth speed it does not serve...). Two stream types reading one channel at different
+    params are refused too. ``streamer config check`` and ``streamer run`` both call this
+    before anything starts, so they print the same line. Raises ``ConfigError`` or
+    ``ValueError`` with one line naming the pipeline and stream type.
+    """
+    for index, pipeline in enumerate(pipelines):
+        where = f"{source}: pipelines[{index}]"
+        try:
+            adapter = _build_adapter(pipeline, registry)
+        except Exception as exc:  # __init__ must not do I/O; anything raised is the options'
+            raise ValueError(f"{where}.options: {_one_line(exc)}") from None
+        try:
+            _check_pipeline_streams(pipeline, registry, adapter, where)
+        finally:
+            await adapter.aclose()
+
+
+def _one_line(exc: Exception) -> str:
+    text = " ".join(str(exc).split())
+    if len(text) > 240:
+        text = text[:237] + "..."
+    return text if isinstance(exc, ValueError) else f"{type(exc).__name__}: {text}"
+
+
+def _check_pipeline_streams(
+    pipeline: ResolvedPipeline, registry, adapter: ExchangeAdapter, where: str
 ) -> None:
     wanted: dict[str, tuple[str, str]] = {}
     for name, options in pipeline.stream_options.items():
         context = StreamContext(
             pipeline=pipeline.config.name,
             exchange=adapter,
-            symbols=[symbol],
+            symbols=[PLACEHOLDER_SYMBOL],
             emit=lambda record: None,
             counters=Counters(),
             logger=log,
         )
-        for sub in registry.stream(name)(options, context).subscriptions():
+        try:
+            subscriptions = registry.stream(name)(options, context).subscriptions()
+            adapter.check_subscriptions(subscriptions)
+        except Exception as exc:  # a third-party bug still gets one line
+            raise ValueError(f"{where}.streams.{name}: {_one_line(exc)}") from None
+        for sub in subscriptions:
             if sub.channel in _PARAM_CARRIED:
                 continue
             other = wanted.setdefault(sub.channel, (name, sub.param))

@@ -269,6 +269,11 @@ class BinanceAdapter(ExchangeAdapter):
             return f"{symbol}@depth@{speed}"
         raise ValueError(f"unknown channel {sub.channel!r}")
 
+    def check_subscriptions(self, subscriptions: Sequence[Subscription]) -> None:
+        """Refuse a depth speed or kline interval this market does not serve (one line)."""
+        for sub in subscriptions:
+            self.stream_name(sub)
+
     def stream_groups(self, subscriptions: Sequence[Subscription]) -> list[StreamGroup]:
         """The connections :meth:`stream` opens for ``subscriptions``.
 
