@@ -53,6 +53,8 @@ from streamer import (
     check_duration,
     hookimpl,
     parse_duration,
+    record_key,
+    record_time,
 )
 
 from . import _csv_files as files
@@ -500,8 +502,8 @@ class CsvSink(Sink):
         self._pending_bytes += len(data)
         if sk is not None:
             if f.pending_first is None:
-                f.pending_first = (_key(kind, records[0]), _time_of(records[0]))
-            f.pending_key = _key(kind, records[-1])
+                f.pending_first = (record_key(records[0]), record_time(records[0]))
+            f.pending_key = record_key(records[-1])
         self._pending_rows += rows
         self._dirty[target] = f
 
@@ -596,10 +598,10 @@ class CsvSink(Sink):
         assert sk is not None  # markers are never dropped
         reason = self._failure_reason or "buffer full"
         drop = self._drops.get((sk, reason))
-        first = _key(f.kind, dropped[0])
+        first = record_key(dropped[0])
         if drop is None:
-            drop = self._drops[(sk, reason)] = _Drop(first, _time_of(dropped[0]), reason)
-        drop.last_key = _key(f.kind, dropped[-1])
+            drop = self._drops[(sk, reason)] = _Drop(first, record_time(dropped[0]), reason)
+        drop.last_key = record_key(dropped[-1])
         drop.rows += rows
         self._counters.incr("rows_dropped", sk.symbol, sk.stream, rows)
         self._log.error(
@@ -1015,22 +1017,6 @@ class CsvSink(Sink):
 
 def _stream_of(f: _File) -> str:
     return f.stream.stream if f.stream is not None else layout.MARKERS
-
-
-def _key(kind: str, record) -> int:
-    if kind == layout.AGGTRADE:
-        return record.trade_id
-    if kind == layout.KLINE:
-        return record.open_time
-    return record.last_update_id
-
-
-def _time_of(record) -> int:
-    if isinstance(record, Trade):
-        return record.transact_time
-    if isinstance(record, Kline):
-        return record.open_time
-    return record.event_time or record.receive_time
 
 
 def _subdirs(path: str) -> list[str]:
