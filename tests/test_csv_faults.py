@@ -8,6 +8,8 @@ import errno
 import io
 import logging
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -163,27 +165,70 @@ def test_permission_denied_by_hook_then_recovers(
     assert [int(r[0]) for r in rows_of(trade_file(tmp_path))[1:]] == [1, 2, 3, 4, 5]
 
 
-@pytest.mark.skipif(
-    hasattr(os, "geteuid") and os.geteuid() == 0, reason="root ignores chmod permissions"
-)
-def test_permission_denied_by_chmod(tmp_path: Path) -> None:
-    folder = trade_file(tmp_path).parent
-    folder.mkdir(parents=True)
-    sink, counters = make_sink(tmp_path)
+NOBODY = 65534
 
-    async def scenario():
-        folder.chmod(0o500)
+
+def _as_unprivileged(body) -> None:
+    """Run ``body()`` where file permissions apply: as is, or (as root, who ignores them)
+    in a forked child that has dropped to the ``nobody`` user."""
+    if os.geteuid() != 0:
+        body()
+        return
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child reports through its exit code
+        code = 1
         try:
-            await sink.write(trades("BTCUSDT", 1, 3))
-            await sink.flush()
-            assert counters.total("write_errors") >= 1
-            assert sink.pending_rows == 3
-        finally:
-            folder.chmod(0o700)
-        await sink.close()
+            os.setgid(NOBODY)
+            os.setuid(NOBODY)
+            body()
+            code = 0
+        except BaseException:
+            import traceback
 
-    asyncio.run(scenario())
-    assert [int(r[0]) for r in rows_of(trade_file(tmp_path))[1:]] == [1, 2, 3]
+            traceback.print_exc()
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0, "the unprivileged scenario failed (see stderr)"
+
+
+@pytest.fixture
+def open_dir(tmp_path: Path):
+    """A data folder the unprivileged user can reach: ``tmp_path``, or as root a fresh
+    folder under the system temp dir owned by ``nobody`` (pytest's own is private to root)."""
+    if os.geteuid() != 0:
+        yield tmp_path
+        return
+    base = Path(tempfile.mkdtemp(prefix="streamer-perm-"))
+    base.chmod(0o755)
+    os.chown(base, NOBODY, NOBODY)
+    try:
+        yield base
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def test_permission_denied_by_chmod(open_dir: Path) -> None:
+    def body() -> None:
+        folder = trade_file(open_dir).parent
+        folder.mkdir(parents=True)
+        sink, counters = make_sink(open_dir)
+
+        async def scenario():
+            folder.chmod(0o500)
+            try:
+                await sink.write(trades("BTCUSDT", 1, 3))
+                await sink.flush()
+                assert counters.total("write_errors") >= 1
+                assert sink.pending_rows == 3
+            finally:
+                folder.chmod(0o700)
+            await sink.close()
+
+        asyncio.run(scenario())
+
+    _as_unprivileged(body)
+    assert [int(r[0]) for r in rows_of(trade_file(open_dir))[1:]] == [1, 2, 3]
 
 
 def test_undo_failure_leaves_torn_tail_that_next_open_repairs(tmp_path: Path) -> None:
