@@ -348,3 +348,19 @@ async def test_a_falling_server_count_lifts_a_stop_taken_on_its_previous_minute(
     await budget.acquire(4, URGENT)
     await budget.acquire(50, NORMAL)
     assert ft.sleeps == [] and budget.used == 94
+
+
+async def test_minute_windows_follow_the_server_once_its_count_fell():
+    ft = FakeTime(1_700_000_040.0 + 25)  # 25 s past a calendar minute
+    budget = WeightBudget(6000, clock=ft.clock, sleep=ft.sleep)
+    budget.observe_used(4000)
+    ft.now += 6
+    budget.observe_used(40)  # the server's minute began 31 s past the calendar minute
+    await budget.acquire(4, URGENT)
+    assert budget.used == 44
+    ft.now += 30  # a new calendar minute, but the server's minute runs 30 s more
+    await budget.acquire(4, URGENT)
+    assert budget.used == 48
+    ft.now += 31
+    await budget.acquire(4, URGENT)
+    assert budget.used == 4  # the server's next minute

@@ -87,6 +87,9 @@ class WeightBudget:
         self.set_limit(limit)
         self._tokens = float(self.burst)
         self._last_refill = clock()
+        #: Where the server's minute windows start, in seconds past the calendar minute:
+        #: 0 for Binance, learned from the first fall of its count otherwise.
+        self._phase = 0.0
         self._window = int(clock() // 60)
         #: Weight used in the current minute: the larger of our own count and the server's.
         self.used = 0
@@ -174,8 +177,11 @@ class WeightBudget:
             await changed.wait()
             tg.cancel_scope.cancel()
 
+    def _window_of(self, now: float) -> int:
+        return int((now - self._phase) // 60)
+
     def _roll(self, window: int) -> None:
-        """Start the minute ``window`` (a new calendar minute)."""
+        """Start the minute ``window``."""
         self._urgent_prev = self.urgent_used if window == self._window + 1 else 0
         self.urgent_used = 0
         self._window = window
@@ -184,27 +190,31 @@ class WeightBudget:
     def urgent_rate(self, now: float) -> float:
         """URGENT weight per second to keep room for: the rate seen in this window or the
         previous one, and at least the reserved share of the ceiling."""
-        elapsed = now - self._window * 60
+        elapsed = now - self._window * 60 - self._phase
         current = self.urgent_used * 60 / max(elapsed, 15.0)
         return max(self._urgent_prev, current, self.reserved_weight) / 60.0
 
     def _wait_for(self, weight: int, now: float, priority: int = NORMAL) -> float:
         if now < self.blocked_until:
             return self.blocked_until - now
-        window = int(now // 60)
+        window = self._window_of(now)
         if window != self._window:
             self._roll(window)
-        left = (window + 1) * 60 - now
+        left = (window + 1) * 60 + self._phase - now
         if self.used + weight > self.ceiling:
             return left + 0.05
         urgent = priority <= URGENT
         if not urgent:
-            # Leave room for the urgent weight still to come in this window (that room
-            # shrinks as the window runs out), but never all of it: a burst's worth per
-            # minute stays for NORMAL requests, so books resync even under heavy fills.
+            # Leave room for the urgent weight still to come in this window (at least the
+            # reserved share; more at the rate fills ran lately, a room that shrinks as
+            # the window runs out), but never all of it: a burst's worth per minute stays
+            # for NORMAL requests, so books resync even under heavy fills.
             rate = min(self.urgent_rate(now), max(self.ceiling - self.burst, 1) / 60.0)
-            excess = self.used + weight + rate * left - self.ceiling
+            room = max(float(self.reserved_weight), rate * left)
+            excess = self.used + weight + room - self.ceiling
             if excess > 0:
+                if rate * left <= self.reserved_weight:
+                    return left + 0.05  # only the next window (or a server reset) helps
                 return min(left + 0.05, max(0.05, excess / rate))
         self._tokens = min(self.burst, self._tokens + (now - self._last_refill) * self.rate)
         self._last_refill = now
@@ -218,12 +228,17 @@ class WeightBudget:
 
         A count that falls by more than a burst means the server's minute began (its
         clock and ours differ a little, or it counts minutes from elsewhere): its count is
-        then the truth, so a stop taken on its previous minute's tail is lifted at once.
+        then the truth, a stop taken on its previous minute's tail is lifted at once, and
+        the windows are counted from there on.
         """
-        window = int(self._clock() // 60)
+        now = self._clock()
+        window = self._window_of(now)
         if window != self._window:  # the response belongs to a window we have not seen yet
             self._roll(window)
         if used + self.burst < self._server_used:
+            self._phase = now % 60
+            self._urgent_prev, self.urgent_used = self.urgent_used, 0
+            self._window = self._window_of(now)
             self.used = used
             self._notify()  # a request waiting for the next minute may go now
         else:
