@@ -5,6 +5,8 @@
 * a plugin package (``streamer.plugins.streams``, ``streamer.plugins.sinks``, each
   ``streamer.plugins.exchanges.<name>``) imports no other plugin package, nor
   ``streamer.testing`` or ``streamer.cli``; its modules may share private helpers;
+* built-in plugins and the simulator (``streamer.testing``) reach the core only through the
+  public API, ``from streamer import ...``, exactly as a third-party plugin must;
 * no import cycle among the package's modules.
 
 Every ``import`` counts wherever it is written (module level, inside a function, under
@@ -153,6 +155,11 @@ def layer_violations() -> list[str]:
                 for banned in ("streamer.testing", "streamer.cli"):
                     if _within(target, banned):
                         found.append((f"{name} imports {target}", where))
+            if (own is not None or _within(name, "streamer.testing")) and _within(
+                target, "streamer.core"
+            ):
+                # Built-in plugins (the simulator's included) use only the public API.
+                found.append((f"{name} imports {target}, not the public API", where))
     for cycle, members in _cycles(graph):
         more = f"(all of {', '.join(members)})" if len(members) + 1 > len(cycle) else ""
         found.append(("import cycle: " + " -> ".join(cycle), more))
@@ -199,6 +206,8 @@ def test_checker_finds_each_kind_of_violation(monkeypatch):
         ("streamer.plugins.streams.kline", "streamer.plugins.sinks._csv_layout")
     )
     assert "streamer.plugins.streams.kline imports streamer.plugins.sinks._csv_layout" in found
+    found = violations_with(("streamer.plugins.streams.kline", "streamer.core.units"))
+    assert "streamer.plugins.streams.kline imports streamer.core.units, not the public API" in found
     found = violations_with(
         ("streamer.core.units", "streamer.core.api"), ("streamer.core.api", "streamer.core.units")
     )

@@ -23,11 +23,21 @@ from typing import Annotated
 import anyio
 import msgspec
 
-from streamer.core.api import SequenceRule, StreamContext, StreamType, Subscription
-from streamer.core.hookspecs import hookimpl
-from streamer.core.logs import RateLimitedLog
-from streamer.core.records import BookSnapshot, DepthUpdate, Marker, MarkerKind, Record
-from streamer.core.units import check_duration, parse_duration
+from streamer import (
+    BookSnapshot,
+    DepthUpdate,
+    Marker,
+    MarkerKind,
+    RateLimitedLog,
+    Record,
+    SequenceRule,
+    StreamContext,
+    StreamType,
+    Subscription,
+    check_duration,
+    hookimpl,
+    parse_duration,
+)
 
 from . import _book as B
 

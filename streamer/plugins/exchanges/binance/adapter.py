@@ -16,16 +16,19 @@ import anyio
 import httpx
 import msgspec
 
-from streamer.core.api import (
+from streamer import (
+    BookSnapshot,
     ExchangeAdapter,
     ExchangeContext,
     Inbox,
+    Kline,
     SequenceRule,
     Subscription,
     SymbolInfo,
+    Trade,
+    check_duration,
+    parse_duration,
 )
-from streamer.core.records import BookSnapshot, Kline, Trade
-from streamer.core.units import check_duration, parse_duration
 
 from .connections import (
     ConnectionManager,
@@ -35,7 +38,7 @@ from .connections import (
     build_groups,
 )
 from .decode import decode_agg_trades, decode_depth_snapshot, decode_exchange_info, decode_klines
-from .rest import RestClient, WeightBudget
+from .rest import URGENT, RestClient, WeightBudget
 
 #: Every kline interval Binance serves; ``1s`` exists on spot only.
 KLINE_INTERVALS: tuple[str, ...] = (
@@ -93,6 +96,9 @@ class BinanceOptions(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     rest_weight_limit: int = 0
     #: Fraction of the weight limit the adapter plans to use (the rest is headroom).
     rest_weight_safety: float = 0.8
+    #: Share of that planned weight kept for trade and kline gap fills: book snapshots
+    #: never use it, and fills are always served before waiting snapshots.
+    rest_fill_reserve: float = 0.2
     #: REST timeout per request.
     rest_timeout: str = "10s"
     #: For ``symbols: [all]``: keep only these quote assets (empty: every quote asset).
@@ -126,6 +132,8 @@ class BinanceOptions(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
             raise msgspec.ValidationError(f"rotate_at {self.rotate_at!r}: use 'HH:MM' (UTC)")
         if not 0.05 <= self.rest_weight_safety <= 1.0:
             raise msgspec.ValidationError("rest_weight_safety must be between 0.05 and 1")
+        if not 0.0 <= self.rest_fill_reserve <= 0.9:
+            raise msgspec.ValidationError("rest_fill_reserve must be between 0 and 0.9")
 
 
 def _rotate_at_second(text: str) -> int | None:
@@ -159,7 +167,9 @@ class BinanceAdapter(ExchangeAdapter):
         self._prefix = "/api/v3" if self.market == "spot" else "/fapi/v1"
         self._max_age_ms = int(parse_duration(options.backfill_max_age) * 1000)
         self.budget = WeightBudget(
-            options.rest_weight_limit or weight, safety=options.rest_weight_safety
+            options.rest_weight_limit or weight,
+            safety=options.rest_weight_safety,
+            reserve=options.rest_fill_reserve,
         )
         client = context.http_client
         if client is not None and not isinstance(client, httpx.AsyncClient):
@@ -357,7 +367,8 @@ class BinanceAdapter(ExchangeAdapter):
 
     async def _agg_page(self, params: dict[str, object]) -> list[Trade]:
         weight = 4 if self.market == "spot" else 20
-        body = await self.rest.get(f"{self._prefix}/aggTrades", params, weight)
+        # Written trades wait on gap fills: they go before book snapshots.
+        body = await self.rest.get(f"{self._prefix}/aggTrades", params, weight, priority=URGENT)
         return decode_agg_trades(body, params["symbol"], self.market, _now_ms())  # type: ignore[arg-type]
 
     async def backfill_trades(
@@ -413,7 +424,7 @@ class BinanceAdapter(ExchangeAdapter):
             # A bar is complete on the server only if it closed before the request was
             # sent; one closing while the response travels may still take trades.
             asked = _now_ms()
-            body = await self.rest.get(f"{self._prefix}/klines", params, weight)
+            body = await self.rest.get(f"{self._prefix}/klines", params, weight, priority=URGENT)
             rows = decode_klines(body, symbol, interval, self.market, _now_ms())
             closed = [k for k in rows if k.close_time < asked and start <= k.open_time <= end_time]
             if closed:

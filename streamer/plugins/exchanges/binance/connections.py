@@ -33,9 +33,7 @@ import anyio
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosedOK
 
-from streamer.core.counters import Counters
-from streamer.core.logs import RateLimitedLog
-from streamer.core.records import Record
+from streamer import Counters, RateLimitedLog, Record
 
 from .decode import ControlError, FrameDecoder, FrameError, ServerShutdown
 
@@ -121,6 +119,11 @@ class ConnectionSettings:
     #: Seconds the old connection stays open after its replacement delivered data.
     overlap: float = 2.0
     open_timeout: float = 10.0
+    #: A connection that delivered data for this long was healthy: when it drops, the
+    #: reconnect is immediate and the backoff starts over. One that dies younger keeps
+    #: backing off (a server that accepts and then drops at once is not hammered; the
+    #: connection rate limiter bounds the rest).
+    healthy_after: float = 10.0
     ping_interval: float | None = 20.0
     ping_timeout: float | None = 20.0
     rng: random.Random = field(default_factory=random.Random)
@@ -304,7 +307,8 @@ class ConnectionManager:
                     reason = new.reason or "disconnect"
                     lived = time.monotonic() - new.opened
                     # A connection that died young (or never delivered) keeps backing off.
-                    failures = 1 if lived > 30 and new.data_seen.is_set() else failures + 1
+                    healthy = lived >= self.settings.healthy_after and new.data_seen.is_set()
+                    failures = 1 if healthy else failures + 1
                     if reason == "server shutdown":
                         failures = 0
                     continue

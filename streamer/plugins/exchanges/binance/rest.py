@@ -6,6 +6,12 @@ trade and kline backfills and exchangeInfo all queue behind the same budget:
 * a token bucket refilled at ``limit * safety / 60`` weight per second (bursts are capped
   at ``burst`` weight), so hundreds of snapshot requests after a reconnect are spread out
   instead of fired at once;
+* priorities: waiting requests are served most urgent first (``URGENT`` gap fills, which
+  live output waits on, before ``NORMAL`` book snapshots), in arrival order within one
+  priority, and ``NORMAL`` requests leave room in each minute window for the ``URGENT``
+  weight still expected in it (at the rate seen in this or the previous window, at least
+  the share ``reserve`` of the ceiling, at most all but one burst), plus ``reserve`` of
+  the burst, so trade fills never queue behind a post-reconnect snapshot burst;
 * the server's own count, ``X-MBX-USED-WEIGHT-1M`` (which includes other processes on the
   same IP), read on every response: when it reaches ``limit * safety`` no call is sent until
   the next minute window;
@@ -16,6 +22,8 @@ trade and kline backfills and exchangeInfo all queue behind the same budget:
 
 from __future__ import annotations
 
+import heapq
+import itertools
 import logging
 import random
 import time
@@ -24,8 +32,7 @@ from collections.abc import Awaitable, Callable, Mapping
 import anyio
 import httpx
 
-from streamer.core.counters import Counters
-from streamer.core.logs import RateLimitedLog
+from streamer import Counters, RateLimitedLog
 
 from .decode import decode_rest_error
 
@@ -46,12 +53,19 @@ class RestError(OSError):
         self.code = code
 
 
+#: Request priorities (lower is served first).
+URGENT = 0  # gap fills: written output waits on them
+NORMAL = 1  # book snapshots, exchangeInfo
+
+
 class WeightBudget:
     """Request-weight accounting for one host, shared by every call of an adapter.
 
     ``limit`` is the exchange's REQUEST_WEIGHT per minute; the budget never plans past
-    ``limit * safety``. ``clock`` returns wall-clock seconds (Binance's minute windows are
-    calendar minutes); ``sleep`` is awaited for every wait, which tests replace.
+    ``limit * safety``. ``reserve`` is the least share of that ceiling (and of the burst)
+    kept free for ``URGENT`` requests (more when they used more lately). ``clock``
+    returns wall-clock seconds (Binance's minute windows are calendar minutes); ``sleep``
+    is awaited for every wait, which tests replace.
     """
 
     def __init__(
@@ -60,22 +74,36 @@ class WeightBudget:
         *,
         safety: float = 0.8,
         burst: int | None = None,
+        reserve: float = 0.2,
         clock: Callable[[], float] = time.time,
         sleep: Callable[[float], Awaitable[None]] = anyio.sleep,
     ) -> None:
-        self._lock = anyio.Lock()
         self._clock = clock
         self._sleep = sleep
         self.safety = safety
+        self.reserve = min(max(reserve, 0.0), 0.9)
         self._burst_override = burst
         self.set_limit(limit)
         self._tokens = float(self.burst)
         self._last_refill = clock()
+        #: Where the server's minute windows start, in seconds past the calendar minute:
+        #: 0 for Binance, learned from the first fall of its count otherwise.
+        self._phase = 0.0
         self._window = int(clock() // 60)
         #: Weight used in the current minute: the larger of our own count and the server's.
         self.used = 0
         #: Wall-clock time before which no request may be sent (429/418/403 backoff).
         self.blocked_until = 0.0
+        #: The server's last reported count.
+        self._server_used = 0
+        #: URGENT weight spent in the current and the previous minute window.
+        self.urgent_used = 0
+        self._urgent_prev = 0
+        #: Waiting requests as a heap of (priority, ticket); the head is served next.
+        self._queue: list[tuple[int, int]] = []
+        self._tickets = itertools.count()
+        #: Set (and replaced) whenever the queue head may have changed; made on first use.
+        self._changed: anyio.Event | None = None
 
     def set_limit(self, limit: int) -> None:
         """Change the per-minute limit (e.g. from exchangeInfo ``rateLimits``)."""
@@ -83,42 +111,138 @@ class WeightBudget:
         self.ceiling = max(int(self.limit * self.safety), 1)
         self.burst = self._burst_override or max(self.ceiling // 5, 1)
         self.rate = self.ceiling / 60.0
+        #: Weight per minute and burst tokens that only URGENT requests may use.
+        self.reserved_weight = int(self.ceiling * self.reserve)
+        self.reserved_tokens = float(int(self.burst * self.reserve))
 
-    async def acquire(self, weight: int) -> None:
-        """Wait until ``weight`` may be spent without approaching the limit, then spend it."""
+    @property
+    def waiting(self) -> int:
+        """Requests waiting for their turn."""
+        return len(self._queue)
+
+    async def acquire(self, weight: int, priority: int = NORMAL) -> None:
+        """Wait until ``weight`` may be spent without approaching the limit, then spend it.
+
+        More urgent requests (lower ``priority``) go first; equal ones in arrival order.
+        """
         weight = min(max(int(weight), 1), self.burst)
-        async with self._lock:  # one waiter at a time keeps requests in arrival order
+        ticket = (priority, next(self._tickets))
+        queue = self._queue
+        heapq.heappush(queue, ticket)
+        if queue[0] == ticket:
+            self._notify()  # a less urgent head that is sleeping must make way
+        try:
             while True:
+                if queue[0] != ticket:
+                    await self._change().wait()
+                    continue
                 now = self._clock()
-                wait = self._wait_for(weight, now)
+                wait = self._wait_for(weight, now, priority)
                 if wait <= 0:
                     self._tokens -= weight
                     self.used += weight
+                    if priority <= URGENT:
+                        self.urgent_used += weight
                     return
-                await self._sleep(wait)
+                await self._sleep_unless_changed(wait)
+        finally:
+            if queue and queue[0] == ticket:
+                heapq.heappop(queue)
+            else:
+                queue.remove(ticket)
+                heapq.heapify(queue)
+            self._notify()
 
-    def _wait_for(self, weight: int, now: float) -> float:
+    def _change(self) -> anyio.Event:
+        if self._changed is None:
+            self._changed = anyio.Event()
+        return self._changed
+
+    def _notify(self) -> None:
+        if self._changed is not None:
+            self._changed.set()
+            self._changed = None
+
+    async def _sleep_unless_changed(self, seconds: float) -> None:
+        """Sleep ``seconds`` (with the injected sleep) or until the queue head changes."""
+        changed = self._change()
+        async with anyio.create_task_group() as tg:
+
+            async def sleeper() -> None:
+                await self._sleep(seconds)
+                tg.cancel_scope.cancel()
+
+            tg.start_soon(sleeper)
+            await changed.wait()
+            tg.cancel_scope.cancel()
+
+    def _window_of(self, now: float) -> int:
+        return int((now - self._phase) // 60)
+
+    def _roll(self, window: int) -> None:
+        """Start the minute ``window``."""
+        self._urgent_prev = self.urgent_used if window == self._window + 1 else 0
+        self.urgent_used = 0
+        self._window = window
+        self.used = 0
+
+    def urgent_rate(self, now: float) -> float:
+        """URGENT weight per second to keep room for: the rate seen in this window or the
+        previous one, and at least the reserved share of the ceiling."""
+        elapsed = now - self._window * 60 - self._phase
+        current = self.urgent_used * 60 / max(elapsed, 15.0)
+        return max(self._urgent_prev, current, self.reserved_weight) / 60.0
+
+    def _wait_for(self, weight: int, now: float, priority: int = NORMAL) -> float:
         if now < self.blocked_until:
             return self.blocked_until - now
-        window = int(now // 60)
+        window = self._window_of(now)
         if window != self._window:
-            self._window = window
-            self.used = 0
+            self._roll(window)
+        left = (window + 1) * 60 + self._phase - now
         if self.used + weight > self.ceiling:
-            return (window + 1) * 60 - now + 0.05
+            return left + 0.05
+        urgent = priority <= URGENT
+        if not urgent:
+            # Leave room for the urgent weight still to come in this window (at least the
+            # reserved share; more at the rate fills ran lately, a room that shrinks as
+            # the window runs out), but never all of it: a burst's worth per minute stays
+            # for NORMAL requests, so books resync even under heavy fills.
+            rate = min(self.urgent_rate(now), max(self.ceiling - self.burst, 1) / 60.0)
+            room = max(float(self.reserved_weight), rate * left)
+            excess = self.used + weight + room - self.ceiling
+            if excess > 0:
+                if rate * left <= self.reserved_weight:
+                    return left + 0.05  # only the next window (or a server reset) helps
+                return min(left + 0.05, max(0.05, excess / rate))
         self._tokens = min(self.burst, self._tokens + (now - self._last_refill) * self.rate)
         self._last_refill = now
-        if self._tokens < weight:
-            return (weight - self._tokens) / self.rate
+        need = weight if urgent else min(weight + self.reserved_tokens, self.burst)
+        if self._tokens < need:
+            return (need - self._tokens) / self.rate
         return 0.0
 
     def observe_used(self, used: int) -> None:
-        """Record the server's ``X-MBX-USED-WEIGHT-1M`` for the current window."""
-        if int(self._clock() // 60) == self._window:
-            self.used = max(self.used, used)
-        else:  # the response belongs to a window we have not seen yet
-            self._window = int(self._clock() // 60)
+        """Record the server's ``X-MBX-USED-WEIGHT-1M`` for the current window.
+
+        A count that falls by more than a burst means the server's minute began (its
+        clock and ours differ a little, or it counts minutes from elsewhere): its count is
+        then the truth, a stop taken on its previous minute's tail is lifted at once, and
+        the windows are counted from there on.
+        """
+        now = self._clock()
+        window = self._window_of(now)
+        if window != self._window:  # the response belongs to a window we have not seen yet
+            self._roll(window)
+        if used + self.burst < self._server_used:
+            self._phase = now % 60
+            self._urgent_prev, self.urgent_used = self.urgent_used, 0
+            self._window = self._window_of(now)
             self.used = used
+            self._notify()  # a request waiting for the next minute may go now
+        else:
+            self.used = max(self.used, used)
+        self._server_used = used
 
     def block(self, seconds: float) -> None:
         """Send nothing to this host for ``seconds`` (extends, never shortens, a block)."""
@@ -173,8 +297,12 @@ class RestClient:
         weight: int,
         *,
         max_attempts: int | None = None,
+        priority: int = NORMAL,
     ) -> bytes:
         """The body of ``GET base_url + path?params`` once it succeeds.
+
+        ``priority`` orders it among the requests waiting for the budget (``URGENT``
+        before ``NORMAL``).
 
         Raises :class:`RestError` for a non-retryable answer or when ``max_attempts``
         (default: the client's) failed attempts have been made.
@@ -184,7 +312,7 @@ class RestClient:
         attempt = 0
         bans = 0
         while True:
-            await self.budget.acquire(weight)
+            await self.budget.acquire(weight, priority)
             self._counters.incr("rest_requests")
             try:
                 response = await self._client.get(url, params=params, timeout=self._timeout)
