@@ -45,6 +45,7 @@ from .core.records import (
 )
 from .core.units import (
     KLINE_INTERVALS,
+    Duration,
     check_duration,
     interval_ms,
     next_open_time,
@@ -63,6 +64,7 @@ __all__ = [
     "Channel",
     "Counters",
     "DepthUpdate",
+    "Duration",
     "ExchangeAdapter",
     "ExchangeContext",
     "Inbox",

@@ -15,10 +15,10 @@ import anyio
 import httpx
 import msgspec
 import pytest
-from streamer.core.counters import Counters
 from test_stream_types import FakeExchange, ids, make, markers, trade, wait_for
 
 from streamer.core.api import ExchangeContext
+from streamer.core.counters import Counters
 from streamer.plugins.exchanges.binance import BinanceAdapter, BinanceOptions
 from streamer.plugins.exchanges.binance.rest import NORMAL, URGENT, WeightBudget
 from streamer.plugins.streams.aggtrade import AggTradeOptions, AggTradeStream, KeySequencer

@@ -12,8 +12,8 @@ import logging
 
 import anyio
 import pytest
-from streamer.core.counters import Counters
 
+from streamer.core.counters import Counters
 from streamer.plugins.exchanges.binance.connections import (
     ConnectionManager,
     ConnectionRateLimiter,

@@ -10,6 +10,10 @@ from datetime import UTC, datetime
 
 _DURATION = re.compile(r"^\s*(?P<value>\d+(?:\.\d+)?)\s*(?P<unit>ms|s|m|h|d)\s*$")
 _SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+#: The type of a duration option: a string such as ``"250ms"`` or ``"1h"``, or a number of
+#: seconds (``0.25``). Read it with :func:`parse_duration` / :func:`check_duration`.
+Duration = str | float
+
 #: Longest duration accepted (ten years): beyond it, clocks and date arithmetic overflow.
 MAX_DURATION = 10 * 365 * 86400.0
 

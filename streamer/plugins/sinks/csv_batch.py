@@ -42,6 +42,7 @@ import msgspec
 from streamer import (
     BookSnapshot,
     DepthUpdate,
+    Duration,
     Kline,
     Marker,
     RateLimitedLog,
@@ -71,7 +72,7 @@ class Options(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     #: New file per UTC day, or per UTC hour (``-HH`` appended to the date).
     rotation: Literal["daily", "hourly"] = "daily"
     #: ``write`` flushes when the last flush is older than this (``"1s"``, ``"250ms"``, 2.5).
-    flush_interval: str | float = "1s"
+    flush_interval: Duration = "1s"
     #: ``write`` also flushes once this many rows are pending.
     flush_rows: Annotated[int, msgspec.Meta(ge=1, le=100_000_000)] = 100_000
     #: Write ``.csv.gz`` files, one gzip member per flush.

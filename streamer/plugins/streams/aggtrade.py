@@ -42,6 +42,7 @@ import msgspec
 
 from streamer import (
     Channel,
+    Duration,
     Marker,
     MarkerKind,
     RateLimitedLog,
@@ -637,7 +638,7 @@ class AggTradeOptions(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     #: Fill gaps from the exchange's REST API (False: only report them as unfillable).
     backfill: bool = True
     #: Wait this long before filling a gap found by an id jump (rotation overlap).
-    gap_grace: str = "500ms"
+    gap_grace: Duration = "500ms"
     #: Live trades held per symbol while a gap is filled; beyond it the gap is given up.
     max_held: Annotated[int, msgspec.Meta(ge=1, le=100_000_000)] = 200_000
     #: Live trades held by all symbols of the stream together; beyond it the largest
@@ -645,12 +646,12 @@ class AggTradeOptions(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     max_held_total: Annotated[int, msgspec.Meta(ge=1, le=1_000_000_000)] = 500_000
     #: Longest a trade waits above an unfilled gap; then the gap is given up (reported
     #: as ``unfillable``, reason ``hold timeout``) and the held trades are written.
-    max_hold: str = "30s"
+    max_hold: Duration = "30s"
     #: Gap fills in flight at once (each covers the holes within one REST page).
     fill_concurrency: Annotated[int, msgspec.Meta(ge=1, le=64)] = 8
     #: At shutdown, time allowed for a last fill of open gaps before what is held is
     #: written with ``unfillable`` markers (reason ``shutdown``); "0s" skips the fill.
-    shutdown_fill: str = "5s"
+    shutdown_fill: Duration = "5s"
 
     def __post_init__(self) -> None:
         check_duration("gap_grace", self.gap_grace)

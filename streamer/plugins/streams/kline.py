@@ -22,6 +22,7 @@ import msgspec
 from streamer import KLINE_INTERVALS as INTERVALS
 from streamer import (
     Channel,
+    Duration,
     Kline,
     Record,
     StreamContext,
@@ -44,7 +45,7 @@ class KlineOptions(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     #: Fill missed closed bars from the exchange's REST API.
     backfill: bool = True
     #: Wait this long before filling a gap found from open times.
-    gap_grace: str = "500ms"
+    gap_grace: Duration = "500ms"
     #: Closed bars held per (symbol, interval) while a gap is filled.
     max_held: Annotated[int, msgspec.Meta(ge=1, le=100_000_000)] = 10_000
 

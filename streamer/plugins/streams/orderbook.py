@@ -26,6 +26,7 @@ import msgspec
 from streamer import (
     BookSnapshot,
     DepthUpdate,
+    Duration,
     Marker,
     MarkerKind,
     RateLimitedLog,
@@ -56,13 +57,13 @@ class OrderBookOptions(msgspec.Struct, forbid_unknown_fields=True, kw_only=True)
     levels: Annotated[int, msgspec.Meta(ge=1, le=5000)] = 20
     #: How often to write each book: a duration (``"1s"``), or ``"update"``/``"0"`` for a
     #: snapshot after every applied update.
-    interval: str | float = "1s"
+    interval: Duration = "1s"
     #: Depth of the REST snapshot; capped by the exchange's maximum and rounded up to a
     #: value its API accepts (Binance spot: up to 5000, USD-M: 5..1000 fixed steps).
     snapshot_limit: Annotated[int, msgspec.Meta(ge=1, le=5000)] = 1000
     #: How often each book is compared with a fresh snapshot (jittered per symbol);
     #: ``"0"`` or ``"off"`` disables verification.
-    verify_interval: str | float = "10m"
+    verify_interval: Duration = "10m"
     #: Depth update speed requested from the adapter (``"100ms"``); empty for its default.
     #: Must equal the ``depth`` stream's speed in the same pipeline (both read one depth
     #: feed); the runtime refuses different speeds at start-up.

@@ -18,6 +18,7 @@ import msgspec
 
 from streamer import (
     BookSnapshot,
+    Duration,
     ExchangeAdapter,
     ExchangeContext,
     Inbox,
@@ -83,15 +84,15 @@ class BinanceOptions(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     #: between worker processes sharing one IP).
     max_new_connections_per_5m: int = 300
     #: Replace each connection after this age (Binance disconnects at 24 h); "0" disables.
-    rotate_after: str = "23h"
+    rotate_after: Duration = "23h"
     #: Also replace every connection daily at this UTC time ("HH:MM"); empty disables.
     rotate_at: str = ""
     #: How long a replaced connection stays open after its successor delivered data.
-    rotation_overlap: str = "2s"
+    rotation_overlap: Duration = "2s"
     #: Reconnect a connection that delivered nothing for this long.
-    no_data_timeout: str = "60s"
+    no_data_timeout: Duration = "60s"
     #: Longest pause between reconnect attempts.
-    reconnect_backoff_max: str = "30s"
+    reconnect_backoff_max: Duration = "30s"
     #: REST request weight per minute; 0 = from exchangeInfo (6000 spot / 2400 futures).
     rest_weight_limit: int = 0
     #: Fraction of the weight limit the adapter plans to use (the rest is headroom).
@@ -100,13 +101,13 @@ class BinanceOptions(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     #: never use it, and fills are always served before waiting snapshots.
     rest_fill_reserve: float = 0.2
     #: REST timeout per request.
-    rest_timeout: str = "10s"
+    rest_timeout: Duration = "10s"
     #: For ``symbols: [all]``: keep only these quote assets (empty: every quote asset).
     quote_assets: list[str] = msgspec.field(default_factory=list)
     #: For ``symbols: [all]``: statuses to collect.
     statuses: list[str] = msgspec.field(default_factory=lambda: ["TRADING"])
     #: Never backfill trades or klines older than this.
-    backfill_max_age: str = "24h"
+    backfill_max_age: Duration = "24h"
 
     def __post_init__(self) -> None:
         # Validation errors become msgspec.ValidationError, which the config loader turns
