@@ -16,6 +16,7 @@ import msgspec
 from streamer import (
     BookSnapshot,
     DepthUpdate,
+    Duration,
     Kline,
     Marker,
     Record,
@@ -34,7 +35,7 @@ class JsonLinesOptions(msgspec.Struct, forbid_unknown_fields=True):
     """``path``: root directory; ``flush_interval``: how often the runtime flushes."""
 
     path: str = "./data-jsonl"
-    flush_interval: str = "1s"
+    flush_interval: Duration = "1s"
     #: fsync on every flush (durable across power loss, slower).
     fsync: bool = False
 
@@ -80,6 +81,18 @@ class JsonLinesSink(Sink):
             path.parent.mkdir(parents=True, exist_ok=True)
             handle = self._files[key] = open(path, "ab")  # noqa: SIM115 - kept open
         return handle
+
+    @classmethod
+    def check(cls, options: JsonLinesOptions) -> None:
+        """Refuse, before anything starts, a path that cannot hold the files."""
+        path = Path(options.path)
+        if path.exists() and not path.is_dir():
+            raise ValueError(f"path: {path} is not a directory")
+
+    @classmethod
+    def claims(cls, options: JsonLinesOptions) -> list[str]:
+        """The folder this sink writes: the collector locks it so no second one shares it."""
+        return [options.path]
 
     async def open(self) -> None:
         Path(self.options.path).mkdir(parents=True, exist_ok=True)
