@@ -415,8 +415,7 @@ def _verify(
 ) -> None:
     """Check a sink's files: gaps, duplicates, chain breaks, crossed books, torn rows.
 
-    The sink type that wrote the files checks them (``Sink.verify``). Exit code 0 when every
-    problem is explained by a marker, 1 otherwise, 2 for bad input.
+    Exit code 0 when every problem is explained by a marker, 1 otherwise, 2 for bad input.
     """
     try:
         text, code = _selection(None).registry().sink(sink).verify(data_dir, as_json=json_out)
