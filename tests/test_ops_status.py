@@ -577,3 +577,14 @@ def test_held_trades_are_shown_when_published_and_nothing_when_not():
     assert (btc.held, btc.held_for) == (250, pytest.approx(4.2))
     assert (eth.held, eth.held_for, eth.behind) == (None, None, None)
     assert "250/4.2s" in render_table(view)
+
+
+def test_sink_flushed_counts_records_like_written_not_csv_rows():
+    # A depth record is many CSV rows: the sink row must not mix the two units.
+    doc = make_doc()
+    streams = doc["sinks"]["csv"]["streams"]
+    streams["BTCUSDT"]["depth"] = {"records_written": 10, "records_flushed": 9, "rows_written": 400}
+    streams["BTCUSDT"]["aggtrade"]["records_flushed"] = 990
+    doc["sinks"]["csv"]["process"]["rows_written"] = 3300
+    sink = view_of(doc).sinks[0]
+    assert sink.flushed == 999

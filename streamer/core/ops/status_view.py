@@ -19,8 +19,8 @@ Which counters feed which column (first name found wins; see ``docs/operations.m
 =============  ===========================================================================
 messages       ``records_emitted`` of the pipeline's workers for that (symbol, stream)
 written        ``records_written`` of the sinks' writers (records handed to the sink)
-flushed        ``records_flushed`` of the writers (records known to be in files), else
-               (older writers) ``rows_flushed`` or the sink's own ``rows_written``
+flushed        ``records_flushed`` of the writers (records known to be in files, the unit
+               of ``written``), else (older writers) ``rows_flushed`` or ``rows_written``
 last event     gauge ``last_event_time`` (exchange ms); lag = updated_at - last event
 behind         gauge ``written_event_time`` of the writers: updated_at minus the exchange
                time of the newest record in the files (the slowest sink)
@@ -477,8 +477,12 @@ def _summed(sink: Mapping[str, Any], name: str) -> int:
 
 
 def _sink_flushed(sink: Mapping[str, Any]) -> int | None:
-    """Rows a sink has written to its files: its process-wide count when it keeps one,
-    else the sum over its streams (sinks may count either way; never add both)."""
+    """Records a sink holds in its files, in the unit of ``written``: the writers'
+    ``records_flushed`` summed over streams; from older writers, the rows the sink counted
+    (process-wide when it keeps one, else over its streams; never both)."""
+    records = [_first(c, "records_flushed") for c in _streams_of(sink).values()]
+    if any(n is not None for n in records):
+        return sum(n or 0 for n in records)
     process = _dict(sink.get("process"))
     found = _first(process, "rows_flushed", "rows_written")
     if found is not None:
