@@ -88,6 +88,21 @@ def test_config_check_and_run_refuse_a_bad_data_dir_with_the_same_line(
     assert not (tmp_path / "state" / "status.json").exists()  # nothing was started
 
 
+def test_run_reports_a_bad_data_dir_before_it_asks_the_exchange(tmp_path: Path) -> None:
+    # The sink check is local: a bad path must not hide behind an unreachable exchange.
+    data = _file_path(tmp_path)
+    cfg = synth_config(
+        tmp_path,
+        sinks={"files": {"type": "csv", "path": str(data)}},
+        pipeline={"sinks": ["files"], "options": {"unreachable": True}},
+        runtime={"state_dir": str(tmp_path / "state")},
+    )
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump(cfg))
+    run = one_error_line(streamer(["run", "--config", str(config), "--duration", "5"], tmp_path))
+    assert run.startswith(f"error: sinks.files: path {data}"), run
+
+
 def test_two_sinks_on_one_path_are_refused(tmp_path: Path) -> None:
     cfg = synth_config(
         tmp_path,

@@ -33,6 +33,7 @@ from ..config import Config, ConfigError, ResolvedPipeline, validate_components
 from ..counters import Counters
 from .bootstrap import PluginSelection, auto_workers, partition
 from .keys import HighWater
+from .sinklock import check_sinks
 from .status_file import read_status
 from .supervisor import PipelinePlan, Supervisor
 
@@ -58,12 +59,13 @@ async def plan_pipelines(
 
     Returns the plans and each sink instance's type name. Raises ``ConfigError``,
     ``PluginError`` or ``ValueError`` (an unknown symbol) before any process starts.
-    Everything ``streamer config check`` checks (:func:`check_streams`) is checked before
-    the exchange is asked for its symbols.
+    Everything ``streamer config check`` checks (:func:`check_streams`, the sinks' own
+    checks) is checked before the exchange is asked for its symbols.
     """
     registry = plugins.registry()
     resolved, sinks = validate_components(config, registry, source=source)
     await check_streams(resolved, registry, source=source)
+    check_sinks(sinks, registry)  # local checks first; the supervisor then locks the paths
     plans = []
     for index, pipeline in enumerate(resolved):
         cfg = pipeline.config
