@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import socket
 import time
@@ -37,6 +38,26 @@ def run_inline(tmp_path: Path, duration: float, **changes) -> tuple[int, dict]:
     config = parse_config(synth_config(tmp_path, **changes))
     code = run(config, [], extra_plugin_modules=PLUGINS, duration=duration)
     return code, read_status(tmp_path / "state")
+
+
+def run_inline_until(tmp_path: Path, done, limit: float = 90, **changes) -> tuple[int, dict]:
+    """Run in this process until ``done(status)`` holds (then SIGTERM, a clean stop), or
+    ``limit`` seconds: waits on the condition, not on a guess of how long it takes."""
+    config = parse_config(synth_config(tmp_path, **changes))
+    sent = []
+
+    def watch(status: dict) -> None:
+        if not sent and done(status):
+            sent.append(True)
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    code = run(config, [], extra_plugin_modules=PLUGINS, duration=limit, on_status=watch)
+    assert sent, f"the condition never held within {limit} s"
+    return code, read_status(tmp_path / "state")
+
+
+def _restarts(status: dict, name: str) -> int:
+    return status.get("children", {}).get(name, {}).get("restarts", 0)
 
 
 # -- pure helpers ------------------------------------------------------------------------------
@@ -118,9 +139,9 @@ def test_second_run_resumes_from_sink_holdings_and_backfills(tmp_path):
 
 
 def test_crashing_adapter_is_restarted_with_backoff_and_backfilled(tmp_path, caplog):
-    code, status = run_inline(
+    code, status = run_inline_until(
         tmp_path,
-        duration=4,
+        lambda s: _restarts(s, "synth.worker0") >= 2 and _restarts(s, "synth.worker1") >= 2,
         pipeline={"options": {"epoch_ms": 1_764_000_000_000, "rate": 300, "crash_after": 0.5}},
         runtime={"restart_backoff_max": 1},
     )
@@ -134,7 +155,11 @@ def test_crashing_adapter_is_restarted_with_backoff_and_backfilled(tmp_path, cap
 def test_failing_sink_write_restarts_writer_and_workers_without_gap(tmp_path, caplog):
     sinks = synth_config(tmp_path)["sinks"]
     sinks["a"]["fail_on_write"] = 15
-    code, status = run_inline(tmp_path, duration=4, sinks=sinks)
+    code, status = run_inline_until(
+        tmp_path,
+        lambda s: _restarts(s, "sink.a") >= 1 and _restarts(s, "synth.worker0") >= 1,
+        sinks=sinks,
+    )
     assert code == 0
     assert status["children"]["sink.a"]["restarts"] >= 1
     assert status["children"]["synth.worker0"]["restarts"] >= 1
