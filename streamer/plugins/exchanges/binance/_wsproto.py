@@ -131,7 +131,8 @@ class WsClient(asyncio.Protocol):
         self._on_messages = on_messages
         early, self._early = self._early, []
         for payloads, receive_ns in early:
-            on_messages(payloads, receive_ns)
+            if not self._deliver(on_messages, payloads, receive_ns):
+                return
 
     @property
     def close_code(self) -> int | None:
@@ -225,13 +226,8 @@ class WsClient(asyncio.Protocol):
                 on_messages = self._on_messages
                 if on_messages is None:
                     self._early.append((payloads, receive_ns))
-                else:
-                    try:
-                        on_messages(payloads, receive_ns)
-                    except Exception as exc:  # a bug downstream ends this connection only
-                        self.error = exc
-                        self.abort()
-                        return
+                elif not self._deliver(on_messages, payloads, receive_ns):
+                    return
         if proto.state is not OPEN and proto.close_expected():
             self._arm_close_timer()
 
@@ -280,6 +276,15 @@ class WsClient(asyncio.Protocol):
         if self.ping_interval:
             self._ping_timer = self.loop.call_later(self.ping_interval, self._keepalive)
         return events[1:]
+
+    def _deliver(self, on_messages: OnMessages, payloads: list[Any], receive_ns: int) -> bool:
+        try:
+            on_messages(payloads, receive_ns)
+            return True
+        except Exception as exc:  # a bug downstream ends this connection only
+            self.error = exc
+            self.abort()
+            return False
 
     def _other_frame(self, frame: Any, payloads: list[Any]) -> None:
         opcode = frame.opcode
