@@ -72,6 +72,9 @@ class Batcher:
         self.wake = asyncio.Event()
         self.queue: asyncio.Queue[tuple[float, int]] = asyncio.Queue(maxsize=256)
         self.ages: list[float] = []
+        self.delays: list[float] = []  # from the batch being due (full) to written
+        self.stages: list[tuple[float, float]] = []  # (due -> flusher took it, took -> written)
+        self.full: deque[float] = deque()  # when each full slot filled up
         self.peak_pending = 0
         self.left, self.right = socket.socketpair()
         self.left.setblocking(False)
@@ -83,6 +86,8 @@ class Batcher:
         if len(pending) % self.batch_size == 0:
             self.starts.append(time.monotonic())
         pending.append(record)
+        if len(pending) % self.batch_size == 0:
+            self.full.append(time.monotonic())
         if len(pending) >= self.batch_size:
             self.wake.set()
 
@@ -96,14 +101,20 @@ class Batcher:
             while self.pending:
                 n = min(len(self.pending), self.batch_size)
                 del self.pending[:n]
-                await self.queue.put((self.starts.popleft(), n))
+                now = time.monotonic()
+                due = self.full.popleft() if self.full and n == self.batch_size else now
+                await self.queue.put((self.starts.popleft(), due, now, n))
 
     async def sender(self) -> None:
         loop = asyncio.get_running_loop()
+        payload = b"x" * (577 * self.batch_size)  # msgpack bytes per message
         while True:
-            oldest, n = await self.queue.get()
-            await loop.sock_sendall(self.left, b"x" * (577 * n))  # msgpack bytes per message
-            self.ages.append(time.monotonic() - oldest)
+            oldest, due, taken, n = await self.queue.get()
+            await loop.sock_sendall(self.left, memoryview(payload)[: 577 * n])
+            now = time.monotonic()
+            self.ages.append(now - oldest)
+            self.delays.append(now - due)
+            self.stages.append((taken - due, now - taken))
 
     def _drain_socket(self) -> None:
         with contextlib.suppress(OSError):
@@ -289,6 +300,8 @@ async def main_async(args: argparse.Namespace) -> int:
         cpu: dict[str, list[float]] = {name: [] for name in subjects}
         rate: dict[str, list[float]] = {name: [] for name in subjects}
         ages: dict[str, list[float]] = {name: [] for name in subjects}
+        delays: dict[str, list[float]] = {name: [] for name in subjects}
+        stages: dict[str, list[tuple[float, float]]] = {name: [] for name in subjects}
         lags: dict[str, list[int]] = {name: [] for name in subjects}
         peaks: dict[str, list[int]] = {name: [] for name in subjects}
         for r in range(args.rounds):
@@ -300,6 +313,8 @@ async def main_async(args: argparse.Namespace) -> int:
                 rate[name].append(n / wall)
                 if batcher is not None:
                     ages[name] += batcher.ages
+                    delays[name] += batcher.delays
+                    stages[name] += batcher.stages
                     peaks[name].append(batcher.peak_pending)
                     batcher.close()
                 if "counters" in extra:
@@ -329,6 +344,16 @@ async def main_async(args: argparse.Namespace) -> int:
                 print(f"  {name:<12} p50 {_pct(a, 0.5):7.1f}  p99 {_pct(a, 0.99):7.1f}  "
                       f"max {max(a, default=float('nan')):7.1f}  batches {len(a)}  "
                       f"peak pending {max(peaks[name])}  ws_loop_lag_ms {lags[name]}")  # fmt: skip
+            print("delay from a batch being due (full) to written, ms "
+                  "[due -> flusher took it | took -> written, p50/p99]:")  # fmt: skip
+            for name in subjects:
+                d = [x * 1000 for x in delays[name]]
+                took = [x[0] * 1000 for x in stages[name]]
+                sent = [x[1] * 1000 for x in stages[name]]
+                print(f"  {name:<12} p50 {_pct(d, 0.5):7.1f}  p99 {_pct(d, 0.99):7.1f}  "
+                      f"max {max(d, default=float('nan')):7.1f}  [{_pct(took, 0.5):.1f}/"
+                      f"{_pct(took, 0.99):.1f} | {_pct(sent, 0.5):.1f}/"
+                      f"{_pct(sent, 0.99):.1f}]")  # fmt: skip
     finally:
         proc.terminate()
         try:
@@ -349,9 +374,17 @@ def main() -> int:
         "--feed", choices=("replay", "sim"), default="replay",
         help="replay: pre-built mix frames sent as fast as read (default); sim: _simfeed.py",
     )  # fmt: skip
+    ap.add_argument(
+        "--turn", type=int, default=None,
+        help="messages per event-loop turn on the protocol path (_wsproto.TURN_MESSAGES)",
+    )  # fmt: skip
     ap.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
+    if args.turn is not None:
+        from streamer.plugins.exchanges.binance import _wsproto
+
+        _wsproto.TURN_MESSAGES = args.turn
     if args.serve:
         with contextlib.suppress(KeyboardInterrupt):
             asyncio.run(_serve_replay(args.symbols))

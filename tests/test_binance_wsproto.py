@@ -517,3 +517,32 @@ async def test_wss_refuses_an_untrusted_certificate(impl, caplog):
         await run.until(lambda: run.counters.get("ws_connect_failures") >= 1)
     assert run.ids == []
     assert any("CERTIFICATE_VERIFY_FAILED" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.anyio
+async def test_a_big_read_is_handed_over_in_turns_with_reading_held():
+    """A read of 300 messages: 128 now, 128 and 44 on the next loop turns (other tasks run
+    in between), socket reading held until the last turn, order and timestamp kept."""
+    from streamer.plugins.exchanges.binance import _wsproto
+
+    client = WsClient(parse_uri("ws://127.0.0.1:1/stream"), ping_interval=None)
+    transport = FakeTransport()
+    client.connection_made(transport)
+    server = ServerProtocol()
+    server.receive_data(b"".join(transport.written))
+    (request,) = server.events_received()
+    server.send_response(server.accept(request))
+    client.data_received(b"".join(server.data_to_send()))
+    calls: list[tuple[list[bytes], int, bool]] = []
+    client.start(lambda p, ns: calls.append(([bytes(x) for x in p], ns, transport.reading)))
+    for i in range(300):
+        server.send_text(agg(i))
+    client.data_received(b"".join(server.data_to_send()))
+    assert _wsproto.TURN_MESSAGES == 128
+    assert [len(c[0]) for c in calls] == [128] and not transport.reading
+    await asyncio.sleep(0)
+    assert [len(c[0]) for c in calls] == [128, 128] and not transport.reading
+    await asyncio.sleep(0)
+    assert [len(c[0]) for c in calls] == [128, 128, 44] and transport.reading
+    assert [m for c in calls for m in c[0]] == [agg(i) for i in range(300)]
+    assert len({c[1] for c in calls}) == 1, "one read, one receive time"

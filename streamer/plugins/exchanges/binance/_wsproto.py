@@ -54,6 +54,11 @@ _BINARY = Opcode.BINARY
 _CONT = Opcode.CONT
 _PONG = Opcode.PONG
 _OK_CODES = (1000, 1001)
+#: Most messages handed over per event-loop turn. A 256 KiB socket read holds ~400 mix
+#: messages (~10 ms of decoding and book work); the rest of a bigger read follows on the
+#: next turns, reading held meanwhile, so the worker's flush and send tasks get a turn at
+#: least this often (0: the whole read at once). See bench/bench_receive.py --starvation.
+TURN_MESSAGES = 128
 _default_ssl: ssl_module.SSLContext | None = None
 
 
@@ -122,6 +127,8 @@ class WsClient(asyncio.Protocol):
         self._pong_timer: asyncio.TimerHandle | None = None
         self._close_timer: asyncio.TimerHandle | None = None
         self._keepalive_failed = False
+        self._rest: list[Any] = []  # messages of the last read still to hand over
+        self._rest_ns = 0
 
     # ------------------------------------------------------------------ public
 
@@ -164,7 +171,8 @@ class WsClient(asyncio.Protocol):
         """Read the socket again (idempotent); the keep-alive deadline starts over."""
         if self.paused:
             self.paused = False
-            if self.transport is not None and not self.transport.is_closing():
+            transport = self.transport
+            if transport is not None and not transport.is_closing() and not self._rest:
                 self.transport.resume_reading()
             if self._ping_payload is not None:
                 self._arm_pong_deadline()
@@ -226,6 +234,13 @@ class WsClient(asyncio.Protocol):
                 on_messages = self._on_messages
                 if on_messages is None:
                     self._early.append((payloads, receive_ns))
+                elif TURN_MESSAGES and len(payloads) > TURN_MESSAGES:
+                    self._rest, self._rest_ns = payloads[TURN_MESSAGES:], receive_ns
+                    if not self.paused and self.transport is not None:
+                        self.transport.pause_reading()
+                    self.loop.call_soon(self._next_turn)
+                    if not self._deliver(on_messages, payloads[:TURN_MESSAGES], receive_ns):
+                        return
                 elif not self._deliver(on_messages, payloads, receive_ns):
                     return
         if proto.state is not OPEN and proto.close_expected():
@@ -276,6 +291,23 @@ class WsClient(asyncio.Protocol):
         if self.ping_interval:
             self._ping_timer = self.loop.call_later(self.ping_interval, self._keepalive)
         return events[1:]
+
+    def _next_turn(self) -> None:
+        rest = self._rest
+        on_messages = self._on_messages
+        if not rest or on_messages is None or self.error is not None:
+            self._rest = []
+            return
+        if len(rest) > TURN_MESSAGES:
+            self._rest = rest[TURN_MESSAGES:]
+            self.loop.call_soon(self._next_turn)
+            self._deliver(on_messages, rest[:TURN_MESSAGES], self._rest_ns)
+            return
+        self._rest = []
+        transport = self.transport
+        if not self.paused and transport is not None and not transport.is_closing():
+            transport.resume_reading()
+        self._deliver(on_messages, rest, self._rest_ns)
 
     def _deliver(self, on_messages: OnMessages, payloads: list[Any], receive_ns: int) -> bool:
         try:
