@@ -97,6 +97,7 @@ def test_unsupported_stream_parameters_are_clear_errors(options, sub, message):
         ({"rotate_at": "7am"}, "HH:MM"),
         ({"reconnect_backoff_max": "fast"}, "invalid duration"),
         ({"max_new_connections_per_5m": 301}, "between 1 and 300"),
+        ({"ws_impl": "trio"}, "Invalid enum value 'trio'"),
     ],
 )
 def test_bad_adapter_options(raw, message):
@@ -152,15 +153,22 @@ def anyio_backend():
     return "asyncio"
 
 
+@pytest.fixture(params=["protocol", "connection"])
+def ws_impl(request) -> str:
+    """Every test with a server runs on both receive paths (``connection`` for one release)."""
+    return request.param
+
+
 @pytest.mark.anyio
-async def test_pings_are_answered_with_their_payload_and_age_rotation_precedes_the_cut():
+async def test_pings_are_answered_with_their_payload_and_age_rotation_precedes_the_cut(ws_impl):
     sim_mod = pytest.importorskip("streamer.testing.sim", reason="the simulator has not landed")
     cfg = sim_mod.SimConfig(seed=5, spot_symbols=["BTCUSDT"], tick_ms=20, ping_interval_s=0.3,
                             pong_timeout_s=1.0, max_connection_age_s=2.0)  # fmt: skip
     async with sim_mod.SimServer(cfg) as sim:
         a = adapter(
-            rest_url=sim.rest_url, ws_url=sim.ws_url, rotate_after="1s", rotation_overlap="200ms"
-        )
+            rest_url=sim.rest_url, ws_url=sim.ws_url, rotate_after="1s", rotation_overlap="200ms",
+            ws_impl=ws_impl,
+        )  # fmt: skip
         trades: list[Trade] = []
         reconnects = []
 
@@ -186,7 +194,7 @@ async def test_pings_are_answered_with_their_payload_and_age_rotation_precedes_t
 
 
 @pytest.mark.anyio
-async def test_bad_frames_are_counted_not_fatal_and_server_shutdown_is_replaced():
+async def test_bad_frames_are_counted_not_fatal_and_server_shutdown_is_replaced(ws_impl):
     from websockets.asyncio.server import serve
 
     def agg(i: int) -> str:
@@ -215,7 +223,7 @@ async def test_bad_frames_are_counted_not_fatal_and_server_shutdown_is_replaced(
 
     async with serve(handler, "127.0.0.1", 0) as server:
         port = server.sockets[0].getsockname()[1]
-        a = adapter(ws_url=f"ws://127.0.0.1:{port}", rotation_overlap="100ms")
+        a = adapter(ws_url=f"ws://127.0.0.1:{port}", rotation_overlap="100ms", ws_impl=ws_impl)
         got: list[int] = []
         reconnects = []
 
@@ -244,7 +252,7 @@ async def test_bad_frames_are_counted_not_fatal_and_server_shutdown_is_replaced(
 
 
 @pytest.mark.anyio
-async def test_connect_failures_are_retried_until_the_server_comes_back():
+async def test_connect_failures_are_retried_until_the_server_comes_back(ws_impl):
     import socket
 
     from websockets.asyncio.server import serve
@@ -259,7 +267,7 @@ async def test_connect_failures_are_retried_until_the_server_comes_back():
         await ws.send(frame)
         await ws.wait_closed()
 
-    a = adapter(ws_url=f"ws://127.0.0.1:{port}", reconnect_backoff_max="200ms")
+    a = adapter(ws_url=f"ws://127.0.0.1:{port}", reconnect_backoff_max="200ms", ws_impl=ws_impl)
     got = []
 
     class Inbox:
@@ -285,7 +293,7 @@ async def test_connect_failures_are_retried_until_the_server_comes_back():
 
 
 @pytest.mark.anyio
-async def test_failed_replacement_keeps_the_old_connection():
+async def test_failed_replacement_keeps_the_old_connection(ws_impl):
     from websockets.asyncio.server import serve
 
     clock = {"id": 0}
@@ -319,7 +327,7 @@ async def test_failed_replacement_keeps_the_old_connection():
     async with serve(handler, "127.0.0.1", 0) as server, anyio.create_task_group() as market:
         market.start_soon(ticker)
         port = server.sockets[0].getsockname()[1]
-        a = adapter(ws_url=f"ws://127.0.0.1:{port}", rotation_overlap="100ms")
+        a = adapter(ws_url=f"ws://127.0.0.1:{port}", rotation_overlap="100ms", ws_impl=ws_impl)
         got: list[int] = []
         reconnects = []
 

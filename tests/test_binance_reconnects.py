@@ -35,7 +35,8 @@ def agg(i: int) -> str:
 
 
 @pytest.mark.anyio
-async def test_a_healthy_connection_that_drops_reconnects_at_once_every_time():
+@pytest.mark.parametrize("ws_impl", ["protocol", "connection"])
+async def test_a_healthy_connection_that_drops_reconnects_at_once_every_time(ws_impl):
     from websockets.asyncio.server import serve
 
     opened = 0
@@ -53,7 +54,7 @@ async def test_a_healthy_connection_that_drops_reconnects_at_once_every_time():
         port = server.sockets[0].getsockname()[1]
         (group,) = build_groups(f"ws://127.0.0.1:{port}", ["btcusdt@aggTrade"], 10)
         settings = ConnectionSettings(
-            market="spot", backoff_base=30.0, backoff_max=60.0, healthy_after=0.2
+            market="spot", backoff_base=30.0, backoff_max=60.0, healthy_after=0.2, ws_impl=ws_impl
         )
         manager = ConnectionManager(
             [group], settings, on_record=lambda r: None,

@@ -39,6 +39,12 @@ def anyio_backend():
     return "asyncio"
 
 
+@pytest.fixture(params=["protocol", "connection"])
+def ws_impl(request) -> str:
+    """The connection fault tests run on both receive paths (``connection`` for one release)."""
+    return request.param
+
+
 class Harness:
     """Adapter + stream types wired like a collector worker, collecting the output."""
 
@@ -161,10 +167,10 @@ def sim_config(**kw) -> SimConfig:
     return SimConfig(**base)
 
 
-async def test_spot_faults_leave_no_gap_and_no_duplicate():
+async def test_spot_faults_leave_no_gap_and_no_duplicate(ws_impl):
     async with SimServer(sim_config()) as sim:
         h = Harness(sim, "spot", ["BTCUSDT", "ETHUSDT", "BNBUSDT"], depth=True,
-                    no_data_timeout="1s", reconnect_backoff_max="1s")  # fmt: skip
+                    no_data_timeout="1s", reconnect_backoff_max="1s", ws_impl=ws_impl)  # fmt: skip
 
         async def scenario(h: Harness) -> None:
             await h.wait_for(lambda: len(h.trades("BTCUSDT")) > 20)
@@ -197,9 +203,10 @@ async def test_spot_faults_leave_no_gap_and_no_duplicate():
         assert depth and all(r.market == "spot" for r in depth)
 
 
-async def test_usdm_routes_and_server_shutdown_replacement():
+async def test_usdm_routes_and_server_shutdown_replacement(ws_impl):
     async with SimServer(sim_config()) as sim:
-        h = Harness(sim, "usdm", ["BTCUSDT", "ETHUSDT"], intervals=("1m",), depth=True)
+        h = Harness(sim, "usdm", ["BTCUSDT", "ETHUSDT"], intervals=("1m",), depth=True,
+                    ws_impl=ws_impl)  # fmt: skip
         groups = h.adapter.stream_groups(
             sorted({s for st in h.streams for s in st.subscriptions()})
         )
@@ -226,9 +233,9 @@ async def test_usdm_routes_and_server_shutdown_replacement():
         assert h.markers("unfillable") == []
 
 
-async def test_forced_rotation_is_make_before_break():
+async def test_forced_rotation_is_make_before_break(ws_impl):
     async with SimServer(sim_config()) as sim:
-        h = Harness(sim, "spot", ["BTCUSDT", "ETHUSDT"], depth=True)
+        h = Harness(sim, "spot", ["BTCUSDT", "ETHUSDT"], depth=True, ws_impl=ws_impl)
 
         async def scenario(h: Harness) -> None:
             await h.wait_for(lambda: len(h.trades("BTCUSDT")) > 10)
@@ -251,10 +258,10 @@ async def test_forced_rotation_is_make_before_break():
         assert h.counters.get("depth_duplicates", "BTCUSDT", "depth") > 0
 
 
-async def test_stall_trips_the_watchdog_and_recovers():
+async def test_stall_trips_the_watchdog_and_recovers(ws_impl):
     async with SimServer(sim_config()) as sim:
         h = Harness(sim, "spot", ["BTCUSDT"], no_data_timeout="1s",
-                    reconnect_backoff_max="500ms")  # fmt: skip
+                    reconnect_backoff_max="500ms", ws_impl=ws_impl)  # fmt: skip
 
         async def scenario(h: Harness) -> None:
             await h.wait_for(lambda: len(h.trades("BTCUSDT")) > 10)

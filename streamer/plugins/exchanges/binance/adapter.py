@@ -93,6 +93,10 @@ class BinanceOptions(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     no_data_timeout: Duration = "60s"
     #: Longest pause between reconnect attempts.
     reconnect_backoff_max: Duration = "30s"
+    #: WebSocket receive path: ``protocol`` (websockets' sans-I/O protocol on a plain
+    #: asyncio protocol) or ``connection`` (the websockets connection object, the previous
+    #: path; kept for one release).
+    ws_impl: Literal["protocol", "connection"] = "protocol"
     #: REST request weight per minute; 0 = from exchangeInfo (6000 spot / 2400 futures).
     rest_weight_limit: int = 0
     #: Fraction of the weight limit the adapter plans to use (the rest is headroom).
@@ -318,6 +322,7 @@ class BinanceAdapter(ExchangeAdapter):
             rotate_after=parse_duration(opts.rotate_after),
             rotate_at_second=_rotate_at_second(opts.rotate_at) if opts.rotate_at else None,
             overlap=parse_duration(opts.rotation_overlap),
+            ws_impl=opts.ws_impl,
         )
         self.connections = ConnectionManager(
             groups,

@@ -18,12 +18,27 @@ alive forever:
 The server's pings are answered by ``websockets`` with a pong echoing the payload; no
 other frames are sent (streams are named in the URL, never SUBSCRIBEd), so the control
 message rate limit (5/s spot, 10/s futures) is never approached.
+
+Two receive paths (``ConnectionSettings.ws_impl``, the adapter's ``ws_impl`` option):
+
+* ``protocol`` (default): :mod:`._wsproto`, websockets' sans-I/O ``ClientProtocol`` on a
+  plain ``asyncio.Protocol``. Each socket read is parsed and its whole messages decoded
+  and delivered in one callback, then the event loop runs other tasks: no per-message
+  queue, future or task switch. ``receive_time`` is taken once per socket read (every
+  message of one read gets the same millisecond: the time the bytes arrived, which is
+  never later than the per-message time of the other path, where a message waits in the
+  connection's queue until ``recv()`` takes it). :meth:`ConnectionManager.pause_reading`
+  stops reading the sockets (TCP backpressure onto the exchange). A connection whose URL
+  goes through a proxy configured in the environment uses the other path.
+* ``connection``: the ``websockets.asyncio`` connection object and ``recv()`` per message,
+  as before; kept for one release.
 """
 
 from __future__ import annotations
 
 import logging
 import random
+import ssl
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -35,6 +50,7 @@ from websockets.exceptions import ConnectionClosedOK
 
 from streamer import Counters, RateLimitedLog, Record
 
+from ._wsproto import WsClient, open_client, proxy_for
 from .decode import ControlError, FrameDecoder, FrameError, ServerShutdown
 
 OnRecord = Callable[[Record], None]
@@ -127,6 +143,11 @@ class ConnectionSettings:
     ping_interval: float | None = 20.0
     ping_timeout: float | None = 20.0
     rng: random.Random = field(default_factory=random.Random)
+    #: ``protocol`` (sans-I/O on an asyncio protocol) or ``connection`` (websockets'
+    #: connection object, the previous path; kept for one release).
+    ws_impl: str = "protocol"
+    #: TLS context for ``wss://`` (None: the system's default verification).
+    ssl: ssl.SSLContext | None = None
 
 
 class _Live:
@@ -134,7 +155,7 @@ class _Live:
 
     __slots__ = ("data_seen", "ended", "last_data", "opened", "reason", "ws")
 
-    def __init__(self, ws: ClientConnection) -> None:
+    def __init__(self, ws: ClientConnection | WsClient) -> None:
         self.ws = ws
         self.opened = time.monotonic()
         self.last_data = self.opened
@@ -170,6 +191,12 @@ class ConnectionManager:
         self.live: dict[int, _Live] = {}
         self._rotate_now: set[int] = set()
         self._wake: dict[int, anyio.Event] = {}
+        self._paused = False
+        self._proxy_logged = False
+        if settings.ws_impl not in ("protocol", "connection"):
+            raise ValueError(
+                f"ws_impl must be 'protocol' or 'connection', got {settings.ws_impl!r}"
+            )
 
     async def run(self) -> None:
         """Run every group's connection until cancelled."""
@@ -187,12 +214,54 @@ class ConnectionManager:
             if event is not None:
                 event.set()
 
+    @property
+    def paused(self) -> bool:
+        """True between :meth:`pause_reading` and :meth:`resume_reading`."""
+        return self._paused
+
+    def pause_reading(self) -> None:
+        """Stop reading every connection's socket (backpressure) until :meth:`resume_reading`.
+
+        Only the ``protocol`` path pauses (the ``connection`` path's own queue manages its
+        socket). While paused nothing is read, so server pings go unanswered: keep pauses
+        well below the server's pong timeout (60 s spot). The no-data watchdog and the
+        keep-alive pong deadline do not count paused time. Connections opened while paused
+        start paused.
+        """
+        if self._paused:
+            return
+        self._paused = True
+        self._counters.incr("ws_read_pauses")
+        for live in self.live.values():
+            if isinstance(live.ws, WsClient):
+                live.ws.pause_reading()
+
+    def resume_reading(self) -> None:
+        """Undo :meth:`pause_reading`."""
+        if not self._paused:
+            return
+        self._paused = False
+        now = time.monotonic()
+        for live in self.live.values():
+            live.last_data = max(live.last_data, now)
+            if isinstance(live.ws, WsClient):
+                live.ws.resume_reading()
+
     # ------------------------------------------------------------------ internals
 
     async def _publish_counters(self) -> None:
-        # The message count is kept in a plain int on the hot path and published here.
+        # The message count is kept in a plain int on the hot path and published here,
+        # with ``ws_loop_lag_ms``: the most a 0.25 s sleep of this task overslept during
+        # the last second, i.e. how long the event loop ran other work without yielding
+        # (a receive path that starves the worker's flush and send tasks shows here).
+        clock = time.monotonic
         while True:
-            await anyio.sleep(1.0)
+            worst = 0.0
+            for _ in range(4):
+                t0 = clock()
+                await anyio.sleep(0.25)
+                worst = max(worst, clock() - t0 - 0.25)
+            self._counters.set("ws_loop_lag_ms", int(worst * 1000))
             self._flush_message_count()
 
     def _flush_message_count(self) -> None:
@@ -228,15 +297,31 @@ class ConnectionManager:
             await self._limiter.acquire()
             self._counters.incr("ws_connects")
             try:
-                ws = await connect(
-                    group.url,
-                    open_timeout=s.open_timeout,
-                    ping_interval=s.ping_interval,
-                    ping_timeout=s.ping_timeout,
-                    close_timeout=2.0,
-                    compression=None,
-                    max_size=2**22,
-                )
+                ws: ClientConnection | WsClient
+                if s.ws_impl == "protocol" and not self._proxied(group.url):
+                    ws = await open_client(
+                        group.url,
+                        open_timeout=s.open_timeout,
+                        ssl=s.ssl,
+                        ping_interval=s.ping_interval,
+                        ping_timeout=s.ping_timeout,
+                        close_timeout=2.0,
+                        max_size=2**22,
+                    )
+                    if self._paused:
+                        ws.pause_reading()
+                else:
+                    tls = {"ssl": s.ssl} if s.ssl is not None and group.url[:4] == "wss:" else {}
+                    ws = await connect(
+                        group.url,
+                        open_timeout=s.open_timeout,
+                        ping_interval=s.ping_interval,
+                        ping_timeout=s.ping_timeout,
+                        close_timeout=2.0,
+                        compression=None,
+                        max_size=2**22,
+                        **tls,
+                    )
                 return ws, failures
             except Exception as exc:  # any failure to connect is retried forever
                 failures += 1
@@ -247,6 +332,13 @@ class ConnectionManager:
                     failures, type(exc).__name__, exc,
                 )  # fmt: skip
 
+    def _proxied(self, url: str) -> bool:
+        proxy = proxy_for(url)
+        if proxy is not None and not self._proxy_logged:
+            self._proxy_logged = True
+            self._logger.info("a proxy is configured for %s: using ws_impl 'connection'", url)
+        return proxy is not None
+
     async def _run_group(self, index: int, group: StreamGroup) -> None:
         failures = 0
         current: _Live | None = None
@@ -255,7 +347,7 @@ class ConnectionManager:
             while True:
                 ws, failures = await self._open(group, failures)
                 new = _Live(ws)
-                tg.start_soon(self._read, new, group)
+                tg.start_soon(self._receive if isinstance(ws, WsClient) else self._read, new, group)
                 tg.start_soon(self._watchdog, new)
                 old, current = current, new
                 self.live[index] = new
@@ -330,11 +422,79 @@ class ConnectionManager:
         tick = min(1.0, timeout / 4)
         while not live.ended.is_set():
             await anyio.sleep(tick)
+            if self._paused:  # nothing is read while paused: not a stall
+                live.last_data = time.monotonic()
+                continue
             if time.monotonic() - live.last_data > timeout and not live.ended.is_set():
                 self._counters.incr("ws_stalls")
                 self._log.warning("ws_stall", "no data for %.1f s: reconnecting", timeout)
                 await self._close(live, "stall")
                 return
+
+    def _malformed(self, exc: FrameError) -> None:
+        self._counters.incr("malformed_frames", stream=exc.kind)
+        self._log.warning(f"malformed_{exc.kind}", "dropped a malformed frame: %s", str(exc)[:300])
+
+    def _control(self, event: object, live: _Live, group: StreamGroup) -> None:
+        """A frame that decoded to no record: a server shutdown notice or a control answer."""
+        if isinstance(event, ServerShutdown):
+            self._counters.incr("ws_server_shutdowns")
+            live.reason = "server shutdown"
+            # Open the replacement now; this connection keeps reading meanwhile.
+            for i, g in enumerate(self.groups):
+                if g is group:
+                    self.request_rotation(i)
+        elif isinstance(event, ControlError):
+            self._counters.incr("ws_control_errors")
+            self._log.error(
+                "ws_control_error", "control request %r failed: %s %s",
+                event.id, event.code, event.msg,
+            )  # fmt: skip
+
+    async def _receive(self, live: _Live, group: StreamGroup) -> None:
+        """The ``protocol`` path: frames arrive in ``WsClient.data_received`` callbacks."""
+        client = live.ws
+        assert isinstance(client, WsClient)
+        decoder = FrameDecoder(self.settings.market)
+        decode = decoder.decode
+        on_record = self._on_record
+        clock = time.monotonic
+
+        def on_messages(payloads: list, receive_ns: int) -> None:
+            # One call per socket read: one clock read and one timestamp for all of it.
+            live.last_data = clock()
+            self._messages += len(payloads)
+            receive_ms = receive_ns // 1_000_000
+            delivered = False
+            for raw in payloads:
+                try:
+                    record = decode(raw, receive_ms)
+                except FrameError as exc:
+                    self._malformed(exc)
+                    continue
+                if record is not None:
+                    delivered = True
+                    on_record(record)
+                else:
+                    self._control(decoder.event, live, group)
+            if delivered and not live.data_seen.is_set():
+                live.data_seen.set()
+
+        try:
+            client.start(on_messages)
+            await client.wait_closed()
+        finally:
+            if client.error is not None:
+                self._log.error(
+                    "ws_record_error", "handling a record failed, reconnecting: %s: %s",
+                    type(client.error).__name__, client.error,
+                )  # fmt: skip
+            if not live.reason:
+                live.reason = client.end_reason()
+            self._counters.incr("ws_disconnects")
+            live.ended.set()
+            self._flush_message_count()
+            client.abort()  # on cancellation (shutdown) nothing else would release the socket
 
     async def _read(self, live: _Live, group: StreamGroup) -> None:
         decoder = FrameDecoder(self.settings.market)
@@ -353,10 +513,7 @@ class ConnectionManager:
                 try:
                     record = decode(raw, time_ns() // 1_000_000)
                 except FrameError as exc:
-                    self._counters.incr("malformed_frames", stream=exc.kind)
-                    self._log.warning(
-                        f"malformed_{exc.kind}", "dropped a malformed frame: %s", str(exc)[:300]
-                    )
+                    self._malformed(exc)
                     continue
                 if record is not None:
                     if not seen:
@@ -364,20 +521,7 @@ class ConnectionManager:
                         live.data_seen.set()
                     on_record(record)
                     continue
-                event = decoder.event
-                if isinstance(event, ServerShutdown):
-                    self._counters.incr("ws_server_shutdowns")
-                    live.reason = "server shutdown"
-                    # Open the replacement now; this connection keeps reading meanwhile.
-                    for i, g in enumerate(self.groups):
-                        if g is group:
-                            self.request_rotation(i)
-                elif isinstance(event, ControlError):
-                    self._counters.incr("ws_control_errors")
-                    self._log.error(
-                        "ws_control_error", "control request %r failed: %s %s",
-                        event.id, event.code, event.msg,
-                    )  # fmt: skip
+                self._control(decoder.event, live, group)
         except ConnectionClosedOK:
             pass  # a clean close: the reason comes from the close code below
         except Exception as exc:  # a closed or broken socket ends this connection only
