@@ -143,7 +143,9 @@ class Transport:
     def send(self, conn: Connection, data: bytes, kind: str, symbol: str) -> None:
         """Write one data frame, counted per symbol and kind; closes a connection that asked
         for it (``close_after``) or whose client reads too slowly."""
-        if conn.closing:
+        if conn.closing or conn.transport.is_closing():
+            # A peer that went away is only reported to the protocol on a later loop turn;
+            # writing on meanwhile makes asyncio log "socket.send() raised exception".
             return
         conn.transport.write(data)
         conn.sent += 1
