@@ -290,3 +290,21 @@ def test_compare_report_shows_before_after_and_keeps_the_profile_section(tmp_pat
     assert "old" not in text
     assert text.endswith(f"{run.END}\n\n## Where the time goes\n\nkept\n")
     assert text.count(run.START) == 1
+
+
+def test_tree_sampler_rescans_the_machine_only_every_few_samples(monkeypatch):
+    proc = sys.modules["_proc"]
+    scans = []
+    real = proc.descendants
+
+    def counting(root):
+        scans.append(root)
+        return real(root)
+
+    monkeypatch.setattr(proc, "descendants", counting)
+    sampler = proc.TreeSampler(os.getpid(), rescan_every=3)
+    for _ in range(6):
+        sampler._sample()
+    assert len(scans) == 2
+    usage = sampler.usage()
+    assert usage.processes >= 1 and usage.samples == 6 and usage.peak_rss > 0
