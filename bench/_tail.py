@@ -50,7 +50,7 @@ class CsvTailer:
         pattern: str,
         event_col: int,
         receive_col: int,
-        interval: float = 0.005,
+        interval: float = 0.01,
         max_files: int = 20,
     ) -> None:
         self.pattern = pattern
@@ -59,7 +59,8 @@ class CsvTailer:
         self.interval = interval
         self.max_files = max_files
         self.samples: list[Sample] = []
-        self._files: dict[str, tuple[int, bytes]] = {}
+        # path -> [open file, torn last line]: files stay open (one read per poll, no open)
+        self._files: dict[str, list] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="csv-tailer", daemon=True)
         self._lock = threading.Lock()
@@ -76,6 +77,9 @@ class CsvTailer:
             self._thread.join(timeout=5)
         self._discover()
         self._poll()
+        for fh, _ in self._files.values():
+            fh.close()
+        self._files.clear()
 
     def window(self, t0: float, t1: float) -> list[Sample]:
         """Samples seen between monotonic times ``t0`` and ``t1``."""
@@ -90,7 +94,10 @@ class CsvTailer:
     def _discover(self) -> None:
         for path in sorted(glob.glob(self.pattern))[: self.max_files]:
             if path not in self._files:
-                self._files[path] = (0, b"")
+                try:
+                    self._files[path] = [open(path, "rb"), b""]  # noqa: SIM115
+                except OSError:
+                    continue
 
     def _loop(self) -> None:
         next_glob = 0.0
@@ -105,21 +112,19 @@ class CsvTailer:
         wall = time.time_ns() // 1_000_000
         seen = time.monotonic()
         fresh: list[Sample] = []
-        for path, (offset, rest) in list(self._files.items()):
+        for entry in self._files.values():
+            fh, rest = entry
             try:
-                with open(path, "rb") as fh:
-                    fh.seek(offset)
-                    data = fh.read()
-                    mtime = os.fstat(fh.fileno()).st_mtime_ns // 1_000_000
+                data = fh.read()
+                if not data:
+                    continue
+                mtime = os.fstat(fh.fileno()).st_mtime_ns // 1_000_000
             except OSError:
                 continue
-            if not data:
-                continue
-            offset += len(data)
             data = rest + data
             cut = data.rfind(b"\n") + 1
             # Keep a torn last line for the next poll.
-            self._files[path] = (offset, data[cut:])
+            entry[1] = data[cut:]
             for line in data[:cut].splitlines():
                 cells = line.split(b",")
                 try:
