@@ -31,7 +31,9 @@ format: $(STAMP)
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
-# `make bench` runs bench/run.py (about 10 minutes); `make bench BENCH_ARGS=--quick` is a smoke check.
+# `make bench` runs bench/run.py (about 11 minutes); `make bench BENCH_ARGS=--quick` is a smoke check;
+# `make bench BENCH_COMPARE=main` also measures main's collector in the same run (before/after).
+BENCH_COMPARE ?=
 
 # Start the bundled Binance-protocol simulator (it drops every 50th aggTrade and closes
 # every connection each 8 s, so the gap filling shows), collect from it for 20 s with
@@ -51,7 +53,8 @@ demo: $(STAMP)
 	$(BIN)/streamer verify $(DEMO_DIR)/data
 
 bench: $(STAMP)
-	@if [ -f bench/run.py ]; then $(BIN)/python bench/run.py $(BENCH_ARGS); \
+	@if [ -f bench/run.py ]; then \
+	  $(BIN)/python bench/run.py $(if $(BENCH_COMPARE),--compare $(BENCH_COMPARE)) $(BENCH_ARGS); \
 	else echo "no bench/run.py yet"; fi
 
 clean:

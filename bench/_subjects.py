@@ -5,7 +5,12 @@
 * :class:`BareSubject` (``bare_receive.py``), :class:`BaselineSubject`
   (``baseline_collector.py``) and :class:`CollectorSubject` (``streamer run --plugins
   binance,csv`` with every stream type and the order book) are started on the feed, report
-  their receive lag and, where they write CSV, the latency to the row appearing on disk.
+  their receive lag and, where they write CSV, the latency to the row appearing on disk and
+  the rate at which aggTrade rows reach the files (converted to messages with the mix's
+  aggTrade share, :data:`AGGTRADE_SHARE`).
+
+``CollectorSubject(streamer=...)`` runs another checkout's ``streamer`` executable (the
+``--compare`` revision's virtual environment) on the same feed, under another ``label``.
 
 Every subject runs in its own process tree so that :class:`_proc.TreeSampler` can charge
 it exactly its own CPU and memory.
@@ -25,10 +30,13 @@ from pathlib import Path
 from typing import Any
 
 from _client import STREAM_SUFFIXES, symbol_names
-from _tail import CsvTailer
+from _tail import CsvTailer, RowCounter
 
 BENCH = Path(__file__).resolve().parent
 PYTHON = sys.executable
+#: aggTrade's share of the mix (9 in 20 for the simulator's pattern, 90 in 200 for
+#: ``_feed.py``): messages whose rows reached the files = aggTrade rows / this share.
+AGGTRADE_SHARE = 0.45
 
 
 class FeedProcess:
@@ -101,6 +109,8 @@ class Subject:
         self.out = workdir / f"{self.name}-out"
         self.proc: subprocess.Popen[bytes] | None = None
         self.tailer: CsvTailer | None = None
+        #: Counts the aggTrade rows of every symbol reaching the files.
+        self.counter: RowCounter | None = None
 
     @property
     def pid(self) -> int:
@@ -128,24 +138,56 @@ class Subject:
             return []
         return [s.written for s in self.tailer.window(t0, t1)]
 
+    def landed(self, t0: float, t1: float) -> list[int]:
+        """Receipt-to-file latency samples (ms, file mtime minus ``receive_time``)."""
+        if self.tailer is None:
+            return []
+        return [s.landed for s in self.tailer.window(t0, t1)]
+
+    def rows_rate(self, t0: float, t1: float) -> float:
+        """Messages per second whose rows reached the files in ``[t0, t1)`` (NaN: unknown)."""
+        if self.counter is None:
+            return float("nan")
+        return self.counter.rate(t0, t1) / AGGTRADE_SHARE
+
+    def _start_counting(self, pattern: str, event_col: int, receive_col: int) -> None:
+        self.tailer = CsvTailer(pattern, event_col, receive_col).start()
+        self.counter = RowCounter(pattern).start()
+
     def alive(self) -> bool:
         """True while the root process runs."""
         return self.proc is not None and self.proc.poll() is None
 
     def stop(self, timeout: float = 60.0) -> int | None:
         """SIGINT (drain and flush), then SIGKILL after ``timeout``; returns the exit code."""
-        if self.tailer is not None:
-            self.tailer.stop()
+        self.terminate(signal.SIGINT, timeout)
+        return None if self.proc is None else self.proc.returncode
+
+    def terminate(self, sig: int, timeout: float) -> tuple[int | None, float]:
+        """Send ``sig`` and wait up to ``timeout`` s for the exit, then SIGKILL the group.
+
+        Returns the exit code (``None`` when it had to be killed) and the seconds it took.
+        """
+        t0 = time.monotonic()
         if self.proc is None:
-            return None
+            return None, 0.0
+        code: int | None
         if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)
+            self.proc.send_signal(sig)
             try:
-                self.proc.wait(timeout)
+                code = self.proc.wait(timeout)
             except subprocess.TimeoutExpired:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait()
-        return self.proc.returncode
+                code = None
+        else:
+            code = self.proc.returncode
+        elapsed = time.monotonic() - t0
+        if self.tailer is not None:
+            self.tailer.stop()
+        if self.counter is not None:
+            self.counter.stop()
+        return code, elapsed
 
 
 class _ClientSubject(Subject):
@@ -206,11 +248,15 @@ class BaselineSubject(_ClientSubject):
     def start(self) -> None:
         super().start()
         # aggTrades columns match the collector's: event_time 8, receive_time 9.
-        self.tailer = CsvTailer(str(self.out / "*" / "*-aggTrades.csv"), 8, 9).start()
+        self._start_counting(str(self.out / "*" / "*-aggTrades.csv"), 8, 9)
 
 
 class CollectorSubject(Subject):
-    """``streamer run --plugins binance,csv`` with aggtrade, depth, kline 1m and orderbook."""
+    """``streamer run --plugins binance,csv`` with aggtrade, depth, kline 1m and orderbook.
+
+    ``streamer`` is the executable to run (default: the one next to this Python, i.e. the
+    checkout under test); ``label`` names the subject in reports and file names.
+    """
 
     name = "collector"
 
@@ -222,11 +268,15 @@ class CollectorSubject(Subject):
         workers: int = 0,
         env: dict[str, str] | None = None,
         book_interval: str = "1s",
+        streamer: Path | None = None,
+        label: str = "collector",
     ) -> None:
+        self.name = label
         super().__init__(feed, symbols, workdir)
         self.workers = workers
         self.env = env
         self.book_interval = book_interval
+        self.streamer = streamer or Path(PYTHON).with_name("streamer")
         self.state = workdir / f"{self.name}-state"
         self.config = workdir / f"{self.name}-{symbols}.yaml"
 
@@ -268,8 +318,7 @@ class CollectorSubject(Subject):
 
     def start(self) -> None:
         self.write_config()
-        streamer = Path(PYTHON).with_name("streamer")
-        cmd = [str(streamer), "run", "--config", str(self.config), "--plugins", "binance,csv"]
+        cmd = [str(self.streamer), "run", "--config", str(self.config), "--plugins", "binance,csv"]
         self.command = " ".join(["streamer", *cmd[1:]])
         self.proc = subprocess.Popen(
             [*cmd, "--quiet"],
@@ -280,7 +329,7 @@ class CollectorSubject(Subject):
         )
         pattern = self.out / "binance" / "spot" / "aggTrades" / "*" / "*.csv"
         # Spot aggTrades columns: event_time 8, receive_time 9.
-        self.tailer = CsvTailer(str(pattern), 8, 9).start()
+        self._start_counting(str(pattern), 8, 9)
 
     def status(self) -> dict[str, Any]:
         """The runtime's merged counters (``{}`` before the first publication)."""
@@ -296,5 +345,9 @@ class CollectorSubject(Subject):
     def ready(self) -> bool:
         if not super().ready():
             return False
+        status = self.status()
+        if "snapshots_fetched" not in status and status:
+            # A runtime that no longer publishes this counter: ready once rows land.
+            return self.counter is not None and self.counter.rows > 0
         # 98%: one book that keeps resyncing must not hold the whole benchmark back.
-        return self.status().get("snapshots_fetched", 0) >= 0.98 * self.symbols
+        return status.get("snapshots_fetched", 0) >= 0.98 * self.symbols

@@ -49,8 +49,9 @@ from _tail import dir_bytes, percentile
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
 MICRO = ("bench_decode.py", "bench_book.py", "bench_csv.py", "bench_sim.py")
-#: Scripts run with ``--quick`` even in a full run, to keep ``make bench`` under 15 minutes.
-MICRO_ALWAYS_QUICK = ("bench_decode.py",)
+#: Scripts run with ``--quick`` (or their ``MICRO_QUICK_ARGS``) even in a full run, to keep
+#: ``make bench`` within its budget: they measure the decoder and the simulator, not targets.
+MICRO_ALWAYS_QUICK = ("bench_decode.py", "bench_sim.py")
 #: Shorter settings for ``--quick`` runs, for scripts without a ``--quick`` flag of their own
 #: (each flag is passed only when the script's ``--help`` lists it).
 MICRO_QUICK_ARGS = {
@@ -65,6 +66,8 @@ SUBJECTS: dict[str, type[Subject]] = {
     "collector": CollectorSubject,
 }
 START, END = "<!-- bench:results:start -->", "<!-- bench:results:end -->"
+#: The label of the ``--compare`` revision's collector.
+BEFORE = "collector@before"
 
 
 @dataclass
@@ -112,6 +115,17 @@ class Plan:
     #: Whole-run budget in seconds (``make bench`` must stay under 15 minutes): the
     #: full-market case is shortened (to no less than 30 s) when the rounds ran long.
     budget_s: float = 12 * 60
+    #: After the ramp, the collector is held at its sustained rate this long, then sent
+    #: SIGTERM while the feed keeps sending: it must drain and exit 0 in time.
+    sigterm_hold_s: float = 8.0
+    #: The runtime's default ``shutdown_timeout`` (the SIGTERM target's limit).
+    shutdown_timeout: float = 15.0
+    #: The CSV sink's default ``flush_interval`` in ms (the row-latency target's base).
+    flush_ms: float = 1000.0
+    #: ``--compare REV``: the revision measured as "before" (resolved commit), else None.
+    compare: str | None = None
+    #: The ``streamer`` executable of the ``--compare`` revision (set once it is built).
+    before_streamer: str | None = None
 
     @classmethod
     def quick_plan(cls) -> Plan:
@@ -120,13 +134,36 @@ class Plan:
             quick=True,
             runs=1,
             measure_s=3.0,
-            step_s=1.5,
-            ramp=(40_000, 60_000, 90_000, 130_000),
+            # At least two flushes (1 s apart) must land in a step to tell its disk rate.
+            step_s=2.5,
+            ramp=(40_000, 70_000, 100_000, 130_000),
             full_symbols=400,
             full_s=16.0,
             burst_s=4.0,
             burst_every=10.0,
+            sigterm_hold_s=3.0,
         )
+
+    def labels(self) -> tuple[str, ...]:
+        """The subjects of one round, in the order of the first round.
+
+        With ``--compare`` the collector runs twice, as ``collector`` (this checkout) and
+        ``collector@before``, with another subject between the two so that the rotation of
+        the order alternates which of them runs first.
+        """
+        names = list(self.subjects)
+        if self.compare and "collector" in names:
+            others = [n for n in names if n != "collector"]
+            # bare, collector, baseline, collector@before: rotated, the collectors alternate.
+            names = [*others[:1], "collector", *others[1:], BEFORE]
+        return tuple(names)
+
+    def order(self, round_index: int) -> list[str]:
+        """The subjects of round ``round_index`` (0-based): the first round's order rotated,
+        so no subject always runs on a warmer machine and old and new alternate."""
+        names = list(self.labels())
+        k = round_index % len(names) if names else 0
+        return names[k:] + names[:k]
 
 
 # --------------------------------------------------------------------------- measuring
@@ -154,6 +191,12 @@ class Step:
     written_p99: float
     rss: int
     counters: dict[str, int] = field(default_factory=dict)
+    #: Messages per second whose rows reached the files (the aggTrade rows of every
+    #: symbol over the mix's aggTrade share); the achieved rate for a subject writing none.
+    rows_rate: float = float("nan")
+    #: Receipt-to-file latency (file mtime minus ``receive_time``), ms.
+    landed_p50: float = float("nan")
+    landed_p99: float = float("nan")
 
 
 def _median(values: list[float]) -> float:
@@ -176,7 +219,8 @@ def run_step(
     scheduled events went out, or the receive lag grew by more than 250 ms from the first
     to the last third of the step, or the low end (10th percentile) of the latency of rows
     reaching the files rose by more than 500 ms (the writer is falling behind while the
-    queues still absorb it).
+    queues still absorb it), or the rows reaching the files account for fewer than 90% of
+    the messages sent (a growing backlog between reading and writing).
     """
     feed.set_rate(rate)
     time.sleep(min(1.0, seconds * 0.25))  # let the new rate settle
@@ -218,6 +262,14 @@ def run_step(
     if not subject.alive():
         why.append("subject exited")
     written = subject.written(t0, t1)
+    rows_rate = subject.rows_rate(t0, t1) if subject.writes_csv else achieved
+    if subject.writes_csv and not rows_rate >= 0.9 * achieved:
+        why.append(
+            "fewer than two flushes reached the files"
+            if rows_rate != rows_rate
+            else f"rows on disk {rows_rate:.0f}/s for {achieved:.0f}/s sent"
+        )
+    landed = subject.landed(t0, t1)
     counters = {
         k: int(counters1.get(k, 0) - counters0.get(k, 0))
         for k in ("ws_messages", "records_emitted", "csv.rows_written", "csv.bytes_written")
@@ -241,6 +293,9 @@ def run_step(
         written_p99=percentile(written, 0.99),
         rss=usage.peak_rss,
         counters=counters,
+        rows_rate=rows_rate,
+        landed_p50=percentile(landed, 0.5),
+        landed_p99=percentile(landed, 0.99),
     )
 
 
@@ -263,16 +318,35 @@ def _wait_ready(subject: Subject, timeout: float) -> None:
         time.sleep(0.2)
 
 
+def make_subject(name: str, feed: FeedProcess, symbols: int, plan: Plan, workdir: Path) -> Subject:
+    """The subject called ``name`` (``bare``, ``baseline``, ``collector``, ``collector@before``)."""
+    if name in ("collector", BEFORE):
+        streamer = None
+        if name == BEFORE:
+            if not plan.before_streamer:
+                raise RuntimeError("no --compare revision was prepared")
+            streamer = Path(plan.before_streamer)
+        return CollectorSubject(
+            feed,
+            symbols,
+            workdir,
+            workers=plan.workers,
+            book_interval=plan.book_interval,
+            streamer=streamer,
+            label=name,
+        )
+    return SUBJECTS[name](feed, symbols, workdir)
+
+
 def measure_subject(
     name: str, feed: FeedProcess, plan: Plan, workdir: Path, log: Any
 ) -> dict[str, Any]:
-    """Start one subject on ``feed``, take the 20k step and the ramp, stop it."""
-    if name == "collector":
-        subject: Subject = CollectorSubject(
-            feed, plan.symbols, workdir, workers=plan.workers, book_interval=plan.book_interval
-        )
-    else:
-        subject = SUBJECTS[name](feed, plan.symbols, workdir)
+    """Start one subject on ``feed``, take the 20k step and the ramp, stop it.
+
+    A collector is then held at its sustained rate for ``plan.sigterm_hold_s`` and sent
+    SIGTERM while the feed keeps sending: how long it takes to exit, and with which code.
+    """
+    subject = make_subject(name, feed, plan.symbols, plan, workdir)
     feed.set_rate(0)
     subject.start()
     sampler = TreeSampler(subject.pid).start()
@@ -305,12 +379,17 @@ def measure_subject(
                     break
         result["at_measure"] = asdict(at)
         result["steps"] = [asdict(s) for s in steps]
-        # Sustained = what the best passing step achieved. When no step passed, what the
-        # measuring step achieved while overloaded (an upper bound, flagged as such).
-        result["sustained"] = best.achieved if best else at.achieved
+        # Sustained = the rate at which rows reached the files in the best passing step
+        # (messages read, for the bare receiver). When no step passed, what reached the
+        # files in the measuring step while overloaded (flagged as such).
+        top = best or at
+        result["sustained"] = top.rows_rate if subject.writes_csv else top.achieved
+        result["sustained_read"] = top.achieved
         result["sustained_ok"] = best is not None
         # Even the top of the ramp passed: the subject's limit is higher still.
         result["ramp_capped"] = upward and all(st.ok for st in steps)
+        if isinstance(subject, CollectorSubject) and plan.sigterm_hold_s > 0:
+            result["sigterm"] = sigterm_check(feed, subject, plan, top.rate if best else 0, log)
     finally:
         feed.set_rate(0)
         result["messages"] = feed.stats()["generated"] - generated0
@@ -327,35 +406,68 @@ def measure_subject(
     return result
 
 
+def sigterm_check(
+    feed: FeedProcess, subject: CollectorSubject, plan: Plan, rate: float, log: Any
+) -> dict[str, Any]:
+    """Hold ``rate`` (or the lowest ramp-down rate when nothing passed), then SIGTERM.
+
+    The feed keeps sending through the shutdown, as an exchange would. Met when the
+    collector exits 0 within ``plan.shutdown_timeout``: the runtime exits 1 when it could
+    not drain what was queued in time.
+    """
+    rate = rate or plan.ramp_down[-1]
+    feed.set_rate(rate)
+    time.sleep(plan.sigterm_hold_s)
+    code, seconds = subject.terminate(signal.SIGTERM, plan.shutdown_timeout + 15)
+    feed.set_rate(0)
+    out = {"rate": rate, "held_s": plan.sigterm_hold_s, "exit_code": code, "seconds": seconds}
+    out["ok"] = code == 0 and seconds <= plan.shutdown_timeout
+    log(
+        f"  {subject.name:9s} SIGTERM at {rate / 1000:.0f}k: exit {code} after {seconds:.1f} s"
+        f" ({'ok' if out['ok'] else 'MISSED'})"
+    )
+    return out
+
+
 def _step_line(s: Step) -> str:
     return (
-        f"{s.achieved:8.0f}/s {'ok ' if s.ok else 'BEHIND'} cpu {s.cpu_share:.2f} "
+        f"{s.achieved:8.0f}/s (disk {_f(s.rows_rate)}/s) {'ok ' if s.ok else 'BEHIND'} "
+        f"cpu {s.cpu_share:.2f} "
         f"({s.cpu_per_m:.1f} s/M) feed {s.feed_cpu_share:.2f} harness {s.harness_cpu_share:.2f} "
         f"lag p50/p99 "
         f"{s.recv_p50:.0f}/{s.recv_p99:.0f} ms row {s.written_p50:.0f}/{s.written_p99:.0f} ms"
-        + (f"  [{s.why}]" if s.why else "")
+        f" landed p99 {_f(s.landed_p99)} ms" + (f"  [{s.why}]" if s.why else "")
     )
 
 
+#: Rows whose events came this long after a burst ended still count as "inside" it (the
+#: burst's queue drains through them).
+BURST_TAIL_MS = 2000
+
+
 def full_market(
-    plan: Plan, workdir: Path, log: Any, deadline: float = float("inf")
+    plan: Plan,
+    workdir: Path,
+    log: Any,
+    deadline: float = float("inf"),
+    label: str = "collector",
 ) -> dict[str, Any]:
     """The collector on ``full_symbols`` symbols: base rate with periodic bursts.
 
     The measurement is cut short (to no less than 30 s) so that it ends 30 s before the
-    monotonic ``deadline``, leaving time to stop the collector.
+    monotonic ``deadline``, leaving time to stop the collector. Row latency is from the
+    event time ``E`` to the file (mtime), for the rows of the events sent during the
+    measurement, including those that landed only while the collector was stopping.
     """
     feed = FeedProcess(plan.full_symbols, workdir, plan.feed)
-    subject = CollectorSubject(
-        feed,
-        plan.full_symbols,
-        workdir / "full",
-        workers=plan.workers,
-        book_interval=plan.book_interval,
-    )
-    (workdir / "full").mkdir(exist_ok=True)
-    result: dict[str, Any] = {"symbols": plan.full_symbols}
+    folder = workdir / f"full-{label}"
+    folder.mkdir(exist_ok=True)
+    subject = make_subject(label, feed, plan.full_symbols, plan, folder)
+    assert isinstance(subject, CollectorSubject)
+    result: dict[str, Any] = {"symbols": plan.full_symbols, "subject": label}
     sampler = None
+    window: tuple[int, int] | None = None
+    bursts_wall: list[tuple[int, int]] = []
     try:
         subject.start()
         sampler = TreeSampler(subject.pid).start()
@@ -376,6 +488,7 @@ def full_market(
         sampler.mark()
         s0 = feed.stats()
         t0 = time.monotonic()
+        w0 = _wall_ms()
         rate = plan.base_rate
         bursts: list[tuple[float, float]] = []
         max_backlog = 0
@@ -391,20 +504,21 @@ def full_market(
                 feed.set_rate(want)
                 if want == plan.burst_rate:
                     bursts.append((now, now + plan.burst_s))
+                    bursts_wall.append((_wall_ms(), _wall_ms() + int(plan.burst_s * 1000)))
                 rate = want
             max_backlog = max(max_backlog, feed.stats()["backlog"])
             time.sleep(0.25)
         t1 = time.monotonic()
+        window = (w0, _wall_ms())
         s1 = feed.stats()
         usage = sampler.usage()
         feed.set_rate(0)
         delivered = s1["generated"] - s0["generated"]
-        burst_written = [x for b0, b1 in bursts for x in subject.written(b0, b1 + 1.5)]
-        written = subject.written(t0, t1)
         recv = subject.received(t0, t1)
         result.update(
             seconds=t1 - t0,
             average_rate=delivered / (t1 - t0),
+            rows_rate=subject.rows_rate(t0, t1),
             base_rate=plan.base_rate,
             burst_rate=plan.burst_rate,
             bursts=len(bursts),
@@ -416,26 +530,53 @@ def full_market(
             peak_pss=usage.peak_pss,
             processes=usage.processes,
             max_backlog=max_backlog,
-            written_p50=percentile(written, 0.5),
-            written_p99=percentile(written, 0.99),
-            burst_written_p99=percentile(burst_written, 0.99),
             recv_p99=percentile(recv, 0.99),
             counters=subject.status(),
         )
         log(
-            f"  full market {plan.full_symbols} symbols: {result['average_rate']:.0f}/s avg, "
-            f"cpu {result['cpu_share']:.2f} cores, rss {usage.peak_rss / 2**20:.0f} MiB, "
-            f"row p99 {result['written_p99']:.0f} ms (bursts {result['burst_written_p99']:.0f})"
+            f"  full market {label} {plan.full_symbols} symbols: "
+            f"{result['average_rate']:.0f}/s avg, cpu {result['cpu_share']:.2f} cores, "
+            f"rss {usage.peak_rss / 2**20:.0f} MiB, pss {usage.peak_pss / 2**20:.0f} MiB"
         )
     finally:
         result["exit_code"] = subject.stop()
         if sampler is not None:
             sampler.stop()
             result["lifetime_peak_rss"] = sampler.lifetime_peak_rss
+        # After the stop: the rows of the window that landed while it drained count too.
+        if window is not None and subject.tailer is not None:
+            rows = subject.tailer.by_event(*window)
+            inside, outside = split_bursts(rows, bursts_wall)
+            result.update(
+                rows_sampled=len(rows),
+                written_p50=percentile([r.landed + r.received for r in rows], 0.5),
+                written_p99=percentile([r.landed + r.received for r in rows], 0.99),
+                outside_p99=percentile([r.landed + r.received for r in outside], 0.99),
+                burst_written_p99=percentile([r.landed + r.received for r in inside], 0.99),
+            )
+            log(
+                f"  row p99 (E to file) {_f(result['written_p99'])} ms, outside bursts "
+                f"{_f(result['outside_p99'])} ms, inside {_f(result['burst_written_p99'])} ms"
+            )
         result["bytes_written"] = dir_bytes(str(subject.out))
         shutil.rmtree(subject.out, ignore_errors=True)
         feed.stop()
     return result
+
+
+def split_bursts(rows: list[Any], bursts: list[tuple[int, int]]) -> tuple[list[Any], list[Any]]:
+    """Rows whose event time falls in a burst (or ``BURST_TAIL_MS`` after it), and the rest."""
+    inside, outside = [], []
+    for row in rows:
+        if any(b0 <= row.event < b1 + BURST_TAIL_MS for b0, b1 in bursts):
+            inside.append(row)
+        else:
+            outside.append(row)
+    return inside, outside
+
+
+def _wall_ms() -> int:
+    return time.time_ns() // 1_000_000
 
 
 def profile_collector(plan: Plan, workdir: Path, rate: float, seconds: float, log: Any) -> str:
@@ -550,7 +691,7 @@ def run_micro(quick: bool, log: Any) -> list[dict[str, Any]]:
             ).stdout
             if "--quick" in helptext:
                 args.append("--quick")
-            elif quick:
+            else:
                 extra = MICRO_QUICK_ARGS.get(script, [])
                 for flag, value in zip(extra[::2], extra[1::2], strict=True):
                     if flag in helptext:
@@ -622,7 +763,7 @@ def machine() -> dict[str, Any]:
 
 
 def summarize(rounds: list[dict[str, dict[str, Any]]]) -> dict[str, Any]:
-    """Medians per subject and medians of the per-round ratios."""
+    """Medians per subject and medians of the per-round ratios (for each collector)."""
     med: dict[str, dict[str, float]] = {}
     names = sorted({n for r in rounds for n in r})
     for name in names:
@@ -630,8 +771,10 @@ def summarize(rounds: list[dict[str, dict[str, Any]]]) -> dict[str, Any]:
         if not rs:
             continue
         at = [r["at_measure"] for r in rs]
+        sig = [r["sigterm"] for r in rs if "sigterm" in r]
         med[name] = {
             "sustained": _median([r["sustained"] for r in rs]),
+            "sustained_read": _median([r.get("sustained_read", r["sustained"]) for r in rs]),
             "sustained_ok_runs": sum(1 for r in rs if r.get("sustained_ok")),
             "ramp_capped_runs": sum(1 for r in rs if r.get("ramp_capped")),
             "cpu_per_m": _median([a["cpu_per_m"] for a in at]),
@@ -640,11 +783,20 @@ def summarize(rounds: list[dict[str, dict[str, Any]]]) -> dict[str, Any]:
             "recv_p99": _median([a["recv_p99"] for a in at]),
             "written_p50": _median([a["written_p50"] for a in at]),
             "written_p99": _median([a["written_p99"] for a in at]),
+            "landed_p50": _median([a.get("landed_p50", float("nan")) for a in at]),
+            "landed_p99": _median([a.get("landed_p99", float("nan")) for a in at]),
             "peak_rss": _median([r["peak_rss"] for r in rs]),
             "bytes_written": _median([r.get("bytes_written", float("nan")) for r in rs]),
             "bytes_per_message": _median([r.get("bytes_per_message", float("nan")) for r in rs]),
             "runs": len(rs),
         }
+        if sig:
+            med[name].update(
+                sigterm_ok_runs=sum(1 for x in sig if x["ok"]),
+                sigterm_runs=len(sig),
+                sigterm_s=max(x["seconds"] for x in sig),
+                sigterm_codes=",".join(str(x["exit_code"]) for x in sig),
+            )
 
     def ratio(a: str, b: str, key: str, invert: bool = False) -> float:
         values = []
@@ -656,12 +808,172 @@ def summarize(rounds: list[dict[str, dict[str, Any]]]) -> dict[str, Any]:
                     values.append(y / x if invert else x / y)
         return _median(values)
 
-    ratios = {
-        "collector_vs_baseline_sustained": ratio("collector", "baseline", "sustained"),
-        "collector_vs_bare_sustained": ratio("collector", "bare", "sustained"),
-        "baseline_cpu_per_m_vs_collector": ratio("collector", "baseline", "cpu_per_m", True),
-    }
+    ratios: dict[str, float] = {}
+    for c in (n for n in names if n.startswith("collector")):
+        suffix = c[len("collector") :]
+        ratios[f"collector{suffix}_vs_baseline_sustained"] = ratio(c, "baseline", "sustained")
+        ratios[f"collector{suffix}_vs_bare_sustained"] = ratio(c, "bare", "sustained")
+        ratios[f"baseline_cpu_per_m_vs_collector{suffix}"] = ratio(c, "baseline", "cpu_per_m", True)
+    # Same round, same feed, one after the other: after / before.
+    if "collector" in names and BEFORE in names:
+        ratios["after_vs_before_sustained"] = ratio("collector", BEFORE, "sustained")
+        ratios["after_vs_before_cpu_per_m"] = ratio("collector", BEFORE, "cpu_per_m")
+    for key in (
+        "collector_vs_baseline_sustained",
+        "collector_vs_bare_sustained",
+        "baseline_cpu_per_m_vs_collector",
+    ):
+        ratios.setdefault(key, float("nan"))
     return {"median": med, "ratios": ratios}
+
+
+@dataclass
+class Target:
+    """One target of issue 12, as measured in this run."""
+
+    label: str
+    goal: str
+    value: float | None
+    fmt: str
+    #: True/False once measured; None when not measured (or not a pass/fail target).
+    met: bool | None
+    note: str = ""
+
+    def shown(self) -> str:
+        """The measured value, formatted."""
+        return _f(self.value, self.fmt) if self.value is not None else "n/a"
+
+    def verdict(self) -> str:
+        """``met``, ``MISSED``, or why there is no verdict."""
+        if self.met is None:
+            return self.note or "n/a"
+        return "met" if self.met else "MISSED"
+
+
+def _check(value: float | None, test: Any) -> bool | None:
+    if value is None or value != value:
+        return None
+    return bool(test(value))
+
+
+def evaluate_targets(
+    summary: dict[str, Any], full: dict[str, Any] | None, plan: dict[str, Any], label: str
+) -> list[Target]:
+    """Every target of issue 12 for the collector ``label`` (``collector`` or the
+    ``--compare`` revision's), from the round summary and its full-market result."""
+    med = summary["median"].get(label, {})
+    ratios = summary["ratios"]
+    suffix = label[len("collector") :]
+    full = full or {}
+    flush = plan.get("flush_ms", 1000.0)
+    limit = plan.get("shutdown_timeout", 15.0)
+    rate = plan.get("measure_rate", 20_000) / 1000
+    sustained = med.get("sustained")
+    if sustained is not None and med.get("sustained_ok_runs", 1) * 2 <= med.get("runs", 1):
+        sustained = None  # no step passed in most rounds: no sustained rate to judge
+    rss = full.get("peak_rss")
+    pss = full.get("peak_pss")
+    overflow = (full.get("counters") or {}).get("records_overflowed") if full else None
+    sig_runs = med.get("sigterm_runs", 0)
+    overflowed = full.get("counters") is not None
+    out = [
+        Target(
+            "mix: sustained, rows on disk",
+            ">= 70000 msg/s",
+            sustained,
+            ".0f",
+            _check(sustained, lambda v: v >= 70_000),
+        ),
+        Target(
+            "mix: CPU per M msgs (tree)",
+            "<= 20 s",
+            med.get("cpu_per_m"),
+            ".1f",
+            _check(med.get("cpu_per_m"), lambda v: v <= 20),
+        ),
+        Target(
+            "mix: vs seed-style baseline",
+            ">= 7x",
+            ratios.get(f"collector{suffix}_vs_baseline_sustained"),
+            ".2f",
+            _check(ratios.get(f"collector{suffix}_vs_baseline_sustained"), lambda v: v >= 7),
+        ),
+        Target(
+            "mix: vs bare websockets receiver",
+            "(reported)",
+            ratios.get(f"collector{suffix}_vs_bare_sustained"),
+            ".0%",
+            None,
+            "info",
+        ),
+        Target(
+            f"mix: row p99 at {rate:.0f}k (receive to file)",
+            f"<= {flush + 100:.0f} ms",
+            med.get("landed_p99"),
+            ".0f",
+            _check(med.get("landed_p99"), lambda v: v <= flush + 100),
+        ),
+        Target(
+            "mix: SIGTERM at sustained rate",
+            f"exit 0 within {limit:.0f} s",
+            med.get("sigterm_s") if sig_runs else None,
+            ".1f",
+            (med.get("sigterm_ok_runs") == sig_runs) if sig_runs else None,
+            "" if sig_runs else "not measured",
+        ),
+        Target(
+            "full: average CPU",
+            "<= 0.6 cores",
+            full.get("cpu_share"),
+            ".2f",
+            _check(full.get("cpu_share"), lambda v: v <= 0.6),
+        ),
+        Target(
+            "full: summed RSS (peak, MB)",
+            "<= 700 MB",
+            rss / 1e6 if rss else None,
+            ".0f",
+            _check(rss / 1e6 if rss else None, lambda v: v <= 700),
+        ),
+        Target(
+            "full: summed PSS (peak, MB)",
+            "(reported)",
+            pss / 1e6 if pss else None,
+            ".0f",
+            None,
+            "info",
+        ),
+        Target(
+            "full: row p99 outside bursts",
+            "<= 2000 ms",
+            full.get("outside_p99"),
+            ".0f",
+            _check(full.get("outside_p99"), lambda v: v <= 2000),
+        ),
+        Target(
+            "full: row p99 inside bursts",
+            "<= 5000 ms",
+            full.get("burst_written_p99"),
+            ".0f",
+            _check(full.get("burst_written_p99"), lambda v: v <= 5000),
+        ),
+        Target(
+            "full: records overflowed",
+            "0",
+            float(overflow or 0) if overflowed else None,
+            ".0f",
+            _check(float(overflow or 0) if overflowed else None, lambda v: v == 0),
+        ),
+        Target(
+            "real traffic: USD-M BTCUSDT replay",
+            "msg/s, CPU per M",
+            None,
+            "",
+            None,
+            "not measured by bench/run.py yet",
+        ),
+    ]
+    return out
 
 
 def _f(value: float, fmt: str = ".0f", unit: str = "") -> str:
@@ -674,12 +986,94 @@ def _mib(value: float) -> str:
     return _f(value / 2**20, ".0f", " MiB") if value == value else "n/a"
 
 
+def full_results(report: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The full-market result per collector label (older reports: one, under ``full``)."""
+    if report.get("full_by_label"):
+        return report["full_by_label"]
+    return {"collector": report["full"]} if report.get("full") else {}
+
+
+def target_table(report: dict[str, Any]) -> list[tuple[Target, Target | None]]:
+    """Each target for this checkout's collector, with the ``--compare`` one's beside it."""
+    fulls = full_results(report)
+    after = evaluate_targets(report["summary"], fulls.get("collector"), report["plan"], "collector")
+    if not report["plan"].get("compare"):
+        return [(t, None) for t in after]
+    before = evaluate_targets(report["summary"], fulls.get(BEFORE), report["plan"], BEFORE)
+    return list(zip(after, before, strict=True))
+
+
+def _ratio(after: Target, before: Target | None) -> str:
+    if before is None or after.value is None or before.value is None:
+        return "n/a"
+    a, b = after.value, before.value
+    if a != a or b != b or not b:
+        return "n/a"
+    return f"{a / b:.2f}x"
+
+
+def _verdict_md(t: Target) -> str:
+    v = t.verdict()
+    return "**MISSED**" if v == "MISSED" else v
+
+
+def _render_full(label: str, full: dict[str, Any]) -> list[str]:
+    """The full-market section of one collector."""
+    nan = float("nan")
+    if full.get("error"):
+        return ["", f"### Full market ({label}): failed", "", f"`{full['error']}`"]
+    counters = full.get("counters") or {}
+    sync = (
+        ""
+        if full.get("ready", True)
+        else f" Not every book had synced when measuring began: {full.get('not_ready')}."
+    )
+    return [
+        "",
+        f"### Full market: {full['symbols']} symbols, {label}",
+        "",
+        f"{full.get('seconds', 0):.0f} s at {full.get('base_rate', 0) / 1000:.0f}k msg/s with "
+        f"{full.get('bursts', 0)} bursts of {full.get('burst_s', 0):.0f} s at "
+        f"{full.get('burst_rate', 0) / 1000:.0f}k msg/s (start-up and book sync excluded: "
+        f"{_f(full.get('ready_s', nan))} s).{sync} Row latency: `E` to the file's mtime, for "
+        f"the events of the measured window; inside bursts = events during a burst or up to "
+        f"{BURST_TAIL_MS / 1000:.0f} s after it.",
+        "",
+        "| average msg/s | rows on disk msg/s | CPU (cores) | CPU s per M | peak RSS (tree) "
+        "| peak PSS | processes | max feed backlog | row p50 / p99 | p99 outside / inside bursts "
+        "| bytes written | records overflowed | backpressure waits | exit |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| "
+        + " | ".join(
+            [
+                _f(full.get("average_rate", nan)),
+                _f(full.get("rows_rate", nan)),
+                _f(full.get("cpu_share", nan), ".2f"),
+                _f(full.get("cpu_per_m", nan), ".1f"),
+                _mib(full.get("peak_rss", nan)),
+                _mib(full.get("peak_pss", nan)),
+                str(full.get("processes", "n/a")),
+                str(full.get("max_backlog", "n/a")),
+                f"{_f(full.get('written_p50', nan))} / {_f(full.get('written_p99', nan))} ms",
+                f"{_f(full.get('outside_p99', nan))} / {_f(full.get('burst_written_p99', nan))} ms",
+                _mib(full.get("bytes_written", nan)),
+                str(counters.get("records_overflowed", "n/a")),
+                f"{counters.get('backpressure_waits', 0)} "
+                f"({counters.get('backpressure_wait_ms', 0) / 1000:.0f} s)",
+                str(full.get("exit_code", "n/a")),
+            ]
+        )
+        + " |",
+    ]
+
+
 def render(report: dict[str, Any]) -> str:
     """The generated part of BENCHMARKS.md."""
     m, plan = report["machine"], report["plan"]
     nan = float("nan")
     s = report["summary"]
     med, ratios = s["median"], s["ratios"]
+    compare = plan.get("compare")
     lines = [
         START,
         "<!-- Generated by `python bench/run.py`; edit the text outside these markers. -->",
@@ -689,30 +1083,62 @@ def render(report: dict[str, Any]) -> str:
         f"Load average before/after: {report['load_before']} / {report['load_after']}. "
         f"Harness wall time {report['wall_s'] / 60:.1f} min"
         f"{' (--quick: smoke figures, not results)' if plan['quick'] else ''}.",
+    ]
+    if compare:
+        lines += [
+            "",
+            f"**Before/after.** `collector` is this checkout; `{BEFORE}` is "
+            f"`{report.get('compare_rev', compare)}` (commit `{compare[:12]}`), installed in "
+            "its own virtual environment and run in the same rounds on the same feed, the two "
+            "alternating. Ratios are after / before.",
+        ]
+    lines += ["", "### Targets (issue 12)", ""]
+    rows = target_table(report)
+    if compare:
+        lines += [
+            "| target | goal | before | after | after / before | met (after) |",
+            "|---|---|---:|---:|---:|---|",
+        ]
+        for a, b in rows:
+            lines.append(
+                f"| {a.label} | {a.goal} | {b.shown() if b else 'n/a'} | {a.shown()} "
+                f"| {_ratio(a, b)} | {_verdict_md(a)} |"
+            )
+    else:
+        lines += ["| target | goal | measured | met |", "|---|---|---:|---|"]
+        for a, _ in rows:
+            lines.append(f"| {a.label} | {a.goal} | {a.shown()} | {_verdict_md(a)} |")
+    lines += [
         "",
         f"### The mix, {plan['symbols']} symbols (medians of {plan['runs']} rounds)",
         "",
-        f"Each round runs the three subjects one after the other on the same feed. "
+        "Each round runs the subjects one after the other on the same feed. "
         f"CPU and latency are taken at {plan['measure_rate'] / 1000:.0f}k msg/s held for "
-        f"{plan['measure_s']:.0f} s; sustained is the highest ramp step "
-        f"({plan['step_s']:.1f} s each) the subject kept up with.",
+        f"{plan['measure_s']:.0f} s; sustained is the rate at which rows reached the files "
+        f"(messages read, for `bare`) in the highest ramp step ({plan['step_s']:.1f} s each) "
+        "the subject kept up with. Row latency: `landed` is file mtime minus `receive_time`, "
+        "`written` is the wall clock when the harness saw the row minus `E`.",
         "",
-        "| subject | sustained msg/s | CPU s per M msgs | CPU (cores) | receive lag p50 / p99 "
-        "| row written p50 / p99 | peak RSS (tree) | bytes written per message |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| subject | sustained msg/s (rows on disk) | read msg/s | CPU s per M msgs "
+        "| CPU (cores) | receive lag p50 / p99 | row landed p50 / p99 | row written p50 / p99 "
+        "| peak RSS (tree) | bytes written per message | SIGTERM (exit codes, slowest) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
-    for name in ("bare", "baseline", "collector"):
+    for name in ("bare", "baseline", "collector", BEFORE):
         if name not in med:
             continue
         x = med[name]
         flag = "" if x.get("sustained_ok_runs", x["runs"]) == x["runs"] else " *"
         at_least = ">= " if x.get("ramp_capped_runs", 0) * 2 > x["runs"] else ""
+        sig = f"{x['sigterm_codes']}; {x['sigterm_s']:.1f} s" if x.get("sigterm_runs") else "n/a"
         lines.append(
-            f"| {name} | {at_least}{_f(x['sustained'])}{flag} | {_f(x['cpu_per_m'], '.1f')} "
+            f"| {name} | {at_least}{_f(x['sustained'])}{flag} "
+            f"| {_f(x.get('sustained_read', nan))} | {_f(x['cpu_per_m'], '.1f')} "
             f"| {_f(x['cpu_share_at_measure'], '.2f')} "
             f"| {_f(x['recv_p50'])} / {_f(x['recv_p99'])} ms "
+            f"| {_f(x.get('landed_p50', nan))} / {_f(x.get('landed_p99', nan))} ms "
             f"| {_f(x['written_p50'])} / {_f(x['written_p99'])} ms "
-            f"| {_mib(x['peak_rss'])} | {_f(x.get('bytes_per_message', float('nan')))} |"
+            f"| {_mib(x['peak_rss'])} | {_f(x.get('bytes_per_message', nan))} | {sig} |"
         )
     if any(x.get("ramp_capped_runs", 0) * 2 > x["runs"] for x in med.values()):
         lines += [
@@ -725,109 +1151,26 @@ def render(report: dict[str, Any]) -> str:
         lines += [
             "",
             "\\* In some rounds no step passed, not even the lowest: the figure is what "
-            "the subject received while overloaded, an upper bound.",
+            "reached the files while overloaded.",
         ]
-    lines += [
-        "",
+    ratio_text = [
         "Ratios (median of the per-round ratios): collector / baseline sustained "
         f"**{_f(ratios['collector_vs_baseline_sustained'], '.2f', 'x')}**; "
         f"collector / bare-receive limit **{_f(ratios['collector_vs_bare_sustained'], '.0%')}**;"
         " baseline CPU per message / collector CPU per message "
-        f"**{_f(ratios['baseline_cpu_per_m_vs_collector'], '.2f', 'x')}**.",
-        "",
+        f"**{_f(ratios['baseline_cpu_per_m_vs_collector'], '.2f', 'x')}**."
     ]
-    c = med.get("collector", {})
-    full = report.get("full") or {}
-    flush_ms = 1000
-    targets = [
-        ("sustained on the mix", ">= 60k msg/s", c.get("sustained"), lambda v: v >= 60_000, ""),
-        (
-            "vs baseline",
-            ">= 4x",
-            ratios["collector_vs_baseline_sustained"],
-            lambda v: v >= 4,
-            ".2f",
-        ),
-        (
-            "vs bare receive",
-            ">= 50%",
-            ratios["collector_vs_bare_sustained"],
-            lambda v: v >= 0.5,
-            ".0%",
-        ),
-        ("CPU per M msgs", "< 25 s", c.get("cpu_per_m"), lambda v: v < 25, ".1f"),
-        (
-            f"row p99 at {plan['measure_rate'] / 1000:.0f}k msg/s",
-            f"< flush interval + 50 = {flush_ms + 50} ms",
-            c.get("written_p99"),
-            lambda v: v < flush_ms + 50,
-            "",
-        ),
-        (
-            "full market CPU",
-            "< 0.5 core",
-            full.get("cpu_share"),
-            lambda v: v < 0.5,
-            ".2f",
-        ),
-        (
-            "full market memory",
-            "< 1 GB (RSS summed)",
-            full.get("peak_rss", float("nan")) / 1e9 if full else None,
-            lambda v: v < 1,
-            ".2f",
-        ),
-    ]
-    lines += ["| target | goal | measured | met |", "|---|---|---:|---|"]
-    for label, goal, value, test, fmt in targets:
-        if value is None or value != value:
-            lines.append(f"| {label} | {goal} | n/a | not measured |")
-            continue
-        lines.append(
-            f"| {label} | {goal} | {value:{fmt or '.0f'}} | {'yes' if test(value) else '**no**'} |"
+    if compare:
+        ratio_text.append(
+            f"After / before, same rounds: sustained "
+            f"**{_f(ratios.get('after_vs_before_sustained', nan), '.2f', 'x')}**, CPU per "
+            f"message **{_f(ratios.get('after_vs_before_cpu_per_m', nan), '.2f', 'x')}**; "
+            f"before / baseline sustained "
+            f"{_f(ratios.get(f'{BEFORE}_vs_baseline_sustained', nan), '.2f', 'x')}."
         )
-    if full.get("error"):
-        lines += ["", "### Full market: failed", "", f"`{full['error']}`"]
-    elif full:
-        counters = full.get("counters") or {}
-        sync = (
-            ""
-            if full.get("ready", True)
-            else f" Not every book had synced when measuring began: {full.get('not_ready')}."
-        )
-        lines += [
-            "",
-            f"### Full market: {full['symbols']} symbols, collector only",
-            "",
-            f"{full.get('seconds', 0):.0f} s at {full.get('base_rate', 0) / 1000:.0f}k msg/s with "
-            f"{full.get('bursts', 0)} bursts of {full.get('burst_s', 0):.0f} s at "
-            f"{full.get('burst_rate', 0) / 1000:.0f}k msg/s (start-up and book sync excluded: "
-            f"{_f(full.get('ready_s', float('nan')))} s).{sync}",
-            "",
-            "| average msg/s | CPU (cores) | CPU s per M | peak RSS (tree) | peak PSS | processes "
-            "| max feed backlog | row p50 / p99 | row p99 in bursts | bytes written "
-            "| records overflowed | backpressure waits |",
-            "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
-            "| "
-            + " | ".join(
-                [
-                    _f(full.get("average_rate", nan)),
-                    _f(full.get("cpu_share", nan), ".2f"),
-                    _f(full.get("cpu_per_m", nan), ".1f"),
-                    _mib(full.get("peak_rss", nan)),
-                    _mib(full.get("peak_pss", nan)),
-                    str(full.get("processes", "n/a")),
-                    str(full.get("max_backlog", "n/a")),
-                    f"{_f(full.get('written_p50', nan))} / {_f(full.get('written_p99', nan))} ms",
-                    f"{_f(full.get('burst_written_p99', nan))} ms",
-                    _mib(full.get("bytes_written", nan)),
-                    str(counters.get("records_overflowed", 0)),
-                    f"{counters.get('backpressure_waits', 0)} "
-                    f"({counters.get('backpressure_wait_ms', 0) / 1000:.0f} s)",
-                ]
-            )
-            + " |",
-        ]
+    lines += ["", " ".join(ratio_text), ""]
+    for label, full in full_results(report).items():
+        lines += _render_full(label, full)
     lines += ["", "### Ramps, round by round", ""]
     lines += [
         "Each cell: achieved msg/s, then the CPU (cores) of the subject / the feed / the "
@@ -902,11 +1245,130 @@ def _loadavg() -> str:
         return "n/a"
 
 
+def estimate_seconds(plan: Plan) -> float:
+    """A rough wall-time estimate of ``plan`` (for ``--dry-run`` and the budget note)."""
+    per_subject = {
+        # start, readiness and stop; the 20k step; the ramp as far as each usually gets.
+        "bare": 8 + plan.measure_s + 1 + len(plan.ramp) * (plan.step_s + 0.8),
+        "baseline": 12 + plan.measure_s + 1 + 3 * (plan.step_s + 0.8),
+        "collector": 15
+        + plan.measure_s
+        + 1
+        + min(len(plan.ramp), 6) * (plan.step_s + 0.8)
+        + plan.sigterm_hold_s
+        + 5,
+    }
+    per_subject[BEFORE] = per_subject["collector"]
+    rounds = plan.runs * sum(per_subject.get(n, 30) for n in plan.labels())
+    collectors = 2 if plan.compare else 1
+    full = collectors * (plan.full_s + 40) if plan.full else 0
+    micro = (20 if plan.quick else 60) if plan.micro else 0
+    setup = 90 if plan.compare else 0
+    return setup + micro + rounds + full
+
+
+def describe(plan: Plan, compare_rev: str | None = None) -> str:
+    """What a run of ``plan`` would do (``--dry-run``)."""
+    out = [
+        f"plan: {'quick smoke check' if plan.quick else 'full run'}, "
+        f"{plan.runs} round(s) on {plan.symbols} symbols, feed {plan.feed}",
+    ]
+    if plan.compare:
+        out.append(
+            f"compare: {compare_rev or plan.compare} = commit {plan.compare[:12]} "
+            "(temporary git worktree + its own venv, pip install -e)"
+        )
+    for i in range(plan.runs):
+        out.append(f"round {i + 1}: {', '.join(plan.order(i))}")
+    out.append(
+        f"each subject: {plan.measure_rate / 1000:.0f}k msg/s for {plan.measure_s:.0f} s, then "
+        f"ramp {', '.join(f'{r / 1000:g}k' for r in plan.ramp)} ({plan.step_s:.1f} s each); "
+        f"collectors: {plan.sigterm_hold_s:.0f} s at the sustained rate, then SIGTERM"
+    )
+    if plan.full:
+        n = 2 if plan.compare else 1
+        out.append(
+            f"full market: {plan.full_symbols} symbols, {plan.full_s:.0f} s at "
+            f"{plan.base_rate / 1000:.0f}k msg/s, {plan.burst_s:.0f} s bursts at "
+            f"{plan.burst_rate / 1000:.0f}k every {plan.burst_every:.0f} s, x{n}"
+        )
+    out.append(f"micro-benchmarks: {', '.join(MICRO) if plan.micro else 'skipped'}")
+    out.append("targets:")
+    for t in evaluate_targets({"median": {}, "ratios": {}}, None, asdict(plan), "collector"):
+        out.append(f"  {t.label:40s} {t.goal}")
+    out.append(
+        f"estimated wall time: {estimate_seconds(plan) / 60:.1f} min "
+        f"(budget {plan.budget_s / 60:.0f} min)"
+    )
+    return "\n".join(out)
+
+
+class CompareError(RuntimeError):
+    """``--compare``: the revision cannot be resolved or installed."""
+
+
+def resolve_rev(rev: str) -> str:
+    """The full commit id of ``rev`` in this repository (:class:`CompareError` if none)."""
+    proc = subprocess.run(
+        ["git", "rev-parse", "--verify", "--quiet", f"{rev}^{{commit}}"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
+    sha = proc.stdout.strip()
+    if proc.returncode != 0 or not sha:
+        raise CompareError(f"--compare: no commit {rev!r} in this repository")
+    return sha
+
+
+def prepare_before(sha: str, workdir: Path, log: Any) -> tuple[Path, Path]:
+    """Check ``sha`` out in a temporary worktree and install it in its own venv.
+
+    Returns ``(worktree, streamer executable)``. The pip cache is shared with every other
+    install (no ``--no-cache-dir``), so this takes a minute, not a download.
+    """
+    tree = workdir / f"before-{sha[:12]}"
+    log(f"compare: git worktree add {tree} {sha[:12]}")
+    proc = subprocess.run(
+        ["git", "worktree", "add", "--detach", str(tree), sha],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
+    if proc.returncode != 0:
+        raise CompareError(f"git worktree add failed: {proc.stderr.strip()}")
+    venv = tree / ".venv"
+    t0 = time.monotonic()
+    steps = [
+        [sys.executable, "-m", "venv", str(venv)],
+        [str(venv / "bin" / "python"), "-m", "pip", "install", "--quiet", "-e", str(tree)],
+    ]
+    for cmd in steps:
+        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=tree)
+        if proc.returncode != 0:
+            tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-5:])
+            raise CompareError(f"{' '.join(cmd[:4])}... failed: {tail}")
+    streamer = venv / "bin" / "streamer"
+    if not streamer.exists():
+        raise CompareError(f"{sha[:12]} installed no 'streamer' command")
+    log(f"compare: installed {sha[:12]} in {time.monotonic() - t0:.0f} s")
+    return tree, streamer
+
+
+def remove_worktree(tree: Path) -> None:
+    """Remove a worktree made by :func:`prepare_before` (and its registration)."""
+    subprocess.run(
+        ["git", "worktree", "remove", "--force", str(tree)], capture_output=True, cwd=ROOT
+    )
+    shutil.rmtree(tree, ignore_errors=True)
+    subprocess.run(["git", "worktree", "prune"], capture_output=True, cwd=ROOT)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point; returns the exit status."""
     ap = argparse.ArgumentParser(description="market-streamer benchmark harness")
-    ap.add_argument("--quick", action="store_true", help="short smoke run (about 2 minutes)")
-    ap.add_argument("--runs", type=int, help="rounds of the three subjects (default 3)")
+    ap.add_argument("--quick", action="store_true", help="short smoke run (about 3 minutes)")
+    ap.add_argument("--runs", type=int, help="rounds of the subjects (default 3)")
     ap.add_argument("--symbols", type=int, help="symbols on the mix (default 100)")
     ap.add_argument("--only", help="comma-separated subjects: bare,baseline,collector")
     ap.add_argument("--no-micro", action="store_true", help="skip the micro-benchmarks")
@@ -920,6 +1382,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--book-interval", help="orderbook snapshot interval (default 1s)")
     ap.add_argument("--workers", type=int, help="collector worker processes (default: auto)")
     ap.add_argument("--full-seconds", type=float, help="length of the full-market case")
+    ap.add_argument(
+        "--compare",
+        metavar="REV",
+        help="also measure the collector of git revision REV (before) in the same rounds",
+    )
+    ap.add_argument(
+        "--dry-run", action="store_true", help="print the plan and the targets; run nothing"
+    )
     ap.add_argument("--output", type=Path, help="markdown file to update")
     ap.add_argument("--json", type=Path, help="also write the raw results here")
     ap.add_argument("--keep", action="store_true", help="keep the work directory")
@@ -933,8 +1403,12 @@ def main(argv: list[str] | None = None) -> int:
 
     plan = Plan.quick_plan() if args.quick else Plan()
     if args.runs is not None:
+        if args.runs < 0:
+            ap.error("--runs must be >= 0")
         plan.runs = args.runs
-    if args.symbols:
+    if args.symbols is not None:
+        if args.symbols < 1:
+            ap.error("--symbols must be >= 1")
         plan.symbols = args.symbols
     if args.only:
         plan.subjects = tuple(s.strip() for s in args.only.split(",") if s.strip())
@@ -950,6 +1424,20 @@ def main(argv: list[str] | None = None) -> int:
         plan.book_interval = args.book_interval
     plan.micro = not args.no_micro
     plan.full = not args.no_full
+    if args.compare:
+        try:
+            plan.compare = resolve_rev(args.compare)
+        except CompareError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        if "collector" not in plan.subjects:
+            print("error: --compare needs the collector among the subjects", file=sys.stderr)
+            return 2
+        # Two collectors per round and two full-market cases: more time, same full case.
+        plan.budget_s = 2 * plan.budget_s
+    if args.dry_run:
+        print(describe(plan, args.compare))
+        return 0
 
     workdir = Path(tempfile.mkdtemp(prefix="streamer-bench-"))
     output = args.output or (workdir / "BENCHMARKS.md" if plan.quick else ROOT / "BENCHMARKS.md")
@@ -964,57 +1452,48 @@ def main(argv: list[str] | None = None) -> int:
         "load_before": _loadavg(),
         "rounds": [],
     }
+    if args.compare:
+        report["compare_rev"] = args.compare
     log(f"work directory {workdir}; load {report['load_before']}")
     if args.profile:
         print(profile_collector(plan, workdir, args.profile, plan.measure_s * 2, log))
         return 0
     status = 0
+    tree: Path | None = None
     try:
+        if plan.compare:
+            try:
+                tree, streamer = prepare_before(plan.compare, workdir, log)
+            except CompareError as exc:
+                print(f"error: {exc}", file=sys.stderr)
+                return 2
+            plan.before_streamer = str(streamer)
+            report["plan"] = asdict(plan)
         if plan.micro:
             log("micro-benchmarks")
             report["micro"] = run_micro(plan.quick, log)
-        feed = FeedProcess(plan.symbols, workdir, plan.feed)
-        try:
-            for i in range(plan.runs):
-                log(f"round {i + 1}/{plan.runs} on {plan.symbols} symbols")
-                rnd: dict[str, Any] = {}
-                # Rotate the order so no subject always runs on a warmer machine.
-                order = list(plan.subjects[i % len(plan.subjects) :]) + list(
-                    plan.subjects[: i % len(plan.subjects)]
-                )
-                for name in order:
-                    for attempt in (1, 2):
-                        try:
-                            rnd[name] = measure_subject(name, feed, plan, workdir, log)
-                            break
-                        except NotReady as exc:
-                            log(f"  {name}: {exc}")
-                            if attempt == 2:
-                                rnd[name] = {"subject": name, "error": str(exc)}
-                                status = 1
-                                break
-                            # Once, on a fresh feed: a run must not be lost to one bad start.
-                            log(f"  {name}: retrying on a fresh feed")
-                            feed.stop()
-                            feed = FeedProcess(plan.symbols, workdir, plan.feed)
-                        except Exception as exc:  # a failed subject must not lose the others
-                            log(f"  {name}: FAILED: {exc}")
-                            rnd[name] = {"subject": name, "error": str(exc)}
-                            status = 1
-                            break
-                report["rounds"].append(rnd)
-        finally:
-            feed.stop()
+        status = run_rounds(plan, workdir, log, report)
         if plan.full:
-            log(f"full market: {plan.full_symbols} symbols for {plan.full_s:.0f} s")
-            try:
-                deadline = t_start + plan.budget_s
-                report["full"] = full_market(plan, workdir, log, deadline)
-            except Exception as exc:
-                log(f"  full market FAILED: {exc}")
-                report["full"] = {"symbols": plan.full_symbols, "error": str(exc)}
-                status = 1
+            labels = ["collector"]
+            if plan.compare:
+                labels = [BEFORE, "collector"]
+            report["full_by_label"] = {}
+            for i, label in enumerate(labels):
+                log(f"full market ({label}): {plan.full_symbols} symbols for {plan.full_s:.0f} s")
+                # Leave the later full-market runs their share of what is left.
+                left = len(labels) - i
+                deadline = time.monotonic() + (t_start + plan.budget_s - time.monotonic()) / left
+                try:
+                    full = full_market(plan, workdir, log, deadline, label)
+                except Exception as exc:
+                    log(f"  full market FAILED: {exc}")
+                    full = {"symbols": plan.full_symbols, "subject": label, "error": str(exc)}
+                    status = 1
+                report["full_by_label"][label] = full
+            report["full"] = report["full_by_label"].get("collector")
     finally:
+        if tree is not None and not args.keep:
+            remove_worktree(tree)
         report["load_after"] = _loadavg()
         report["wall_s"] = time.monotonic() - t_start
         report["summary"] = summarize(report["rounds"])
@@ -1028,27 +1507,80 @@ def main(argv: list[str] | None = None) -> int:
     return status
 
 
+def run_rounds(plan: Plan, workdir: Path, log: Any, report: dict[str, Any]) -> int:
+    """The rounds on the mix, appended to ``report["rounds"]``; returns the exit status."""
+    status = 0
+    if not plan.runs:
+        return status
+    feed = FeedProcess(plan.symbols, workdir, plan.feed)
+    try:
+        for i in range(plan.runs):
+            log(f"round {i + 1}/{plan.runs} on {plan.symbols} symbols")
+            rnd: dict[str, Any] = {}
+            for name in plan.order(i):
+                for attempt in (1, 2):
+                    try:
+                        rnd[name] = measure_subject(name, feed, plan, workdir, log)
+                        break
+                    except NotReady as exc:
+                        log(f"  {name}: {exc}")
+                        if attempt == 2:
+                            rnd[name] = {"subject": name, "error": str(exc)}
+                            status = 1
+                            break
+                        # Once, on a fresh feed: a run must not be lost to one bad start.
+                        log(f"  {name}: retrying on a fresh feed")
+                        feed.stop()
+                        feed = FeedProcess(plan.symbols, workdir, plan.feed)
+                    except Exception as exc:  # a failed subject must not lose the others
+                        log(f"  {name}: FAILED: {exc}")
+                        rnd[name] = {"subject": name, "error": str(exc)}
+                        status = 1
+                        break
+            report["rounds"].append(rnd)
+    finally:
+        feed.stop()
+    return status
+
+
 def print_summary(report: dict[str, Any], output: Path, json_path: Path) -> None:
-    """A few lines on stdout."""
+    """A few lines on stdout: the medians, then every target with met / MISSED."""
     med = report["summary"]["median"]
     ratios = report["summary"]["ratios"]
+    compare = report["plan"].get("compare")
     print("\n== market-streamer benchmark summary ==")
     for name, x in med.items():
         print(
-            f"{name:9s} sustained {_f(x['sustained']):>7} msg/s  "
+            f"{name:16s} sustained {_f(x['sustained']):>7} msg/s on disk "
+            f"(read {_f(x.get('sustained_read', float('nan'))):>7})  "
             f"CPU {_f(x['cpu_per_m'], '.1f'):>5} s/M msgs  "
-            f"row p99 {_f(x['written_p99']):>5} ms  RSS {_mib(x['peak_rss'])}"
+            f"row landed p99 {_f(x.get('landed_p99', float('nan'))):>5} ms  "
+            f"RSS {_mib(x['peak_rss'])}"
         )
     print(
         f"collector/baseline {_f(ratios['collector_vs_baseline_sustained'], '.2f', 'x')}, "
         f"collector/bare {_f(ratios['collector_vs_bare_sustained'], '.0%')}"
     )
-    full = report.get("full") or {}
-    if "cpu_share" in full:
-        print(
-            f"full market ({full['symbols']} symbols): {full['average_rate']:.0f} msg/s avg, "
-            f"{full['cpu_share']:.2f} cores, peak RSS {_mib(full['peak_rss'])}"
-        )
+    for label, full in full_results(report).items():
+        if "cpu_share" in full:
+            print(
+                f"full market {label} ({full['symbols']} symbols): "
+                f"{full['average_rate']:.0f} msg/s avg, {full['cpu_share']:.2f} cores, "
+                f"RSS {_mib(full['peak_rss'])}, PSS {_mib(full.get('peak_pss', float('nan')))}"
+            )
+    rows = target_table(report)
+    print("\n== targets (issue 12) ==")
+    if compare:
+        print(f"{'target':42s} {'goal':20s} {'before':>9s} {'after':>9s} {'ratio':>7s}  met")
+        for a, b in rows:
+            print(
+                f"{a.label:42s} {a.goal:20s} {b.shown() if b else 'n/a':>9s} {a.shown():>9s} "
+                f"{_ratio(a, b):>7s}  {a.verdict()}"
+            )
+    else:
+        print(f"{'target':42s} {'goal':20s} {'measured':>9s}  met")
+        for a, _ in rows:
+            print(f"{a.label:42s} {a.goal:20s} {a.shown():>9s}  {a.verdict()}")
     print(f"report: {output}\nraw results: {json_path}")
 
 
