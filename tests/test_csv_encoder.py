@@ -480,3 +480,55 @@ def test_chunk_frames_never_look_like_record_frames() -> None:
     assert not is_encoded(encode_batch([trade(1)]))
     with pytest.raises(msgspec.DecodeError):
         decode_encoded(encode_batch([trade(1)]))
+
+
+@pytest.mark.parametrize("gz", [False, True], ids=["plain", "gzip"])
+@pytest.mark.parametrize("mode", ["tear", "kill"])
+def test_sigkill_mid_write_of_chunks_then_repair_and_resume(
+    tmp_path: Path, monkeypatch, mode: str, gz: bool
+) -> None:
+    """test_csv_crash's SIGKILL scenario with the trades arriving as chunks from the encoder
+    (the book stays a record): torn rows are repaired, resume has no gap or duplicate.
+
+    The chunks are handed over before the records, so that each flush still writes the
+    trades file first, as the scenario (its 5th write tears the trades) expects."""
+    import test_csv_crash
+
+    direct = "await sink.write([trade(j) for j in range(i, i + 300)] + [book(i + 299)])"
+    via_chunks = (
+        "out = CsvEncoder(sink.options, None).encode("
+        "[trade(j) for j in range(i, i + 300)] + [book(i + 299)]); "
+        "await sink.write_chunks(out.streams, out.chunks); await sink.write(out.records)"
+    )
+    assert direct in test_csv_crash.CHILD
+    child = test_csv_crash.CHILD.replace(direct, via_chunks).replace(
+        "from streamer.plugins.sinks.csv_batch import CsvSink, Options",
+        "from streamer.plugins.sinks.csv_batch import CsvSink, Options\n"
+        "from streamer.plugins.sinks._csv_encoder import CsvEncoder",
+    )
+    monkeypatch.setattr(test_csv_crash, "CHILD", child)
+    test_csv_crash.test_sigkill_mid_write_then_repair_and_resume(tmp_path, mode, gz)
+
+
+def test_runtime_feeds_the_csv_sink_chunks_and_the_lines_sink_records(tmp_path: Path) -> None:
+    """Both kinds of sink in one pipeline of the real runtime get the same trades."""
+    from core_plugins import read_lines
+    from test_csv_runtime import ids_on_disk
+
+    from streamer.core.runtime import read_status, run
+
+    data = synth_config(
+        tmp_path,
+        sinks={"files": {"type": "csv", "path": str(tmp_path / "csv"), "flush_interval": "200ms"},
+               "a": {"type": "lines", "path": str(tmp_path / "a")}},
+        pipeline={"sinks": ["files", "a"]},
+    )  # fmt: skip
+    code = run(parse_config(data), ["csv"], extra_plugin_modules=["core_plugins"], duration=1.5)
+    assert code == 0
+    csv_ids = ids_on_disk(tmp_path / "csv")
+    lines = {key.symbol: ids for key, ids in read_lines(tmp_path / "a").items()}
+    assert csv_ids == lines and all(len(ids) > 10 for ids in csv_ids.values())
+    status = read_status(tmp_path / "state")
+    written = status["sinks"]["files"]["totals"]
+    assert written["rows_written"] == sum(map(len, csv_ids.values()))
+    assert written.get("records_written") == status["sinks"]["a"]["totals"]["records_written"]
