@@ -11,6 +11,10 @@ Flow inside a collector worker::
                                                   batches of records --> sink writer process
                                                                         Sink.write(batch)
 
+A sink may also encode in the worker (opt-in, :attr:`Sink.Encoder`): the worker turns each
+batch into ready bytes with the sink's :class:`SinkEncoder` and the writer hands them to
+:meth:`Sink.write_chunks` (what the encoder leaves as records still goes to ``write``).
+
 Each component class declares an ``Options`` msgspec Struct; the config loader validates
 the component's section of the YAML file against it, so bad options fail at start-up with
 the exact path of the offending key.
@@ -27,7 +31,7 @@ from typing import ClassVar, Literal, Protocol
 import msgspec
 
 from .counters import Counters
-from .records import BookSnapshot, Kline, Record, StreamKey, Trade
+from .records import BookSnapshot, Chunk, EncodedBatch, Kline, Record, StreamKey, Trade
 
 Channel = Literal["trade", "depth", "kline"]
 
@@ -256,6 +260,57 @@ class SinkContext(msgspec.Struct, kw_only=True):
     logger: logging.Logger
 
 
+class EncoderContext(msgspec.Struct, kw_only=True):
+    """What the runtime hands a sink's worker-side encoder (in a collector worker).
+
+    ``counters`` are the worker's (published under the pipeline, not the sink).
+    """
+
+    sink: str
+    pipeline: str
+    counters: Counters
+    logger: logging.Logger
+
+
+class SinkEncoder(ABC):
+    """Turns batches of records into a sink's ready bytes inside a collector worker.
+
+    Opt-in, for sinks whose formatting is the expensive part of writing: set
+    :attr:`Sink.Encoder` to a subclass. Each worker builds one instance per sink from the
+    sink's validated ``Options`` (the same object the sink gets) and calls :meth:`encode`
+    with every batch bound for that sink; the writer de-duplicates the chunks by key and
+    passes them to :meth:`Sink.write_chunks`.
+
+    Invariants an encoder must keep (the writer relies on them for crash safety and
+    de-duplication):
+
+    * **No I/O**, no blocking, no state that depends on files: it runs on the worker's hot
+      path, and the files belong to the writer (anything that depends on what is on disk,
+      such as a header decided by an existing file, stays a record).
+    * **Whole rows**: each record's bytes end where the next record's begin
+      (``Chunk.offsets``), so a chunk can be cut at any record boundary.
+    * **Every record accounted for exactly once**: in one chunk (``keys``/``times``/
+      ``offsets`` carry one entry per record) or in ``EncodedBatch.records``.
+    * **Keys per record strictly increasing** within a stream, across the stream's chunks
+      in the order returned. Only records that count as held go into chunks (never an
+      unclosed kline): every key in a written chunk raises the stream's mark. When a
+      stream's keys do not increase, leave that stream's records of the batch as records.
+    * Records left as records are written before the chunks; keep a stream either in
+      chunks or in records within one batch (unclosed klines excepted: they never raise
+      the mark).
+    * Raising is a bug: the worker counts ``encoder_errors``, logs it and sends that batch
+      as records instead.
+    """
+
+    def __init__(self, options: msgspec.Struct, context: EncoderContext) -> None:
+        self.options = options
+        self.context = context
+
+    @abstractmethod
+    def encode(self, batch: Sequence[Record]) -> EncodedBatch:
+        """Ready bytes per output unit for ``batch`` (in order), plus the records left over."""
+
+
 class Sink(ABC):
     """Durable storage for records; registered via ``register_sinks``.
 
@@ -284,9 +339,17 @@ class Sink(ABC):
       are re-fetched from :meth:`holdings` anyway, since lost rows never advanced them.
     * :meth:`verify` (a classmethod, optional) checks the files a sink of this type wrote;
       ``streamer verify PATH --sink TYPE`` dispatches to it.
+    * :attr:`Encoder` (optional): a :class:`SinkEncoder` subclass that builds the sink's
+      bytes in the collector workers. The sink then gets most data through
+      :meth:`write_chunks` (chunks already de-duplicated by key against the writer's
+      marks, possibly cut at a record boundary) and the rest through :meth:`write`; it
+      must accept both, and treat a chunk's records like records it was given (the last
+      key of a written chunk is held). A sink without an encoder gets only :meth:`write`.
     """
 
     Options: ClassVar[type[msgspec.Struct]] = NoOptions
+    #: Worker-side encoder of this sink type; ``None``: records travel to :meth:`write`.
+    Encoder: ClassVar[type[SinkEncoder] | None] = None
 
     @classmethod
     def verify(cls, path: str | os.PathLike[str], *, as_json: bool = False) -> tuple[str, int]:
@@ -329,6 +392,14 @@ class Sink(ABC):
     @abstractmethod
     async def write(self, batch: Sequence[Record]) -> None:
         """Accept one batch of records, in order."""
+
+    async def write_chunks(self, streams: Sequence[StreamKey], chunks: Sequence[Chunk]) -> None:
+        """Accept ready bytes made by this sink's :attr:`Encoder`, in order.
+
+        ``streams`` is the batch's stream table (``streams[chunk.stream]``). Only called
+        for sinks with an encoder; the default raises ``NotImplementedError``.
+        """
+        raise NotImplementedError(f"{type(self).__name__} has no worker-side encoder")
 
     @abstractmethod
     async def flush(self) -> None:

@@ -222,8 +222,93 @@ def record_time(record: Record) -> int:
 
 RECORD_TYPES: tuple[type[msgspec.Struct], ...] = (Trade, DepthUpdate, Kline, BookSnapshot, Marker)
 
+# --- ready bytes: what a sink's worker-side encoder makes of a batch ----------------------
+
+
+class Chunk(msgspec.Struct, array_like=True, omit_defaults=False):
+    """Ready bytes for one output unit of one stream, made in the worker by a sink's
+    :class:`~streamer.core.api.SinkEncoder` and appended as they are by the sink's writer.
+
+    ``stream`` indexes :attr:`EncodedBatch.streams`; ``unit`` is the sink's own name for the
+    output unit (the CSV sink: the rotation period number, which with the stream names the
+    file). Per record, in order: ``keys`` (its :func:`record_key`, strictly increasing),
+    ``times`` (its :func:`record_time`) and ``offsets`` (where its rows end in ``data``), so
+    a prefix already held can be cut at a record boundary (:meth:`tail`) and a suffix that
+    does not fit kept back (:meth:`head`). ``rows`` is the number of rows in ``data``;
+    ``row_ends`` the rows up to and including each record, or empty when every record is one
+    row. ``event_time`` is the newest exchange event time among the records (0: none).
+    ``data`` is whole rows only: a reader never sees half a record.
+    """
+
+    stream: int
+    unit: int | str
+    keys: list[int]
+    times: list[int]
+    offsets: list[int]
+    rows: int
+    row_ends: list[int]
+    event_time: int
+    data: bytes
+
+    def rows_before(self, index: int) -> int:
+        """Rows of the records before ``index``."""
+        if index <= 0:
+            return 0
+        return self.row_ends[index - 1] if self.row_ends else index
+
+    def tail(self, index: int) -> Chunk:
+        """The records from ``index`` on (``0 < index < len(keys)``)."""
+        cut = self.offsets[index - 1]
+        before = self.rows_before(index)
+        return Chunk(
+            self.stream,
+            self.unit,
+            self.keys[index:],
+            self.times[index:],
+            [o - cut for o in self.offsets[index:]],
+            self.rows - before,
+            [r - before for r in self.row_ends[index:]],
+            self.event_time,
+            self.data[cut:],
+        )
+
+    def head(self, count: int) -> Chunk:
+        """The first ``count`` records (``0 < count < len(keys)``)."""
+        end = self.offsets[count - 1]
+        return Chunk(
+            self.stream,
+            self.unit,
+            self.keys[:count],
+            self.times[:count],
+            self.offsets[:count],
+            self.rows_before(count),
+            self.row_ends[:count],
+            self.event_time,
+            self.data[:end],
+        )
+
+
+class EncodedBatch(msgspec.Struct, array_like=True, omit_defaults=False):
+    """What a :class:`~streamer.core.api.SinkEncoder` makes of one batch of records.
+
+    ``streams`` is the batch's stream table (each :class:`Chunk` names its stream by index),
+    ``chunks`` the ready bytes, ``records`` what the encoder leaves to the sink's
+    :meth:`~streamer.core.api.Sink.write` (markers, order-book snapshots, unclosed klines,
+    anything it prefers not to encode). The writer applies ``records`` before ``chunks``.
+    """
+
+    streams: list[StreamKey]
+    chunks: list[Chunk]
+    records: list[Record]
+
+
 _encoder = msgspec.msgpack.Encoder()
 _batch_decoder = msgspec.msgpack.Decoder(list[Record])
+_encoded_decoder = msgspec.msgpack.Decoder(EncodedBatch)
+
+#: First byte of a frame holding an :class:`EncodedBatch` (0xC1 is never used by
+#: MessagePack, so it can never start an :func:`encode_batch` payload).
+ENCODED_TAG = 0xC1
 
 
 def encode_batch(records: list[Record]) -> bytes:
@@ -234,3 +319,24 @@ def encode_batch(records: list[Record]) -> bytes:
 def decode_batch(data: bytes) -> list[Record]:
     """Decode bytes made by :func:`encode_batch`; raises ``msgspec.DecodeError`` if corrupt."""
     return _batch_decoder.decode(data)
+
+
+def encode_encoded(batch: EncodedBatch) -> bytearray:
+    """Encode ``batch`` for crossing a process boundary: :data:`ENCODED_TAG` then
+    MessagePack (one buffer, no copy of the chunks' bytes beyond the encoding itself)."""
+    out = bytearray(1)
+    out[0] = ENCODED_TAG
+    _encoder.encode_into(batch, out, 1)
+    return out
+
+
+def is_encoded(payload: bytes | bytearray | memoryview) -> bool:
+    """True when ``payload`` was made by :func:`encode_encoded` (else by :func:`encode_batch`)."""
+    return len(payload) > 0 and payload[0] == ENCODED_TAG
+
+
+def decode_encoded(payload: bytes | bytearray | memoryview) -> EncodedBatch:
+    """Decode bytes made by :func:`encode_encoded`; raises ``msgspec.DecodeError`` if corrupt."""
+    if not is_encoded(payload):
+        raise msgspec.DecodeError("not an encoded batch")
+    return _encoded_decoder.decode(memoryview(payload)[1:])

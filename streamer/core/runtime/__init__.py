@@ -7,7 +7,8 @@ Process model (design.md §2)::
      └─ sink.<name>            one writer per sink instance: de-duplicate, write, flush
 
 Children use the ``spawn`` start method and rebuild their own plugin registry
-(:mod:`.bootstrap`). Records cross processes as ``encode_batch`` MessagePack bytes over
+(:mod:`.bootstrap`). Records cross processes as ``encode_batch`` MessagePack bytes (or, for
+a sink with a worker-side encoder, as its ready bytes: ``encode_encoded``) over
 framed Unix sockets (:mod:`.channels`); the worker side is in :mod:`.worker`, the writer
 side in :mod:`.writer`, restarts and shutdown in :mod:`.supervisor`, the published status
 file in :mod:`.status`.

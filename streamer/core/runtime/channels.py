@@ -4,7 +4,10 @@ Data and control travel over Unix-domain stream sockets, one connection per send
 process, so a child killed mid-write can only ever corrupt its own connection: the reader
 sees a truncated frame at EOF and discards it. A frame is a 4-byte big-endian length
 followed by the payload. Data frames carry :func:`~streamer.core.records.encode_batch`
-bytes; control frames carry one of the msgspec messages below.
+bytes (records), or, for a sink with a worker-side encoder,
+:func:`~streamer.core.records.encode_encoded` bytes, whose first byte
+(:data:`~streamer.core.records.ENCODED_TAG`, never the first byte of MessagePack) tells
+them apart; control frames carry one of the msgspec messages below.
 
 The sockets live in a private folder of the temporary directory, named
 ``streamer-<supervisor pid>-<random>`` (:func:`make_socket_dir`). The supervisor removes it

@@ -9,7 +9,14 @@ overlap what the sink already holds without writing duplicates.
 
 from __future__ import annotations
 
-from ..records import Kline, Marker, Record, StreamKey, Trade, record_key, stream_name
+from bisect import bisect_right
+from collections.abc import Sequence
+
+from ..records import Chunk, Kline, Marker, Record, StreamKey, Trade, record_key, stream_name
+
+#: Per stream ``(exchange, market, symbol, stream)``: ``[records, newest event time, last
+#: key]`` of what a filter kept (``last key`` is ``None`` while only markers were kept).
+Tally = dict[tuple, list]
 
 
 class HighWater:
@@ -43,6 +50,14 @@ class HighWater:
 
     def filter(self, batch: list[Record]) -> tuple[list[Record], dict[StreamKey, int]]:
         """Split ``batch`` into records to write and a count of dropped ones per stream."""
+        kept, dropped = self.filter_counted(batch, {})
+        return kept, dropped
+
+    def filter_counted(
+        self, batch: list[Record], tally: Tally
+    ) -> tuple[list[Record], dict[StreamKey, int]]:
+        """:meth:`filter`, also adding what it keeps to ``tally`` (see :data:`Tally`), so
+        the writer counts in the same pass."""
         kept: list[Record] = []
         dropped: dict[tuple, int] = {}
         marks = self._marks
@@ -53,6 +68,12 @@ class HighWater:
                 value = record.trade_id
             elif kind is Marker:
                 kept.append(record)
+                fast = (record.exchange, record.market, record.symbol, record.stream)
+                entry = tally.get(fast)
+                if entry is None:
+                    tally[fast] = [1, 0, None]
+                else:
+                    entry[0] += 1
                 continue
             else:
                 fast = (record.exchange, record.market, record.symbol, stream_name(record))
@@ -66,6 +87,53 @@ class HighWater:
                     self._keys[fast] = StreamKey(*fast)
                 marks[fast] = value
             kept.append(record)
+            event_time = record.event_time
+            entry = tally.get(fast)
+            if entry is None:
+                tally[fast] = [1, event_time, value]
+            else:
+                entry[0] += 1
+                entry[2] = value
+                if event_time > entry[1]:
+                    entry[1] = event_time
+        return kept, {self._key(fast): n for fast, n in dropped.items()}
+
+    def filter_chunks(
+        self, streams: Sequence[StreamKey], chunks: Sequence[Chunk], tally: Tally
+    ) -> tuple[list[Chunk], dict[StreamKey, int]]:
+        """Drop the chunks (or the prefix of a chunk, at a record boundary) at or below
+        their stream's mark, raise the marks, and count per stream: records dropped
+        (returned) and kept (added to ``tally``, one update per chunk)."""
+        kept: list[Chunk] = []
+        dropped: dict[tuple, int] = {}
+        marks = self._marks
+        fasts = [(k.exchange, k.market, k.symbol, k.stream) for k in streams]
+        for chunk in chunks:
+            keys = chunk.keys
+            if not keys:
+                continue
+            fast = fasts[chunk.stream]
+            mark = marks.get(fast)
+            last = keys[-1]
+            if mark is not None and keys[0] <= mark:
+                if last <= mark:
+                    dropped[fast] = dropped.get(fast, 0) + len(keys)
+                    continue
+                index = bisect_right(keys, mark)
+                dropped[fast] = dropped.get(fast, 0) + index
+                chunk = chunk.tail(index)
+            elif mark is None and fast not in self._keys:
+                self._keys[fast] = streams[chunk.stream]
+            marks[fast] = last
+            kept.append(chunk)
+            entry = tally.get(fast)
+            if entry is None:
+                tally[fast] = [len(chunk.keys), chunk.event_time, last]
+            else:
+                entry[0] += len(chunk.keys)
+                entry[2] = last
+                if chunk.event_time > entry[1]:
+                    entry[1] = chunk.event_time
         return kept, {self._key(fast): n for fast, n in dropped.items()}
 
     def _key(self, fast: tuple) -> StreamKey:

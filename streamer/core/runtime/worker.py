@@ -4,7 +4,13 @@ Data path inside the worker (one anyio event loop)::
 
     adapter.stream(subs, inbox) -> _Inbox.on_record -> StreamType.on_record -> emit
     emit -> pending list -> _flush (every batch_size records or batch_interval seconds)
-         -> encode_batch once -> one bounded queue per sink -> sender task -> socket
+         -> per sink: its SinkEncoder's ready bytes (encode_encoded), or else encode_batch
+            (once, shared by every sink without an encoder)
+         -> one bounded queue per sink -> sender task -> socket
+
+The first byte of a payload tells the writer which it is (``records.ENCODED_TAG``).
+Counting what was emitted (``records_emitted``, ``last_event_time``) takes one update per
+chunk when an encoder ran, one per record otherwise.
 
 ``emit`` never blocks. When a sink's queue is full the flusher waits (counted as
 ``backpressure_waits``) while ``emit`` keeps collecting up to ``batch_size *
@@ -18,15 +24,16 @@ import logging
 import os
 import signal
 import time
-from collections import defaultdict
 from collections.abc import Sequence
 
 import anyio
 from anyio.abc import ByteStream
 
 from ..api import (
+    EncoderContext,
     ExchangeAdapter,
     ExchangeContext,
+    SinkEncoder,
     StreamContext,
     StreamKey,
     StreamType,
@@ -36,18 +43,20 @@ from ..counters import Counters
 from ..logs import RateLimitedLog
 from ..records import (
     DepthUpdate,
+    EncodedBatch,
     Kline,
     Marker,
     Record,
     Trade,
     encode_batch,
+    encode_encoded,
     record_key,
     stream_name,
 )
 from ..units import parse_duration
 from .bootstrap import ChildSpec
 from .channels import Hello, Status, frame
-from .child import ChildLoop, SupervisorGone, leave_socket_dir, supervisor_gone
+from .child import ChildLoop, SupervisorGone, leave_socket_dir, supervisor_gone, tune_gc
 
 _CHANNEL_OF = {Trade: "trade", DepthUpdate: "depth", Kline: "kline"}
 _CONNECT_RETRY = 0.05
@@ -117,6 +126,8 @@ class Worker(ChildLoop):
         self._stop = anyio.Event()
         self._closing = False
         self._queues: dict[str, tuple] = {}
+        #: Worker-side encoders of the sinks that have one (sink name -> encoder).
+        self._encoders: dict[str, SinkEncoder] = {}
         #: Seconds between outputs of streams that emit on a clock (an ``interval`` option),
         #: published so ``streamer status`` judges their lag by their own cadence.
         self._cadence: dict[str, float] = {}
@@ -190,9 +201,22 @@ class Worker(ChildLoop):
             batch = self._pending[: self._batch_size]
             del self._pending[: self._batch_size]
             batch = markers + batch
-            self._count(batch)
-            data = encode_batch(batch)
-            for send, _ in self._queues.values():
+            counted = False
+            plain: bytes | None = None
+            for sink, (send, _) in self._queues.items():
+                encoder = self._encoders.get(sink)
+                data: bytes | bytearray | None = None
+                if encoder is not None:
+                    encoded = self._encode(sink, encoder, batch)
+                    if encoded is not None:
+                        if not counted:
+                            self._count_encoded(encoded)
+                            counted = True
+                        data = encode_encoded(encoded)
+                if data is None:
+                    if plain is None:
+                        plain = encode_batch(batch)
+                    data = plain
                 try:
                     send.send_nowait(data)
                 except anyio.WouldBlock:
@@ -201,22 +225,72 @@ class Worker(ChildLoop):
                     await send.send(data)
                     waited = int((time.monotonic() - started) * 1000)
                     self.counters.incr("backpressure_wait_ms", n=waited)
+            if not counted:
+                self._count(batch)
             self.counters.incr("batches_sent")
 
+    def _encode(self, sink: str, encoder: SinkEncoder, batch: list[Record]) -> EncodedBatch | None:
+        """``encoder``'s output, or ``None`` (counted, logged) when it failed: that batch
+        then goes to the sink as records."""
+        try:
+            return encoder.encode(batch)
+        except Exception as exc:  # a third-party encoder may raise anything
+            self.counters.incr("encoder_errors")
+            self._rate_log.error(
+                f"encoder_{sink}",
+                "the encoder of sink %r failed (%s: %s); sent the batch as records instead",
+                sink,
+                type(exc).__name__,
+                exc,
+            )
+            self.logger.debug("encoder of sink %s failed", sink, exc_info=True)
+            return None
+
     def _count(self, batch: list[Record]) -> None:
-        tally: defaultdict[tuple[str, str], int] = defaultdict(int)
-        latest: dict[tuple[str, str], int] = {}
+        tally: dict[tuple[str, str], list[int]] = {}
         for record in batch:
-            key = (record.symbol, stream_name(record))
-            tally[key] += 1
+            cls = record.__class__
+            if cls is Trade:
+                key = (record.symbol, "aggtrade")
+            elif cls is DepthUpdate:
+                key = (record.symbol, "depth")
+            else:
+                key = (record.symbol, stream_name(record))
             # Markers carry ``time`` instead; they say nothing about the feed's freshness.
-            event_time = getattr(record, "event_time", 0)
-            if event_time > latest.get(key, 0):
-                latest[key] = event_time
-        for (symbol, stream), n in tally.items():
-            self.counters.incr("records_emitted", symbol, stream, n)
-        for (symbol, stream), event_time in latest.items():
-            self.counters.set("last_event_time", event_time, symbol, stream)
+            event_time = 0 if cls is Marker else record.event_time
+            entry = tally.get(key)
+            if entry is None:
+                tally[key] = [1, event_time]
+            else:
+                entry[0] += 1
+                if event_time > entry[1]:
+                    entry[1] = event_time
+        self._publish_counts(tally)
+
+    def _count_encoded(self, encoded: EncodedBatch) -> None:
+        """Like :meth:`_count`, one update per chunk (plus the records left as records)."""
+        tally: dict[tuple[str, str], list[int]] = {}
+        if encoded.records:
+            self._count(encoded.records)
+        streams = encoded.streams
+        for chunk in encoded.chunks:
+            key = streams[chunk.stream]
+            short = (key.symbol, key.stream)
+            entry = tally.get(short)
+            if entry is None:
+                tally[short] = [len(chunk.keys), chunk.event_time]
+            else:
+                entry[0] += len(chunk.keys)
+                if chunk.event_time > entry[1]:
+                    entry[1] = chunk.event_time
+        self._publish_counts(tally)
+
+    def _publish_counts(self, tally: dict[tuple[str, str], list[int]]) -> None:
+        counters = self.counters
+        for (symbol, stream), (n, event_time) in tally.items():
+            counters.incr("records_emitted", symbol, stream, n)
+            if event_time:
+                counters.set("last_event_time", event_time, symbol, stream)
 
     async def _sender(self, sink: str, path: str, receive) -> None:
         stream = await connect_unix_retry(path)
@@ -233,8 +307,21 @@ class Worker(ChildLoop):
     # -- lifecycle ---------------------------------------------------------------------
     def _build(self) -> tuple[ExchangeAdapter, list[StreamType]]:
         registry = self.spec.plugins.registry()
-        pipelines, _ = validate_components(self.spec.config, registry)
+        pipelines, sinks = validate_components(self.spec.config, registry)
         resolved = pipelines[self.spec.pipeline_index]
+        for sink in self.spec.sink_paths:
+            type_name, sink_options = sinks[sink]
+            encoder_cls = registry.sink(type_name).Encoder
+            if encoder_cls is not None:
+                self._encoders[sink] = encoder_cls(
+                    sink_options,
+                    EncoderContext(
+                        sink=sink,
+                        pipeline=self.pipeline.name,
+                        counters=self.counters,
+                        logger=logging.getLogger(f"streamer.encoder.{sink}"),
+                    ),
+                )
         adapter_cls = registry.exchange(self.pipeline.exchange)
         adapter = adapter_cls(
             resolved.exchange_options,
@@ -287,6 +374,7 @@ class Worker(ChildLoop):
             self._queues[sink] = (send, receive)
         ctl = await connect_unix_retry(self.spec.control_path, timeout=30)
         await self._tell(ctl, Hello(self.spec.child, self.spec.incarnation, os.getpid()))
+        tune_gc()  # start-up is over: what exists now lives for the whole run
         try:
             async with anyio.create_task_group() as outer:
                 outer.start_soon(self._control, ctl)

@@ -5,8 +5,11 @@ accepts one data connection per worker. Each connection's frames go through one 
 queue (``queue_batches``; a full queue is counted as ``backpressure_waits`` and pushes back
 on the workers through their sockets) into a single loop that decodes, drops what is
 already held (:class:`~streamer.core.runtime.keys.HighWater`, seeded from the holdings),
-calls ``sink.write`` and ``sink.flush`` every flush interval (the sink's
-``flush_interval`` option when it has one, else one second).
+calls ``sink.write`` (records) and ``sink.write_chunks`` (ready bytes from the sink's
+worker-side encoder, de-duplicated chunk by chunk and cut at a record boundary when partly
+held), and ``sink.flush`` every flush interval (the sink's ``flush_interval`` option when
+it has one, else one second). Counting is done by the filters as they go: once per chunk,
+once per kept record on the record path.
 
 On ``Stop`` (sent once every worker has exited) it stops accepting, reads every connection
 to its end, drains the queue, flushes, closes the sink and exits 0. Rows the sink still
@@ -42,12 +45,12 @@ from ..api import Sink, SinkContext, StreamKey
 from ..config import validate_components
 from ..counters import Counters, market_symbol
 from ..logs import RateLimitedLog
-from ..records import Trade, decode_batch, record_key, stream_name
+from ..records import Chunk, decode_batch, decode_encoded, is_encoded
 from ..units import parse_duration
 from .bootstrap import ChildSpec
 from .channels import FrameReader, Hello, Ready, Status, encode_control
-from .child import ChildLoop, SupervisorGone, leave_socket_dir
-from .keys import HighWater
+from .child import ChildLoop, SupervisorGone, leave_socket_dir, tune_gc
+from .keys import HighWater, Tally
 from .worker import connect_unix_retry
 
 DEFAULT_FLUSH_INTERVAL = 1.0
@@ -180,38 +183,43 @@ class Writer(ChildLoop):
                 counters.set("written_event_time", event_time, symbol, key[3])
 
     async def _write(self, sink: Sink, payload: bytes) -> bool:
+        encoded = is_encoded(payload)
         try:
-            batch = decode_batch(payload)
+            if encoded:
+                batch = decode_encoded(payload)
+                records = batch.records
+            else:
+                records = decode_batch(payload)
         except msgspec.DecodeError as exc:
             self.counters.incr("batches_corrupt")
             self._rate_log.error("corrupt_batch", "dropping an undecodable batch: %s", exc)
             return False
-        self.counters.incr("records_received", n=len(batch))
-        kept, dropped = self._high_water.filter(batch)
+        # Per stream: [records, newest event time, last key], counted by the filters as they
+        # go (one update per chunk on the encoded path).
+        tally: Tally = {}
+        received = len(records)
+        kept, dropped = self._high_water.filter_counted(records, tally)
+        chunks: list[Chunk] = []
+        if encoded:
+            received += sum([len(c.keys) for c in batch.chunks])
+            chunks, dropped_chunks = self._high_water.filter_chunks(
+                batch.streams, batch.chunks, tally
+            )
+            for key, n in dropped_chunks.items():
+                dropped[key] = dropped.get(key, 0) + n
+        self.counters.incr("records_received", n=received)
         for key, n in dropped.items():
             symbol = market_symbol(key.exchange, key.market, key.symbol)
             self.counters.incr("duplicates_dropped", symbol, key.stream, n)
-        if not kept:
+        if not kept and not chunks:
             return False
-        await sink.write(kept)
-        # Per stream: [records, newest event time, last record]; markers carry no event time.
-        tally: dict[tuple[str, str, str, str], list] = {}
-        for record in kept:
-            stream = "aggtrade" if type(record) is Trade else stream_name(record)
-            key = (record.exchange, record.market, record.symbol, stream)
-            event_time = getattr(record, "event_time", 0)
-            entry = tally.get(key)
-            if entry is None:
-                tally[key] = [1, event_time, record]
-            else:
-                entry[0] += 1
-                entry[2] = record
-                if event_time > entry[1]:
-                    entry[1] = event_time
+        if kept:
+            await sink.write(kept)
+        if chunks:
+            await sink.write_chunks(batch.streams, chunks)
         unflushed = self._unflushed
-        for key, (n, event_time, last) in tally.items():
+        for key, (n, event_time, last_key) in tally.items():
             self.counters.incr("records_written", market_symbol(key[0], key[1], key[2]), key[3], n)
-            last_key = record_key(last)
             pending = unflushed.get(key)
             if pending is None:
                 unflushed[key] = [n, event_time, last_key]
@@ -274,6 +282,7 @@ class Writer(ChildLoop):
             await listener.aclose()
             return EXIT_SINK_FAILED
         closed = False
+        tune_gc()  # start-up is over: what exists now lives for the whole run
         try:
             self._high_water = HighWater(holdings)
             ctl = await connect_unix_retry(self.spec.control_path, timeout=30)

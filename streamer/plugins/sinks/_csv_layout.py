@@ -215,38 +215,42 @@ def stream_name(kind: str, interval: str) -> str:
 # --- row encoders: each returns one str of whole rows, every row ending in "\n" ---------
 
 
-def encode_trades(records: Sequence[Trade], spot: bool) -> str:
-    """aggTrades rows (``is_best_match`` column only when ``spot``)."""
+def trade_rows(records: Sequence[Trade], spot: bool) -> list[str]:
+    """aggTrades rows, one str per record (``is_best_match`` column only when ``spot``)."""
     b = _BOOL
     if spot:
-        return "".join(
-            [
-                f"{r.trade_id},{r.price},{r.quantity},{r.first_trade_id},{r.last_trade_id},"
-                f"{r.transact_time},{b[r.is_buyer_maker]},"
-                f"{'' if r.is_best_match is None else b[r.is_best_match]},"
-                f"{r.event_time},{r.receive_time}\n"
-                for r in records
-            ]
-        )
-    return "".join(
-        [
+        return [
             f"{r.trade_id},{r.price},{r.quantity},{r.first_trade_id},{r.last_trade_id},"
-            f"{r.transact_time},{b[r.is_buyer_maker]},{r.event_time},{r.receive_time}\n"
+            f"{r.transact_time},{b[r.is_buyer_maker]},"
+            f"{'' if r.is_best_match is None else b[r.is_best_match]},"
+            f"{r.event_time},{r.receive_time}\n"
             for r in records
         ]
-    )
+    return [
+        f"{r.trade_id},{r.price},{r.quantity},{r.first_trade_id},{r.last_trade_id},"
+        f"{r.transact_time},{b[r.is_buyer_maker]},{r.event_time},{r.receive_time}\n"
+        for r in records
+    ]
+
+
+def encode_trades(records: Sequence[Trade], spot: bool) -> str:
+    """aggTrades rows (``is_best_match`` column only when ``spot``)."""
+    return "".join(trade_rows(records, spot))
+
+
+def kline_rows(records: Sequence[Kline]) -> list[str]:
+    """klines rows, one str per record (see :func:`encode_klines`)."""
+    return [
+        f"{r.open_time},{r.open},{r.high},{r.low},{r.close},{r.volume},{r.close_time},"
+        f"{r.quote_volume},{r.count},{r.taker_buy_volume},{r.taker_buy_quote_volume},"
+        f"{r.event_time},{r.receive_time}\n"
+        for r in records
+    ]
 
 
 def encode_klines(records: Sequence[Kline]) -> str:
     """klines rows in data.binance.vision order, then ``event_time, receive_time``."""
-    return "".join(
-        [
-            f"{r.open_time},{r.open},{r.high},{r.low},{r.close},{r.volume},{r.close_time},"
-            f"{r.quote_volume},{r.count},{r.taker_buy_volume},{r.taker_buy_quote_volume},"
-            f"{r.event_time},{r.receive_time}\n"
-            for r in records
-        ]
-    )
+    return "".join(kline_rows(records))
 
 
 def depth_rows(record: DepthUpdate) -> int:
@@ -275,6 +279,24 @@ def encode_depth(records: Sequence[DepthUpdate]) -> str:
         for p, q in r.asks:
             add(f"{head}a,{p},{q}{tail}")
     return "".join(out)
+
+
+def depth_parts(records: Sequence[DepthUpdate]) -> list[str]:
+    """The rows of :func:`encode_depth`, joined per record (one str per record)."""
+    out: list[str] = []
+    add = out.append
+    for r in records:
+        tt = "" if r.transact_time is None else r.transact_time
+        pu = "" if r.prev_update_id is None else r.prev_update_id
+        head = f"{r.event_time},{tt},{r.first_update_id},{r.last_update_id},{pu},"
+        tail = f",{r.receive_time}\n"
+        if r.bids or r.asks:
+            rows = [f"{head}b,{p},{q}{tail}" for p, q in r.bids]
+            rows += [f"{head}a,{p},{q}{tail}" for p, q in r.asks]
+            add("".join(rows))
+        else:
+            add(f"{head},,{tail}")
+    return out
 
 
 def encode_books(records: Sequence[BookSnapshot], levels: int) -> tuple[str, int]:

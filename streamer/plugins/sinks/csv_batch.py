@@ -11,6 +11,11 @@ hourly rotation, from the record's exchange time in UTC)::
 
 (``.csv.gz`` with ``gzip: true``). Columns are documented in the README (``Output files``).
 
+Rows of trades, depth updates and closed klines are built in the collector workers by the
+sink's encoder (:class:`._csv_encoder.CsvEncoder`) and arrive as ready bytes per file
+(:meth:`CsvSink.write_chunks`); everything else, and every record given to
+:meth:`CsvSink.write`, is encoded here. Both paths produce the same bytes.
+
 How it writes: :meth:`CsvSink.write` routes each record to its file, drops what it already
 holds (keys must grow per stream), encodes rows by joining the exchange's exact strings
 and appends them to that file's pending buffer. :meth:`CsvSink.flush` (also run from
@@ -33,6 +38,7 @@ import errno
 import logging
 import os
 import time
+from bisect import bisect_right
 from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Annotated, Literal
@@ -40,7 +46,9 @@ from typing import Annotated, Literal
 import msgspec
 
 from streamer import (
+    KLINE_STREAM_PREFIX,
     BookSnapshot,
+    Chunk,
     DepthUpdate,
     Duration,
     Kline,
@@ -60,6 +68,7 @@ from streamer import (
 
 from . import _csv_files as files
 from . import _csv_layout as layout
+from ._csv_encoder import CsvEncoder
 
 __all__ = ["CsvSink", "Options"]
 
@@ -210,6 +219,7 @@ class CsvSink(Sink):
     """
 
     Options = Options
+    Encoder = CsvEncoder
 
     @classmethod
     def verify(cls, path: str | os.PathLike[str], *, as_json: bool = False) -> tuple[str, int]:
@@ -294,6 +304,11 @@ class CsvSink(Sink):
     async def write(self, batch: Sequence[Record]) -> None:
         """Accept one batch (in order); flushes when the interval or row count is reached."""
         self._write_sync(batch)
+
+    async def write_chunks(self, streams: Sequence[StreamKey], chunks: Sequence[Chunk]) -> None:
+        """Accept rows built by :class:`CsvEncoder` (in order), exactly as :meth:`write`
+        would have accepted their records."""
+        self._write_chunks_sync(streams, chunks)
 
     async def flush(self) -> None:
         """Write every pending row, one write (or gzip member) per file; never raises for
@@ -470,6 +485,82 @@ class CsvSink(Sink):
         if time.monotonic() - self._last_flush >= self._flush_seconds:
             self._flush_sync()
 
+    def _write_chunks_sync(self, streams: Sequence[StreamKey], chunks: Sequence[Chunk]) -> None:
+        if not self._opened:
+            self._open_sync()
+        kinds = [_kind_of_stream(sk.stream) for sk in streams]
+        for c in chunks:
+            sk = streams[c.stream]
+            kind, interval = kinds[c.stream]
+            if not kind or type(c.unit) is not int or not c.keys:
+                self._counters.incr("records_invalid", n=len(c.keys))
+                self._log.warning("invalid_chunk", "ignored a chunk of stream %s", sk.stream)
+                continue
+            target = (kind, sk.exchange, sk.market, sk.symbol, interval, c.unit)
+            self._accept_chunk(target, c)
+            if not self._failing and (
+                self._pending_rows >= self._opts.flush_rows
+                or self._pending_bytes >= self._max_bytes // 2
+            ):
+                self._flush_sync()
+        if time.monotonic() - self._last_flush >= self._flush_seconds:
+            self._flush_sync()
+
+    def _accept_chunk(self, target: _Target, chunk: Chunk | None) -> None:
+        """:meth:`_accept` for ready rows: the same de-duplication, rotation and bounds,
+        cutting the chunk at record boundaries where the records would have been cut."""
+        f = self._files.get(target)
+        if f is None:
+            try:
+                f = self._new_file(target)
+            except layout.InvalidComponent as exc:
+                n = len(chunk.keys)
+                self._counters.incr("records_invalid", n=n)
+                self._log.error("invalid_record", "dropped %d records: %s", n, exc)
+                return
+        sk = f.stream
+        assert sk is not None  # chunks are never markers
+        chunk = self._dedupe_chunk(sk, chunk)
+        if chunk is None:
+            return
+        self._rotate(f)
+        rows = chunk.rows
+        if self._over_bound(rows):
+            if not self._failing:
+                self._flush_sync()  # a huge batch, not a failing disk: make room first
+            if self._over_bound(rows):
+                chunk = self._drop_overflow_chunk(f, chunk)
+                if chunk is None:
+                    return
+                rows = chunk.rows
+        self._append(f, target, chunk.data, rows, chunk.keys[0], chunk.times[0], chunk.keys[-1])
+
+    def _dedupe_chunk(self, sk: StreamKey, chunk: Chunk) -> Chunk | None:
+        last = self._accepted.get(sk, -1)
+        keys = chunk.keys
+        if keys[0] > last:
+            self._accepted[sk] = keys[-1]
+            return chunk
+        if keys[-1] <= last:
+            self._counters.incr("rows_duplicate", sk.symbol, sk.stream, len(keys))
+            return None
+        index = bisect_right(keys, last)
+        self._counters.incr("rows_duplicate", sk.symbol, sk.stream, index)
+        self._accepted[sk] = keys[-1]
+        return chunk.tail(index)
+
+    def _drop_overflow_chunk(self, f: _File, chunk: Chunk) -> Chunk | None:
+        """:meth:`_drop_overflow` for a chunk: keep the records whose rows fit."""
+        room = self._opts.max_buffered_rows - self._pending_rows
+        if self._pending_bytes >= self._max_bytes:
+            room = 0
+        room = max(0, room)
+        ends = chunk.row_ends
+        cut = bisect_right(ends, room) if ends else min(room, len(chunk.keys))
+        rows = chunk.rows - chunk.rows_before(cut)
+        self._record_drop(f, chunk.keys[cut], chunk.times[cut], chunk.keys[-1], rows)
+        return chunk.head(cut) if cut else None
+
     def _accept(self, target: _Target, records: list) -> None:
         f = self._files.get(target)
         if f is None:
@@ -497,14 +588,39 @@ class CsvSink(Sink):
                 if not records:
                     return
         data = self._encode(f, records, rows)
+        if sk is None:
+            self._append(f, target, data, rows, None, 0, None)
+        else:
+            first = records[0]
+            self._append(
+                f,
+                target,
+                data,
+                rows,
+                record_key(first),
+                record_time(first),
+                record_key(records[-1]),
+            )
+
+    def _append(
+        self,
+        f: _File,
+        target: _Target,
+        data: bytes,
+        rows: int,
+        first_key: int | None,
+        first_time: int,
+        last_key: int | None,
+    ) -> None:
+        """Add whole rows to ``f``'s pending buffer (keys: ``None`` for markers)."""
         f.pending.append(data)
         f.pending_rows += rows
         f.pending_bytes += len(data)
         self._pending_bytes += len(data)
-        if sk is not None:
+        if last_key is not None:
             if f.pending_first is None:
-                f.pending_first = (record_key(records[0]), record_time(records[0]))
-            f.pending_key = record_key(records[-1])
+                f.pending_first = (first_key, first_time)
+            f.pending_key = last_key
         self._pending_rows += rows
         self._dirty[target] = f
 
@@ -595,14 +711,22 @@ class CsvSink(Sink):
         rows = (
             sum(layout.depth_rows(r) for r in dropped) if f.kind == layout.DEPTH else len(dropped)
         )
+        first = dropped[0]
+        self._record_drop(f, record_key(first), record_time(first), record_key(dropped[-1]), rows)
+        return kept, kept_rows
+
+    def _record_drop(
+        self, f: _File, first_key: int, first_time: int, last_key: int, rows: int
+    ) -> None:
+        """Count ``rows`` dropped from ``f``'s stream (keys ``first_key..last_key``) for the
+        gap marker written once writing works again."""
         sk = f.stream
         assert sk is not None  # markers are never dropped
         reason = self._failure_reason or "buffer full"
         drop = self._drops.get((sk, reason))
-        first = record_key(dropped[0])
         if drop is None:
-            drop = self._drops[(sk, reason)] = _Drop(first, record_time(dropped[0]), reason)
-        drop.last_key = record_key(dropped[-1])
+            drop = self._drops[(sk, reason)] = _Drop(first_key, first_time, reason)
+        drop.last_key = last_key
         drop.rows += rows
         self._counters.incr("rows_dropped", sk.symbol, sk.stream, rows)
         self._log.error(
@@ -614,7 +738,6 @@ class CsvSink(Sink):
             sk.symbol,
             sk.stream,
         )
-        return kept, kept_rows
 
     def _new_file(self, target: _Target) -> _File:
         kind, exchange, market, symbol, interval, period = target
@@ -1014,6 +1137,15 @@ class CsvSink(Sink):
             self._report_drops()
         # Whatever marker rows could not be written either are in the log line above.
         self._pending_rows = lost
+
+
+def _kind_of_stream(stream: str) -> tuple[str, str]:
+    """``(kind, interval)`` of a stream whose rows come as chunks; ``("", "")`` otherwise."""
+    if stream == layout.AGGTRADE or stream == layout.DEPTH:
+        return stream, ""
+    if stream.startswith(KLINE_STREAM_PREFIX) and len(stream) > len(KLINE_STREAM_PREFIX):
+        return layout.KLINE, stream[len(KLINE_STREAM_PREFIX) :]
+    return "", ""
 
 
 def _stream_of(f: _File) -> str:
