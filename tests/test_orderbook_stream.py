@@ -480,3 +480,47 @@ async def test_bad_verification_snapshot_is_counted_and_retried_without_resync()
         await h.wait(lambda: h.count("verifications", "S0USDT") >= 1, 5)
         tg.cancel_scope.cancel()
     assert h.count("resyncs", "S0USDT") == 0 and h.markers() == []
+
+
+class RecordingCounters(Counters):
+    """Counters that also count how often each name was incremented (calls, not amounts)."""
+
+    __slots__ = ("calls",)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: dict[str, int] = {}
+
+    def incr(self, name: str, symbol: str = "", stream: str = "", n: int = 1) -> None:
+        self.calls[name] = self.calls.get(name, 0) + 1
+        super().incr(name, symbol, stream, n)
+
+
+async def test_applied_updates_are_counted_off_the_per_update_path(monkeypatch) -> None:
+    """No counter call per applied update; ``updates_applied`` is published from the
+    books' tallies by the stream's own loop, and once more when it stops."""
+    import sys
+
+    monkeypatch.setattr(sys.modules[__name__], "Counters", RecordingCounters)
+    h = Harness(n=2, interval="1s", levels=5)
+    counters = h.counters
+    assert isinstance(counters, RecordingCounters)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(h.stream.run)
+        await h.sync_all()
+        before = counters.calls.get("updates_applied", 0)
+        h.step_all(200)  # no await inside: the publishing loop cannot run meanwhile
+        assert counters.calls.get("updates_applied", 0) == before
+        # Published while running, without waiting for the stream to stop.
+        await h.wait(
+            lambda: all(
+                h.count("updates_applied", s) == h.stream.book(s).stats.applied >= 200
+                for s in h.truths
+            )
+        )
+        h.step_all(3)
+        tg.cancel_scope.cancel()
+    for symbol in h.truths:  # the last three were published when run() stopped
+        applied = h.count("updates_applied", symbol)
+        assert applied == h.stream.book(symbol).stats.applied
+        assert applied + h.count("updates_dropped", symbol) == h.delivered[symbol]
