@@ -25,7 +25,8 @@ whole depth, like USD-M BTCUSDT), as µs per event and the old/new ratio.
 
 Memory (``--memory``): tracemalloc bytes per level and per 1000+1000-level book for both
 engines, with levels decoded from JSON like a REST snapshot: right after the snapshot, and
-after updates rewrote every level; and what 2000 such books would need.
+after updates rewrote every level (the new engine stores updates as decoded until its
+periodic ``compact()``), and after that ``compact()``; and what 2000 such books would need.
 
 Usage: ``python bench/bench_book.py [--repeat 7] [--synthetic] [--compare] [--memory]``.
 Prints tables; exits 0.
@@ -214,7 +215,7 @@ def _rewrite(snapshot: BookSnapshot) -> DepthUpdate:
     return DepthUpdate("binance", "usdm", "X", 0, 0, 2, 2, 1, bids, asks, 0)
 
 
-def _measure(book_cls, body: bytes, books: int, rewrite: bool) -> float:
+def _measure(book_cls, body: bytes, books: int, rewrite: bool, compact: bool = False) -> float:
     """tracemalloc bytes held per book (levels decoded from ``body`` for each book)."""
     from streamer.plugins.exchanges.binance.decode import decode_depth_snapshot
 
@@ -227,6 +228,8 @@ def _measure(book_cls, body: bytes, books: int, rewrite: bool) -> float:
         book = book_cls.from_snapshot(snapshot)
         if rewrite:
             book.apply(_rewrite(snapshot))
+        if compact:
+            book.compact()
         held.append(book)
         del snapshot
     gc.collect()
@@ -245,9 +248,15 @@ def memory(books: int = 40) -> None:
     print(f"{'':36} {'B/level':>8} {'KB/book':>8} {'2000 books':>11}")
     for strings in ("usdm", "spot"):
         body = _json_snapshot(1000, strings == "spot", 3)
-        for label, rewrite in (("after the snapshot", False), ("every level rewritten", True)):
+        for label, rewrite, compact in (
+            ("after the snapshot", False, False),
+            ("every level rewritten", True, False),
+            ("rewritten, then compact()", True, True),
+        ):
             for name, cls in engines:
-                per_book = _measure(cls, body, books, rewrite)
+                if compact and not hasattr(cls, "compact"):
+                    continue
+                per_book = _measure(cls, body, books, rewrite, compact)
                 row = f"{name} {strings} strings, {label}"
                 print(f"{row:36} {per_book / 2000:8.0f} {per_book / 1024:8.0f} "
                       f"{per_book * 2000 / 2**20:8.0f} MB")  # fmt: skip

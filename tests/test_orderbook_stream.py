@@ -524,3 +524,30 @@ async def test_applied_updates_are_counted_off_the_per_update_path(monkeypatch) 
         applied = h.count("updates_applied", symbol)
         assert applied == h.stream.book(symbol).stats.applied
         assert applied + h.count("updates_dropped", symbol) == h.delivered[symbol]
+
+
+async def test_deep_levels_are_compacted_in_the_background(monkeypatch) -> None:
+    """Updated levels outside the sorted window are re-stored as compact strings by the
+    stream's periodic loop (a slice of the books per tick), with the output unchanged."""
+    monkeypatch.setattr(B, "_MIN_WINDOW", 1)  # levels=2: a window of 8-16 keys a side
+    h = Harness(n=2, interval="update", levels=2)
+
+    def deep_tuples(symbol: str) -> int:
+        book = h.stream.book(symbol).book
+        if book is None:
+            return -1
+        return sum(
+            type(v) is tuple and k < side._floor
+            for side in (book.bids, book.asks)
+            for k, v in side._levels.items()
+        )
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(h.stream.run)
+        await h.sync_all()
+        h.step_all(300)
+        assert any(deep_tuples(s) > 0 for s in h.truths)
+        await h.wait(lambda: all(deep_tuples(s) == 0 for s in h.truths))
+        h.step_all(20)
+        tg.cancel_scope.cancel()
+    h.check_books_equal_truth(2)

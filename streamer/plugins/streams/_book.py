@@ -113,9 +113,10 @@ class BookSide:
     holds at least ``depth`` keys unless it holds the whole side, so the best ``depth``
     levels and the best key are always exact. ``_top`` is trimmed back to ``_target`` keys
     when it grows past ``_hi`` and refilled from the dict when it falls under ``depth``.
-    A value is the level's ``(price, qty)`` as decoded for keys in the window, and the
-    compact string ``price + "|" + qty`` for the others (snapshot levels and deep
-    updates: most of a deep book; a price cannot contain ``|``, ``float()`` refuses it).
+    A value is the level's ``(price, qty)`` as decoded, or the compact string
+    ``price + "|" + qty`` (a price cannot contain ``|``: ``float()`` refuses it) for
+    snapshot levels and for levels outside the window once :meth:`compact` ran: most of
+    a deep book, and cheaper to keep (one string instead of a tuple of two).
     """
 
     __slots__ = ("_floor", "_hi", "_levels", "_lo", "_sign", "_target", "_top", "boundary")
@@ -159,12 +160,10 @@ class BookSide:
                     raise MalformedLevel(f"bad price {price!r}")
                 k = sign * p
                 if 0.0 < q < _INF:
-                    if k >= floor:
-                        if k not in book:
-                            insort(top, k)
-                        book[k] = level
-                    else:  # outside the sorted window: a dict write, stored compactly
-                        book[k] = price + _SEP + qty
+                    # Keys below the floor are not in the sorted window: a dict write only.
+                    if k >= floor and k not in book:
+                        insort(top, k)
+                    book[k] = level
                 elif q == 0.0:
                     if book.pop(k, None) is not None and k >= floor:
                         del top[bisect_left(top, k)]
@@ -207,6 +206,15 @@ class BookSide:
         book = self._levels
         self._levels = {k: v if type(v) is str else _join(v) for k, v in book.items()}
         self.boundary = min(book) if book else _INF
+
+    def compact(self) -> None:
+        """Store every level outside the window as one compact string (rebuilds the dict,
+        which also drops the room left by removed levels). Off the hot path: callers run
+        it now and then, not per update."""
+        floor = self._floor
+        self._levels = {
+            k: v if type(v) is str or k >= floor else _join(v) for k, v in self._levels.items()
+        }
 
     def best_key(self) -> float:
         """Key of the best level (``-inf`` when the side is empty)."""
@@ -283,6 +291,11 @@ class LocalBook:
         """Apply one diff event's absolute quantities (raises :class:`MalformedLevel`)."""
         self.bids.apply(update.bids)
         self.asks.apply(update.asks)
+
+    def compact(self) -> None:
+        """:meth:`BookSide.compact` both sides."""
+        self.bids.compact()
+        self.asks.compact()
 
     def crossed(self) -> bool:
         """True when best bid >= best ask (both sides non-empty)."""
@@ -405,6 +418,12 @@ class BookSync:
     def verifying(self) -> bool:
         """True while a verification snapshot is held."""
         return self._shadow is not None
+
+    def compact(self) -> None:
+        """Store the book's deep levels compactly (see :meth:`BookSide.compact`); cheap to
+        call now and then (a pass over the levels), never needed for correctness."""
+        if self.book is not None:
+            self.book.compact()
 
     def top(self, n: int) -> tuple[list[Level], list[Level]]:
         """The best ``n`` bids and asks of the live book (raises if not live)."""

@@ -14,6 +14,7 @@ Output: :class:`BookSnapshot` records with the top ``levels`` levels every ``int
 
 from __future__ import annotations
 
+import math
 import random
 import time
 import zlib
@@ -50,6 +51,9 @@ _MAX_RETRY_DELAY = 30.0
 _RECONNECT_WINDOW = 60.0
 #: How often ``updates_applied`` is published from the books' own tallies (seconds).
 _PUBLISH_EVERY = 0.5
+#: Each book's deep levels are re-stored compactly about this often (seconds), a slice
+#: of the books at each publishing tick.
+_COMPACT_EVERY = 60.0
 
 
 class OrderBookOptions(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -286,9 +290,15 @@ class OrderBookStream(StreamType):
                 published[symbol] = applied
 
     async def _publish_loop(self) -> None:
+        syncs = list(self._syncs.values())
+        per_tick = max(1, math.ceil(len(syncs) * _PUBLISH_EVERY / _COMPACT_EVERY))
+        at = 0
         while True:
             await anyio.sleep(_PUBLISH_EVERY)
             self.publish_counters()
+            for sync in syncs[at : at + per_tick]:
+                sync.compact()
+            at = at + per_tick if at + per_tick < len(syncs) else 0
 
     # -- update outcomes -----------------------------------------------------------------
     def _handle(self, sync: B.BookSync, code: int, update: DepthUpdate | None) -> None:
