@@ -17,20 +17,37 @@ Measured (median of ``--repeat`` runs, one core, same process and run for every 
   - ``sort floats``: sort every price by float at snapshot time
   - ``sort Decimal``: sort every price by ``Decimal`` at snapshot time
 
-Usage: ``python bench/bench_book.py [--repeat 7] [--synthetic]``. Prints a table; exits 0.
+Old engine vs new (``--compare``, needs the repository's ``tests/book_reference.py``, a
+copy of the engine before issue 12): book work per depth event (``LocalBook.apply`` +
+``crossed()``) for both, interleaved in one process, on the recorded stream, a synthetic
+near-top stream and a synthetic deep book (1000 levels, 68 levels per event spread over the
+whole depth, like USD-M BTCUSDT), as µs per event and the old/new ratio.
+
+Memory (``--memory``): tracemalloc bytes per level and per 1000+1000-level book for both
+engines, with levels decoded from JSON like a REST snapshot: right after the snapshot, and
+after updates rewrote every level (the new engine stores updates as decoded until its
+periodic ``compact()``), and after that ``compact()``; and what 2000 such books would need.
+
+Usage: ``python bench/bench_book.py [--repeat 7] [--synthetic] [--compare] [--memory]``.
+Prints tables; exits 0.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
+import importlib.util
 import logging
 import random
 import statistics
 import sys
 import time
+import tracemalloc
 from bisect import bisect_left, insort
 from decimal import Decimal
 from pathlib import Path
+
+import msgspec
 
 from streamer.core.api import ExchangeAdapter, SequenceRule, StreamContext
 from streamer.core.counters import Counters
@@ -105,6 +122,144 @@ def _synthetic(
         )
         last += 3
     return snapshot, updates, SPOT, 0
+
+
+def _deep(n_events: int = 6000, seed: int = 7) -> tuple[BookSnapshot, list[DepthUpdate]]:
+    """1000 levels a side, 68 changed levels per event spread over the whole depth (and a
+    little past it), 30% of them removals: the shape of USD-M BTCUSDT ``depth@0ms``."""
+    rng = random.Random(seed)
+    mid = 6_000_000
+
+    def px(t: int) -> str:
+        return f"{t // 100}.{t % 100:02d}"
+
+    def qty() -> str:
+        return "0.000" if rng.random() < 0.3 else f"{rng.randint(1, 999) / 1000:.3f}"
+
+    bids = [(px(mid - k), f"{rng.randint(1, 999) / 1000:.3f}") for k in range(1, 1001)]
+    asks = [(px(mid + k), f"{rng.randint(1, 999) / 1000:.3f}") for k in range(1, 1001)]
+    snapshot = BookSnapshot("binance", "usdm", "X", 100, 0, 0, bids, asks)
+    updates = []
+    last = 100
+    for _ in range(n_events):
+        b = [(px(mid - min(int(rng.expovariate(1 / 60)) + 1, 1100)), qty()) for _ in range(34)]
+        a = [(px(mid + min(int(rng.expovariate(1 / 60)) + 1, 1100)), qty()) for _ in range(34)]
+        updates.append(DepthUpdate("binance", "usdm", "X", 0, 0, last + 1, last + 5, last, b, a, 0))
+        last += 5
+    return snapshot, updates
+
+
+def _reference():
+    """The engine before issue 12 (tests/book_reference.py), or None outside the repo."""
+    path = Path(__file__).resolve().parents[1] / "tests/book_reference.py"
+    if not path.is_file():
+        return None
+    spec = importlib.util.spec_from_file_location("book_reference", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _book_work(book_cls, snapshot: BookSnapshot, updates: list[DepthUpdate]) -> float:
+    """Seconds of ``apply`` + ``crossed`` over ``updates`` (the snapshot load untimed)."""
+    book = book_cls.from_snapshot(snapshot)
+    apply = book.apply
+    crossed = book.crossed
+    t0 = time.perf_counter()
+    for u in updates:
+        apply(u)
+        crossed()
+    return time.perf_counter() - t0
+
+
+def compare(workloads, repeat: int) -> None:
+    ref = _reference()
+    if ref is None:
+        print("--compare: tests/book_reference.py not found; skipped")
+        return
+    print(f"\n{'book work per depth event':44} {'old µs':>9} {'new µs':>9} {'old/new':>8}")
+    for name, snapshot, updates in workloads:
+        old, new = [], []
+        for _ in range(repeat):  # interleaved, so load changes hit both alike
+            old.append(_book_work(ref.LocalBook, snapshot, updates))
+            new.append(_book_work(B.LocalBook, snapshot, updates))
+        o = statistics.median(old) / len(updates) * 1e6
+        n = statistics.median(new) / len(updates) * 1e6
+        print(f"{name:44} {o:9.2f} {n:9.2f} {o / n:7.2f}x")
+
+
+def _json_snapshot(levels: int, spot: bool, seed: int) -> bytes:
+    rng = random.Random(seed)
+    mid = 6_000_000
+    if spot:
+        px = lambda t: f"{t / 100:.8f}"  # noqa: E731
+        qty = lambda: f"{rng.randint(1, 99999) / 1e5:.8f}"  # noqa: E731
+    else:
+        px = lambda t: f"{t // 100}.{t % 100:02d}"  # noqa: E731
+        qty = lambda: f"{rng.randint(1, 9999) / 1000:.3f}"  # noqa: E731
+    body = {
+        "lastUpdateId": 1,
+        "bids": [[px(mid - k), qty()] for k in range(1, levels + 1)],
+        "asks": [[px(mid + k), qty()] for k in range(1, levels + 1)],
+    }
+    return msgspec.json.encode(body)
+
+
+def _rewrite(snapshot: BookSnapshot) -> DepthUpdate:
+    """An update that sets every level again (fresh strings, new quantities)."""
+    raw = msgspec.json.encode([[p, q[::-1].lstrip("0.") or "1"] for p, q in snapshot.bids])
+    bids = msgspec.json.decode(raw, type=list[tuple[str, str]])
+    raw = msgspec.json.encode([[p, q[::-1].lstrip("0.") or "1"] for p, q in snapshot.asks])
+    asks = msgspec.json.decode(raw, type=list[tuple[str, str]])
+    return DepthUpdate("binance", "usdm", "X", 0, 0, 2, 2, 1, bids, asks, 0)
+
+
+def _measure(book_cls, body: bytes, books: int, rewrite: bool, compact: bool = False) -> float:
+    """tracemalloc bytes held per book (levels decoded from ``body`` for each book)."""
+    from streamer.plugins.exchanges.binance.decode import decode_depth_snapshot
+
+    gc.collect()
+    tracemalloc.start()
+    base = tracemalloc.get_traced_memory()[0]
+    held = []
+    for _ in range(books):
+        snapshot = decode_depth_snapshot(body, "X", "usdm", 0)
+        book = book_cls.from_snapshot(snapshot)
+        if rewrite:
+            book.apply(_rewrite(snapshot))
+        if compact:
+            book.compact()
+        held.append(book)
+        del snapshot
+    gc.collect()
+    used = tracemalloc.get_traced_memory()[0] - base
+    tracemalloc.stop()
+    del held
+    return used / books
+
+
+def memory(books: int = 40) -> None:
+    ref = _reference()
+    engines = [("new", B.LocalBook)]
+    if ref is not None:
+        engines.insert(0, ("old", ref.LocalBook))
+    print(f"\nmemory (tracemalloc, mean of {books} books of 1000 bids + 1000 asks)")
+    print(f"{'':36} {'B/level':>8} {'KB/book':>8} {'2000 books':>11}")
+    for strings in ("usdm", "spot"):
+        body = _json_snapshot(1000, strings == "spot", 3)
+        for label, rewrite, compact in (
+            ("after the snapshot", False, False),
+            ("every level rewritten", True, False),
+            ("rewritten, then compact()", True, True),
+        ):
+            for name, cls in engines:
+                if compact and not hasattr(cls, "compact"):
+                    continue
+                per_book = _measure(cls, body, books, rewrite, compact)
+                row = f"{name} {strings} strings, {label}"
+                print(f"{row:36} {per_book / 2000:8.0f} {per_book / 1024:8.0f} "
+                      f"{per_book * 2000 / 2**20:8.0f} MB")  # fmt: skip
 
 
 def _levels(updates: list[DepthUpdate]) -> int:
@@ -212,7 +367,13 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeat", type=int, default=7)
     parser.add_argument("--synthetic", action="store_true", help="ignore the recorded data")
+    parser.add_argument("--compare", action="store_true", help="old engine vs new, per event")
+    parser.add_argument("--memory", action="store_true", help="bytes per level, old vs new")
+    parser.add_argument("--only", action="store_true", help="only --compare/--memory tables")
     args = parser.parse_args()
+    if args.only:
+        _extras(args)
+        return 0
     loaded = None if args.synthetic else _recorded()
     source = "recorded usdm BTCUSDT (hftbacktest 2024-08-08)"
     if loaded is None:
@@ -276,7 +437,24 @@ def main() -> int:
           f"(book: {len(bid_levels)} bids, {len(ask_levels)} asks)")  # fmt: skip
     for name, sec in top:
         print(f"{name:32} {sec * 1e6:16.2f} {sec / top[0][1]:10.1f}x")
+    _extras(args)
     return 0
+
+
+def _extras(args) -> None:
+    if args.compare:
+        workloads = []
+        rec = None if args.synthetic else _recorded()
+        if rec is not None:
+            snapshot, updates, _, split = rec
+            workloads.append(("recorded usdm BTCUSDT (68 levels/event)", snapshot, updates[split:]))
+        snapshot, updates, _, _ = _synthetic()
+        workloads.append(("synthetic near-top (5-40 levels/event)", snapshot, updates))
+        snapshot, updates = _deep()
+        workloads.append(("synthetic deep (1000 levels, 68/event)", snapshot, updates))
+        compare(workloads, args.repeat)
+    if args.memory:
+        memory()
 
 
 if __name__ == "__main__":

@@ -325,3 +325,45 @@ def test_generated_market_matches_truth_at_every_update(futures: bool) -> None:
         update = truth.step()
         assert sync.feed(update) == B.APPLIED
         assert sync.top(20) == truth.top(update.last_update_id, 20)
+
+
+# -- memory -----------------------------------------------------------------------------------
+
+
+def test_a_loaded_deep_book_is_stored_compactly() -> None:
+    """A 1000+1000-level snapshot (strings decoded from JSON, as from REST) costs well under
+    the ~240 bytes per level of a tuple of two strings per level plus a sorted key list."""
+    import gc
+    import tracemalloc
+
+    import msgspec
+
+    from streamer.core.records import BookSnapshot
+
+    body = msgspec.json.encode(
+        {
+            "bids": [
+                [f"{60000 - k / 10:.2f}", f"{k % 997 / 1000 + 0.001:.3f}"] for k in range(1000)
+            ],
+            "asks": [
+                [f"{60001 + k / 10:.2f}", f"{k % 991 / 1000 + 0.001:.3f}"] for k in range(1000)
+            ],
+        }
+    )
+    decoder = msgspec.json.Decoder(dict[str, list[tuple[str, str]]])
+    books = []
+    gc.collect()
+    tracemalloc.start()
+    try:
+        base = tracemalloc.get_traced_memory()[0]
+        for _ in range(10):
+            levels = decoder.decode(body)
+            snapshot = BookSnapshot("binance", "usdm", "X", 1, 0, 0, levels["bids"], levels["asks"])
+            books.append(B.LocalBook.from_snapshot(snapshot))
+            del levels, snapshot
+        gc.collect()
+        per_level = (tracemalloc.get_traced_memory()[0] - base) / (10 * 2000)
+    finally:
+        tracemalloc.stop()
+    assert books[0].bids.top(1) == [("60000.00", "0.001")]
+    assert per_level < 160, per_level

@@ -480,3 +480,74 @@ async def test_bad_verification_snapshot_is_counted_and_retried_without_resync()
         await h.wait(lambda: h.count("verifications", "S0USDT") >= 1, 5)
         tg.cancel_scope.cancel()
     assert h.count("resyncs", "S0USDT") == 0 and h.markers() == []
+
+
+class RecordingCounters(Counters):
+    """Counters that also count how often each name was incremented (calls, not amounts)."""
+
+    __slots__ = ("calls",)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: dict[str, int] = {}
+
+    def incr(self, name: str, symbol: str = "", stream: str = "", n: int = 1) -> None:
+        self.calls[name] = self.calls.get(name, 0) + 1
+        super().incr(name, symbol, stream, n)
+
+
+async def test_applied_updates_are_counted_off_the_per_update_path(monkeypatch) -> None:
+    """No counter call per applied update; ``updates_applied`` is published from the
+    books' tallies by the stream's own loop, and once more when it stops."""
+    import sys
+
+    monkeypatch.setattr(sys.modules[__name__], "Counters", RecordingCounters)
+    h = Harness(n=2, interval="1s", levels=5)
+    counters = h.counters
+    assert isinstance(counters, RecordingCounters)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(h.stream.run)
+        await h.sync_all()
+        before = counters.calls.get("updates_applied", 0)
+        h.step_all(200)  # no await inside: the publishing loop cannot run meanwhile
+        assert counters.calls.get("updates_applied", 0) == before
+        # Published while running, without waiting for the stream to stop.
+        await h.wait(
+            lambda: all(
+                h.count("updates_applied", s) == h.stream.book(s).stats.applied >= 200
+                for s in h.truths
+            )
+        )
+        h.step_all(3)
+        tg.cancel_scope.cancel()
+    for symbol in h.truths:  # the last three were published when run() stopped
+        applied = h.count("updates_applied", symbol)
+        assert applied == h.stream.book(symbol).stats.applied
+        assert applied + h.count("updates_dropped", symbol) == h.delivered[symbol]
+
+
+async def test_deep_levels_are_compacted_in_the_background(monkeypatch) -> None:
+    """Updated levels outside the sorted window are re-stored as compact strings by the
+    stream's periodic loop (a slice of the books per tick), with the output unchanged."""
+    monkeypatch.setattr(B, "_MIN_WINDOW", 1)  # levels=2: a window of 8-16 keys a side
+    h = Harness(n=2, interval="update", levels=2)
+
+    def deep_tuples(symbol: str) -> int:
+        book = h.stream.book(symbol).book
+        if book is None:
+            return -1
+        return sum(
+            type(v) is tuple and k < side._floor
+            for side in (book.bids, book.asks)
+            for k, v in side._levels.items()
+        )
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(h.stream.run)
+        await h.sync_all()
+        h.step_all(300)
+        assert any(deep_tuples(s) > 0 for s in h.truths)
+        await h.wait(lambda: all(deep_tuples(s) == 0 for s in h.truths))
+        h.step_all(20)
+        tg.cancel_scope.cancel()
+    h.check_books_equal_truth(2)

@@ -86,6 +86,13 @@ BRIDGING = 1
 LIVE = 2
 
 _INF = math.inf
+#: Separator of a compact level string ``price|qty``.
+_SEP = "|"
+_join = _SEP.join
+#: Levels per side read on the hot path when the caller does not say.
+DEFAULT_DEPTH = 20
+#: Smallest sorted window (keys) a side keeps.
+_MIN_WINDOW = 64
 
 
 class MalformedLevel(ValueError):
@@ -99,18 +106,33 @@ class BookSide:
     ``boundary`` is the worst key known from the last REST snapshot: levels with a smaller
     key may be missing (Binance only serves the top ``limit`` levels); ``-inf`` when the
     whole side is known.
+
+    Layout: every level sits in ``_levels`` (``key -> value``); only the best keys are kept
+    sorted, in ``_top`` (ascending, best last). Invariant: every key ``>= _floor`` is in
+    ``_top`` (``_floor`` is ``-inf`` while ``_top`` holds the whole side), and ``_top``
+    holds at least ``depth`` keys unless it holds the whole side, so the best ``depth``
+    levels and the best key are always exact. ``_top`` is trimmed back to ``_target`` keys
+    when it grows past ``_hi`` and refilled from the dict when it falls under ``depth``.
+    A value is the level's ``(price, qty)`` as decoded, or the compact string
+    ``price + "|" + qty`` (a price cannot contain ``|``: ``float()`` refuses it) for
+    snapshot levels and for levels outside the window once :meth:`compact` ran: most of
+    a deep book, and cheaper to keep (one string instead of a tuple of two).
     """
 
-    __slots__ = ("_keys", "_levels", "_sign", "boundary")
+    __slots__ = ("_floor", "_hi", "_levels", "_lo", "_sign", "_target", "_top", "boundary")
 
-    def __init__(self, descending: bool) -> None:
+    def __init__(self, descending: bool, depth: int = DEFAULT_DEPTH) -> None:
         self._sign = 1.0 if descending else -1.0
-        self._levels: dict[float, Level] = {}
-        self._keys: list[float] = []
+        self._levels: dict[float, Level | str] = {}
+        self._top: list[float] = []
+        self._floor = -_INF
+        self._lo = max(1, depth)
+        self._target = max(4 * self._lo, _MIN_WINDOW)
+        self._hi = 2 * self._target
         self.boundary = -_INF
 
     def __len__(self) -> int:
-        return len(self._keys)
+        return len(self._levels)
 
     def key(self, price: str) -> float:
         """The ordering key of ``price`` (best level has the largest key)."""
@@ -123,89 +145,144 @@ class BookSide:
         side may then be partially updated (the caller discards the book).
         """
         book = self._levels
-        keys = self._keys
+        top = self._top
+        floor = self._floor
         sign = self._sign
-        for price, qty in levels:
-            try:
-                p = float(price)
-                q = float(qty)
-            except (TypeError, ValueError):
-                raise MalformedLevel(f"not a number in level {price!r} {qty!r}") from None
-            if not 0.0 < p < _INF:
-                raise MalformedLevel(f"bad price {price!r}")
-            k = sign * p
-            if q > 0.0:
-                if q == _INF:
+        try:
+            for level in levels:
+                price, qty = level
+                try:
+                    p = float(price)
+                    q = float(qty)
+                except (TypeError, ValueError):
+                    raise MalformedLevel(f"not a number in level {price!r} {qty!r}") from None
+                if not 0.0 < p < _INF:
+                    raise MalformedLevel(f"bad price {price!r}")
+                k = sign * p
+                if 0.0 < q < _INF:
+                    # Keys below the floor are not in the sorted window: a dict write only.
+                    if k >= floor and k not in book:
+                        insort(top, k)
+                    book[k] = level
+                elif q == 0.0:
+                    if book.pop(k, None) is not None and k >= floor:
+                        del top[bisect_left(top, k)]
+                else:  # negative, infinite or NaN
                     raise MalformedLevel(f"bad quantity {qty!r}")
-                if k not in book:
-                    insort(keys, k)
-                book[k] = (price, qty)
-            elif q == 0.0:
-                if book.pop(k, None) is not None:
-                    del keys[bisect_left(keys, k)]
-            else:  # negative or NaN
-                raise MalformedLevel(f"bad quantity {qty!r}")
+        finally:
+            n = len(top)
+            if n > self._hi:
+                del top[: n - self._target]
+                self._floor = top[0]
+            elif n < self._lo and floor != -_INF:
+                self._refill()
+
+    def _refill(self) -> None:
+        """Rebuild ``_top`` from every level: the best ``_target`` keys (or all of them)."""
+        book = self._levels
+        if len(book) <= self._hi:
+            self._top = sorted(book)
+            self._floor = -_INF
+        else:
+            keys = sorted(book)
+            del keys[: len(keys) - self._target]
+            self._top = keys
+            self._floor = keys[0]
 
     def load(self, levels: Iterable[Sequence[str]]) -> None:
-        """Replace the side by a snapshot's levels; ``boundary`` becomes its worst key."""
+        """Replace the side by a snapshot's levels; ``boundary`` becomes its worst key.
+
+        Loaded levels are stored compactly (one string each): a deep book is mostly
+        snapshot levels that never change.
+        """
         self._levels = {}
-        self._keys = []
-        self.apply(levels)
-        self.boundary = self._keys[0] if self._keys else _INF
+        self._top = []
+        self._floor = _INF  # nothing is sorted while loading; _refill sorts once at the end
+        try:
+            self.apply(levels)
+        finally:
+            if self._floor == _INF:
+                self._refill()
+        book = self._levels
+        self._levels = {k: v if type(v) is str else _join(v) for k, v in book.items()}
+        self.boundary = min(book) if book else _INF
+
+    def compact(self) -> None:
+        """Store every level outside the window as one compact string (rebuilds the dict,
+        which also drops the room left by removed levels). Off the hot path: callers run
+        it now and then, not per update."""
+        floor = self._floor
+        self._levels = {
+            k: v if type(v) is str or k >= floor else _join(v) for k, v in self._levels.items()
+        }
 
     def best_key(self) -> float:
         """Key of the best level (``-inf`` when the side is empty)."""
-        return self._keys[-1] if self._keys else -_INF
+        return self._top[-1] if self._top else -_INF
 
     def top(self, n: int) -> list[Level]:
         """The best ``n`` levels, best first, as exact ``(price, qty)`` strings."""
-        levels = self._levels
-        return [levels[k] for k in self._keys[: -n - 1 : -1]]
+        keys = self._top
+        if n > len(keys) and self._floor != -_INF:
+            keys = sorted(self._levels)  # deeper than the window: sort everything (rare)
+        get = self._levels.__getitem__
+        return [v if type(v) is tuple else _level(v) for v in map(get, keys[: -n - 1 : -1])]
 
     def from_key(self, lowest: float) -> list[Level]:
         """Every level with ``key >= lowest``, best first."""
-        keys = self._keys
-        start = bisect_left(keys, lowest)
         levels = self._levels
-        return [levels[k] for k in reversed(keys[start:])]
+        keys = sorted(filter(lowest.__le__, levels), reverse=True)
+        return [_level(levels[k]) for k in keys]
 
     def replace_from(self, lowest: float, other: BookSide) -> None:
         """Replace every level with ``key >= lowest`` by ``other``'s levels in that range."""
-        keys = self._keys
-        start = bisect_left(keys, lowest)
-        for k in keys[start:]:
-            del self._levels[k]
-        del keys[start:]
-        okeys = other._keys
-        ostart = bisect_left(okeys, lowest)
-        for k in okeys[ostart:]:
-            self._levels[k] = other._levels[k]
-        keys.extend(okeys[ostart:])  # every new key is >= lowest > every kept key
+        levels = self._levels
+        for k in [k for k in levels if k >= lowest]:
+            del levels[k]
+        for k, v in other._levels.items():
+            if k >= lowest:
+                levels[k] = v
         self.boundary = min(self.boundary, lowest)
+        self._refill()
 
     def copy(self) -> BookSide:
-        """An independent copy (levels are immutable tuples, shared)."""
+        """An independent copy (level values are immutable, shared)."""
         out = BookSide.__new__(BookSide)
         out._sign = self._sign
         out._levels = dict(self._levels)
-        out._keys = list(self._keys)
+        out._top = list(self._top)
+        out._floor = self._floor
+        out._lo, out._target, out._hi = self._lo, self._target, self._hi
         out.boundary = self.boundary
         return out
 
 
+def _level(value: Level | str | Sequence[str]) -> Level:
+    """The ``(price, qty)`` tuple of a stored value."""
+    if type(value) is str:
+        price, _, qty = value.partition(_SEP)
+        return (price, qty)
+    price, qty = value
+    return (price, qty)
+
+
 class LocalBook:
-    """A local order book: two :class:`BookSide` objects."""
+    """A local order book: two :class:`BookSide` objects.
+
+    ``depth`` is how many levels per side are read with :meth:`BookSide.top` on the hot
+    path (deeper reads stay exact, they just sort the whole side).
+    """
 
     __slots__ = ("asks", "bids")
 
-    def __init__(self) -> None:
-        self.bids = BookSide(descending=True)
-        self.asks = BookSide(descending=False)
+    def __init__(self, depth: int = DEFAULT_DEPTH) -> None:
+        self.bids = BookSide(descending=True, depth=depth)
+        self.asks = BookSide(descending=False, depth=depth)
 
     @classmethod
-    def from_snapshot(cls, snapshot: BookSnapshot) -> LocalBook:
+    def from_snapshot(cls, snapshot: BookSnapshot, depth: int = DEFAULT_DEPTH) -> LocalBook:
         """A book holding exactly ``snapshot``'s levels (raises :class:`MalformedLevel`)."""
-        book = cls()
+        book = cls(depth)
         book.bids.load(snapshot.bids)
         book.asks.load(snapshot.asks)
         return book
@@ -215,11 +292,16 @@ class LocalBook:
         self.bids.apply(update.bids)
         self.asks.apply(update.asks)
 
+    def compact(self) -> None:
+        """:meth:`BookSide.compact` both sides."""
+        self.bids.compact()
+        self.asks.compact()
+
     def crossed(self) -> bool:
         """True when best bid >= best ask (both sides non-empty)."""
         # bid key = price, ask key = -price
-        bids = self.bids._keys
-        asks = self.asks._keys
+        bids = self.bids._top
+        asks = self.asks._top
         return bool(bids) and bool(asks) and bids[-1] >= -asks[-1]
 
 
@@ -263,6 +345,7 @@ class BookSync:
     __slots__ = (
         "_buffer",
         "_buffer_limit",
+        "_depth",
         "_futures",
         "_recent_limit",
         "_shadow",
@@ -284,12 +367,15 @@ class BookSync:
         rule: SequenceRule,
         buffer_limit: int = 5000,
         recent_limit: int | None = None,
+        depth: int = DEFAULT_DEPTH,
     ) -> None:
         if buffer_limit < 2:
             raise ValueError(f"buffer_limit must be >= 2, got {buffer_limit}")
         if recent_limit is not None and recent_limit < 2:
             raise ValueError(f"recent_limit must be >= 2, got {recent_limit}")
         self.symbol = symbol
+        #: Levels per side the caller reads with :meth:`top` (kept sorted; deeper is slower).
+        self._depth = depth
         self._futures = rule.style == "futures"
         self._buffer_limit = buffer_limit
         self._recent_limit = min(
@@ -332,6 +418,12 @@ class BookSync:
     def verifying(self) -> bool:
         """True while a verification snapshot is held."""
         return self._shadow is not None
+
+    def compact(self) -> None:
+        """Store the book's deep levels compactly (see :meth:`BookSide.compact`); cheap to
+        call now and then (a pass over the levels), never needed for correctness."""
+        if self.book is not None:
+            self.book.compact()
 
     def top(self, n: int) -> tuple[list[Level], list[Level]]:
         """The best ``n`` bids and asks of the live book (raises if not live)."""
@@ -452,7 +544,7 @@ class BookSync:
                 self.stats.refetches += 1
                 return REFETCH
         try:
-            book = LocalBook.from_snapshot(snapshot)
+            book = LocalBook.from_snapshot(snapshot, self._depth)
         except MalformedLevel as exc:
             self.detail = f"bad snapshot: {exc}"
             return BAD_SNAPSHOT
@@ -507,7 +599,7 @@ class BookSync:
         if self.state != LIVE:
             return IGNORED
         try:
-            shadow = LocalBook.from_snapshot(snapshot)
+            shadow = LocalBook.from_snapshot(snapshot, self._depth)
         except MalformedLevel as exc:
             self.detail = f"bad verification snapshot: {exc}"
             return BAD_SNAPSHOT

@@ -14,6 +14,7 @@ Output: :class:`BookSnapshot` records with the top ``levels`` levels every ``int
 
 from __future__ import annotations
 
+import math
 import random
 import time
 import zlib
@@ -48,6 +49,11 @@ STREAM = "orderbook"
 _MAX_RETRY_DELAY = 30.0
 #: A sequence gap this soon after a reconnect is reported as caused by it.
 _RECONNECT_WINDOW = 60.0
+#: How often ``updates_applied`` is published from the books' own tallies (seconds).
+_PUBLISH_EVERY = 0.5
+#: Each book's deep levels are re-stored compactly about this often (seconds), a slice
+#: of the books at each publishing tick.
+_COMPACT_EVERY = 60.0
 
 
 class OrderBookOptions(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -151,6 +157,11 @@ class OrderBookStream(StreamType):
     ``buffer_trims``, ``snapshots_fetched``, ``snapshot_refetches``, ``snapshot_errors``,
     ``bad_snapshots``, ``books_emitted``, ``reconnects``; ``unknown_symbol`` (no symbol)
     for updates of symbols this instance does not own.
+
+    ``updates_applied`` is kept off the per-update path: each book tallies its applied
+    updates in a plain int (:attr:`SyncStats.applied <._book.SyncStats>`), published into
+    the counters every ``_PUBLISH_EVERY`` seconds while :meth:`run` runs, once more when it
+    stops, and on :meth:`publish_counters`.
     """
 
     Options = OrderBookOptions
@@ -194,13 +205,19 @@ class OrderBookStream(StreamType):
         self._log = RateLimitedLog(context.logger)
         self._syncs = {
             symbol: B.BookSync(
-                symbol, self._rule, options.buffer_limit, options.queued_buffer_limit
+                symbol,
+                self._rule,
+                options.buffer_limit,
+                options.queued_buffer_limit,
+                depth=options.levels,
             )
             for symbol in context.symbols
         }
         for symbol in context.symbols:
             self._counters.set("book_syncing", 1, symbol, STREAM)  # until the book is live
         self._emitted: dict[str, int] = {}
+        #: ``stats.applied`` of each book as last published to ``updates_applied``.
+        self._published: dict[str, int] = {}
         # Pending snapshot jobs (ordered sets): syncs always go before verifications.
         self._sync_queue: dict[str, None] = {}
         self._verify_queue: dict[str, None] = {}
@@ -232,8 +249,7 @@ class OrderBookStream(StreamType):
             self._counters.incr("unknown_symbol", "", STREAM)
             return
         code = sync.feed(record)
-        if code == B.APPLIED:
-            self._counters.incr("updates_applied", record.symbol, STREAM)
+        if code == B.APPLIED:  # counted in sync.stats.applied, published periodically
             if self._emit_every:
                 self._emit(sync)
             return
@@ -249,14 +265,40 @@ class OrderBookStream(StreamType):
 
     async def run(self) -> None:
         """Snapshot workers, the periodic writer and the verification scheduler."""
-        async with anyio.create_task_group() as tg:
-            self._tg = tg
-            for _ in range(self.options.snapshot_concurrency):  # type: ignore[attr-defined]
-                tg.start_soon(self._snapshot_worker)
-            if not self._emit_every:
-                tg.start_soon(self._emit_loop)
-            if self._verify_every:
-                tg.start_soon(self._verify_loop)
+        try:
+            async with anyio.create_task_group() as tg:
+                self._tg = tg
+                for _ in range(self.options.snapshot_concurrency):  # type: ignore[attr-defined]
+                    tg.start_soon(self._snapshot_worker)
+                if not self._emit_every:
+                    tg.start_soon(self._emit_loop)
+                if self._verify_every:
+                    tg.start_soon(self._verify_loop)
+                tg.start_soon(self._publish_loop)
+        finally:
+            self.publish_counters()
+
+    def publish_counters(self) -> None:
+        """Add what each book applied since the last call to ``updates_applied``."""
+        published = self._published
+        incr = self._counters.incr
+        for symbol, sync in self._syncs.items():
+            applied = sync.stats.applied
+            done = published.get(symbol, 0)
+            if applied != done:
+                incr("updates_applied", symbol, STREAM, applied - done)
+                published[symbol] = applied
+
+    async def _publish_loop(self) -> None:
+        syncs = list(self._syncs.values())
+        per_tick = max(1, math.ceil(len(syncs) * _PUBLISH_EVERY / _COMPACT_EVERY))
+        at = 0
+        while True:
+            await anyio.sleep(_PUBLISH_EVERY)
+            self.publish_counters()
+            for sync in syncs[at : at + per_tick]:
+                sync.compact()
+            at = at + per_tick if at + per_tick < len(syncs) else 0
 
     # -- update outcomes -----------------------------------------------------------------
     def _handle(self, sync: B.BookSync, code: int, update: DepthUpdate | None) -> None:
@@ -282,12 +324,10 @@ class OrderBookStream(StreamType):
             self._request(symbol)
             return
         if code == B.SYNCED:  # a live update bridged the snapshot
-            incr("updates_applied", symbol, STREAM)
             self._retries.pop(symbol, None)
             self._on_synced(sync)
             return
         if code == B.VERIFIED:
-            incr("updates_applied", symbol, STREAM)
             incr("verifications", symbol, STREAM)
             if self._emit_every:
                 self._emit(sync)
@@ -296,9 +336,7 @@ class OrderBookStream(StreamType):
             incr("snapshot_refetches", symbol, STREAM)
             self._request(symbol)
             return
-        if code in B.BREAKS:
-            if update is not None and code in (B.CROSSED, B.MISMATCH):
-                incr("updates_applied", symbol, STREAM)  # applied, then the book was dropped
+        if code in B.BREAKS:  # a crossed or mismatching update was applied: in stats.applied
             self._on_break(sync, code)
 
     def _on_break(self, sync: B.BookSync, code: int) -> None:
@@ -424,11 +462,9 @@ class OrderBookStream(StreamType):
     def _on_sync_snapshot(self, sync: B.BookSync, snapshot: BookSnapshot) -> None:
         symbol = sync.symbol
         stats = sync.stats
-        applied, dropped = stats.applied, stats.covered + stats.stale
+        dropped = stats.covered + stats.stale
         code = sync.on_snapshot(snapshot)
-        # The buffered updates were applied or dropped inside on_snapshot: count them too.
-        if stats.applied > applied:
-            self._counters.incr("updates_applied", symbol, STREAM, stats.applied - applied)
+        # The buffered updates dropped inside on_snapshot (applied ones are in stats.applied).
         dropped = stats.covered + stats.stale - dropped
         if dropped:
             self._counters.incr("updates_dropped", symbol, STREAM, dropped)
