@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
-import json
 import logging
 import os
 import time
@@ -99,10 +98,10 @@ class PathLocks:
             if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
                 raise ValueError(f"sinks.{sink}: cannot lock {lock_path}: {exc}") from None
             raise ValueError(f"{path} is in use by {_holder(lock_path)}") from None
-        info = {"pid": os.getpid(), "state_dir": self.state_dir, "started": self.started}
+        info = LockHolder(pid=os.getpid(), state_dir=self.state_dir, started=self.started)
         try:
             os.ftruncate(fd, 0)
-            os.pwrite(fd, json.dumps(info).encode() + b"\n", 0)
+            os.pwrite(fd, msgspec.json.encode(info) + b"\n", 0)
         except OSError:
             pass  # a full disk: the lock holds all the same, the message says less
         return fd
@@ -145,10 +144,21 @@ class PathLocks:
         return [h.path for h in self._held]
 
 
+class LockHolder(msgspec.Struct):
+    """What a lock file records about the collector holding it."""
+
+    pid: int
+    state_dir: str
+    started: str
+
+
+_holder_decoder = msgspec.json.Decoder(LockHolder)
+
+
 def _holder(lock_path: str) -> str:
     try:
         with open(lock_path, "rb") as f:
-            info = json.loads(f.read(4096) or b"{}")
-        return f"pid {int(info['pid'])} (state dir {info['state_dir']}, since {info['started']})"
-    except (OSError, ValueError, KeyError, TypeError):
+            info = _holder_decoder.decode(f.read(4096))
+        return f"pid {info.pid} (state dir {info.state_dir}, since {info.started})"
+    except (OSError, msgspec.DecodeError):
         return "another collector (its pid is not recorded yet)"
