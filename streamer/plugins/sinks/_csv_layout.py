@@ -7,9 +7,10 @@ they are list comprehensions over f-strings specialised per record type.
 
 from __future__ import annotations
 
+import os
 import re
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import msgspec
 
@@ -376,3 +377,32 @@ _KLINE_STRINGS = (
     "taker_buy_volume",
     "taker_buy_quote_volume",
 )
+
+
+def stream_folders(
+    root: str, subdirs: Callable[[str], list[str]]
+) -> Iterator[tuple[str, str, str, str, str, str]]:
+    """``(kind, exchange, market, symbol, interval, folder)`` of every stream folder of the
+    tree at ``root`` (``interval`` is empty but for klines), in sorted order. ``subdirs``
+    lists a folder's sub-folders: the sink skips what it cannot read, verify reports it."""
+    for exchange in subdirs(root):
+        for market in subdirs(os.path.join(root, exchange)):
+            base = os.path.join(root, exchange, market)
+            for dataset in subdirs(base):
+                kind = DIR_KIND.get(dataset)
+                if kind is None:
+                    continue
+                for symbol in subdirs(os.path.join(base, dataset)):
+                    folder = os.path.join(base, dataset, symbol)
+                    if kind == KLINE:
+                        for interval in subdirs(folder):
+                            yield (
+                                kind,
+                                exchange,
+                                market,
+                                symbol,
+                                interval,
+                                os.path.join(folder, interval),
+                            )
+                    else:
+                        yield kind, exchange, market, symbol, "", folder

@@ -604,21 +604,7 @@ def _data_files(folder: str) -> list[str]:
 
 def _folders(root: str) -> Iterator[tuple[str, str, str, str, str, str]]:
     """(kind, exchange, market, symbol, interval, folder) of every stream folder."""
-    for exchange in _subdirs(root):
-        for market in _subdirs(os.path.join(root, exchange)):
-            base = os.path.join(root, exchange, market)
-            for dataset in _subdirs(base):
-                kind = layout.DIR_KIND.get(dataset)
-                if kind is None:
-                    continue
-                for symbol in _subdirs(os.path.join(base, dataset)):
-                    folder = os.path.join(base, dataset, symbol)
-                    if kind == layout.KLINE:
-                        for interval in _subdirs(folder):
-                            sub = os.path.join(folder, interval)
-                            yield kind, exchange, market, symbol, interval, sub
-                    else:
-                        yield kind, exchange, market, symbol, "", folder
+    return layout.stream_folders(root, _subdirs)
 
 
 def _checker(kind: str, report: StreamReport, header: bytes, interval: str) -> _Checker | None:

@@ -337,25 +337,15 @@ class CsvSink(Sink):
 
     def _scan(self):
         """Yield (kind, StreamKey or None, folder, file names) for every stream folder."""
-        for exchange in _subdirs(self._root):
-            for market in _subdirs(os.path.join(self._root, exchange)):
-                base = os.path.join(self._root, exchange, market)
-                for dataset in _subdirs(base):
-                    kind = layout.DIR_KIND.get(dataset)
-                    if kind is None:
-                        continue
-                    for symbol in _subdirs(os.path.join(base, dataset)):
-                        folder = os.path.join(base, dataset, symbol)
-                        if kind == layout.KLINE:
-                            for interval in _subdirs(folder):
-                                sub = os.path.join(folder, interval)
-                                key = StreamKey(exchange, market, symbol, f"kline_{interval}")
-                                yield kind, key, sub, _files_in(sub)
-                        elif kind == layout.MARKERS:
-                            yield kind, None, folder, _files_in(folder)
-                        else:
-                            key = StreamKey(exchange, market, symbol, kind)
-                            yield kind, key, folder, _files_in(folder)
+        for kind, exchange, market, symbol, interval, folder in layout.stream_folders(
+            self._root, _subdirs
+        ):
+            if kind == layout.MARKERS:
+                key = None
+            else:
+                stream = f"kline_{interval}" if kind == layout.KLINE else kind
+                key = StreamKey(exchange, market, symbol, stream)
+            yield kind, key, folder, _files_in(folder)
 
     def _read_newest(self, kind: str, key: StreamKey | None, folder: str, names: list[str]) -> None:
         """Repair the newest file(s) of a stream and record the last key they hold."""
