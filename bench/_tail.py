@@ -42,7 +42,44 @@ class Sample:
     event: int = 0
 
 
-class CsvTailer:
+class _Poller:
+    """A daemon thread that looks for new files every 0.5 s and reads what the known ones
+    gained every ``interval`` seconds (subclasses implement :meth:`_tick`)."""
+
+    _name = "poller"
+
+    def __init__(self, interval: float) -> None:
+        self.interval = interval
+        # path -> [open file, torn last line, ...]: files stay open (one read per poll)
+        self._files: dict[str, list] = {}
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name=self._name, daemon=True)
+
+    def start(self):
+        """Start polling; returns ``self``."""
+        self._thread.start()
+        return self
+
+    def _join(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=5)
+
+    def _loop(self) -> None:
+        next_glob = 0.0
+        while not self._stop.wait(self.interval):
+            now = time.monotonic()
+            discover = now >= next_glob
+            if discover:
+                next_glob = now + 0.5
+            self._tick(discover)
+
+    def _tick(self, discover: bool) -> None:
+        raise NotImplementedError
+
+
+class CsvTailer(_Poller):
     """Tails files matching ``pattern`` (a glob), reading two integer columns per row."""
 
     def __init__(
@@ -53,28 +90,16 @@ class CsvTailer:
         interval: float = 0.01,
         max_files: int = 20,
     ) -> None:
+        super().__init__(interval)
         self.pattern = pattern
         self.event_col = event_col
         self.receive_col = receive_col
-        self.interval = interval
         self.max_files = max_files
         self.samples: list[Sample] = []
-        # path -> [open file, torn last line]: files stay open (one read per poll, no open)
-        self._files: dict[str, list] = {}
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name="csv-tailer", daemon=True)
-        self._lock = threading.Lock()
-
-    def start(self) -> CsvTailer:
-        """Start polling; returns ``self``."""
-        self._thread.start()
-        return self
 
     def stop(self) -> None:
         """Stop polling, after one last poll (rows written while the subject stopped)."""
-        self._stop.set()
-        if self._thread.is_alive():
-            self._thread.join(timeout=5)
+        self._join()
         self._discover()
         self._poll()
         for fh, _ in self._files.values():
@@ -99,14 +124,12 @@ class CsvTailer:
                 except OSError:
                     continue
 
-    def _loop(self) -> None:
-        next_glob = 0.0
-        while not self._stop.wait(self.interval):
-            now = time.monotonic()
-            if now >= next_glob:
-                self._discover()
-                next_glob = now + 0.5
-            self._poll()
+    _name = "csv-tailer"
+
+    def _tick(self, discover: bool) -> None:
+        if discover:
+            self._discover()
+        self._poll()
 
     def _poll(self) -> None:
         wall = time.time_ns() // 1_000_000
@@ -138,7 +161,7 @@ class CsvTailer:
                 self.samples.extend(fresh)
 
 
-class RowCounter:
+class RowCounter(_Poller):
     """Counts rows appended to every file matching ``pattern``, in a polling thread.
 
     Each poll reads what was appended since the previous one and counts complete lines; a
@@ -148,36 +171,21 @@ class RowCounter:
     """
 
     def __init__(self, pattern: str, interval: float = 0.1) -> None:
+        super().__init__(interval)
         self.pattern = pattern
-        self.interval = interval
         self.rows = 0
         self.samples: list[tuple[float, int]] = [(time.monotonic(), 0)]
-        # path -> [open file, torn last line, nothing read yet]
-        self._files: dict[str, list] = {}
-        self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name="row-counter", daemon=True)
-
-    def start(self) -> RowCounter:
-        """Start polling; returns ``self``."""
-        self._thread.start()
-        return self
 
     def stop(self) -> None:
         """Stop polling (after one last poll)."""
-        self._stop.set()
-        if self._thread.is_alive():
-            self._thread.join(timeout=5)
+        self._join()
         self.poll()
         self.close()
 
-    def _loop(self) -> None:
-        next_glob = 0.0
-        while not self._stop.wait(self.interval):
-            now = time.monotonic()
-            self.poll(discover=now >= next_glob)
-            if now >= next_glob:
-                next_glob = now + 0.5
+    _name = "row-counter"
+
+    def _tick(self, discover: bool) -> None:
+        self.poll(discover=discover)
 
     def poll(self, discover: bool = True) -> int:
         """Read what was appended since the last poll; returns the rows counted now."""
