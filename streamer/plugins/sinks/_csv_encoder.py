@@ -58,53 +58,8 @@ class CsvEncoder(SinkEncoder):
         self._keys: dict[tuple[str, str, str, str], StreamKey] = {}
 
     def encode(self, batch: Sequence[Record]) -> EncodedBatch:
-        span = self._span
-        # (kind, exchange, market, symbol, interval, period) -> records, in batch order.
-        groups: dict[tuple, list] = {}
-        rest: list[Record] = []
-        run: list | None = None
-        run_symbol = run_market = run_exchange = ""
-        run_period = -1
-        for r in batch:
-            cls = r.__class__
-            if cls is Trade:
-                t = r.transact_time
-                if t >= 100_000_000_000_000:  # microseconds
-                    t //= 1000
-                period = t // span
-                if (
-                    run is not None
-                    and period == run_period
-                    and r.symbol == run_symbol
-                    and r.market == run_market
-                    and r.exchange == run_exchange
-                ):
-                    run.append(r)
-                    continue
-                run_symbol, run_market, run_exchange = r.symbol, r.market, r.exchange
-                run_period = period
-                target = (layout.AGGTRADE, run_exchange, run_market, run_symbol, "", period)
-                run = groups.get(target)
-                if run is None:
-                    run = groups[target] = []
-                run.append(r)
-                continue
-            if cls is DepthUpdate:
-                kind, t, interval = layout.DEPTH, r.event_time, ""
-            elif cls is Kline and r.closed:
-                kind, t, interval = layout.KLINE, r.open_time, r.interval
-            else:
-                rest.append(r)  # markers, books, unclosed klines
-                continue
-            if t >= 100_000_000_000_000:  # microseconds
-                t //= 1000
-            target = (kind, r.exchange, r.market, r.symbol, interval, t // span)
-            group = groups.get(target)
-            if group is None:
-                groups[target] = [r]
-            else:
-                group.append(r)
-
+        # Markers, books and unclosed klines are left to the writer as records.
+        groups, rest = layout.group_by_file(batch, self._span, _place)
         table: dict[tuple[str, str, str, str], int] = {}
         streams: list[StreamKey] = []
         chunks: list[Chunk] = []
@@ -187,3 +142,13 @@ def _chunk(kind: str, market: str, index: int, period: int, records: list) -> Ch
     sizes = map(len, lines) if text.isascii() else [len(x.encode()) for x in lines]
     offsets = list(accumulate(sizes))
     return Chunk(index, period, keys, times, offsets, rows, row_ends, event_time, text.encode())
+
+
+def _place(r: Record) -> tuple[str, int, str] | None:
+    """``(kind, time, interval)`` of what the encoder turns into rows, else ``None``."""
+    cls = r.__class__
+    if cls is DepthUpdate:
+        return layout.DEPTH, r.event_time, ""
+    if cls is Kline and r.closed:
+        return layout.KLINE, r.open_time, r.interval
+    return None

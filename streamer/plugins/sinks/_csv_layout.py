@@ -406,3 +406,58 @@ def stream_folders(
                             )
                     else:
                         yield kind, exchange, market, symbol, "", folder
+
+
+#: Where a record goes: ``(kind, exchange, market, symbol, interval, period)``.
+FileTarget = tuple[str, str, str, str, str, int]
+
+
+def group_by_file(
+    batch: Sequence, span: int, place: Callable[[object], tuple[str, int, str] | None]
+) -> tuple[dict[FileTarget, list], list]:
+    """Records of ``batch`` grouped by the file they go to, in batch order, and the records
+    ``place`` declined. Trades are placed here, a run of one symbol's trades in one period
+    without a lookup per record (the common case); ``place(record)`` gives any other
+    record's ``(kind, time, interval)``, or ``None`` to hand it back."""
+    groups: dict[FileTarget, list] = {}
+    rest: list = []
+    run: list | None = None
+    run_symbol = run_market = run_exchange = ""
+    run_period = -1
+    for r in batch:
+        if r.__class__ is Trade:
+            t = r.transact_time
+            if t >= _MICROS_THRESHOLD:
+                t //= 1000
+            period = t // span
+            if (
+                run is not None
+                and period == run_period
+                and r.symbol == run_symbol
+                and r.market == run_market
+                and r.exchange == run_exchange
+            ):
+                run.append(r)
+                continue
+            run_symbol, run_market, run_exchange = r.symbol, r.market, r.exchange
+            run_period = period
+            target = (AGGTRADE, run_exchange, run_market, run_symbol, "", period)
+            run = groups.get(target)
+            if run is None:
+                run = groups[target] = []
+            run.append(r)
+            continue
+        placed = place(r)
+        if placed is None:
+            rest.append(r)
+            continue
+        kind, t, interval = placed
+        if t >= _MICROS_THRESHOLD:
+            t //= 1000
+        target = (kind, r.exchange, r.market, r.symbol, interval, t // span)
+        group = groups.get(target)
+        if group is None:
+            groups[target] = [r]
+        else:
+            group.append(r)
+    return groups, rest

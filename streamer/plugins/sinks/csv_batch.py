@@ -58,7 +58,6 @@ from streamer import (
     Sink,
     SinkContext,
     StreamKey,
-    Trade,
     check_duration,
     hookimpl,
     parse_duration,
@@ -402,64 +401,26 @@ class CsvSink(Sink):
     def _write_sync(self, batch: Sequence[Record]) -> None:
         if not self._opened:
             self._open_sync()
-        span = self._periods.span
-        groups: dict[_Target, list] = {}
-        unclosed = unknown = 0
         now_ms = 0
-        # Fast path: a run of trades of one symbol and period (the common case) appends
-        # to the previous group without building and hashing a target tuple per record.
-        run: list | None = None
-        run_symbol = run_market = run_exchange = ""
-        run_period = -1
-        for r in batch:
+
+        def place(r: Record) -> tuple[str, int, str] | None:
+            nonlocal now_ms
             cls = r.__class__
-            if cls is Trade:
-                t = r.transact_time
-                if t >= 100_000_000_000_000:  # microseconds
-                    t //= 1000
-                period = t // span
-                if (
-                    run is not None
-                    and period == run_period
-                    and r.symbol == run_symbol
-                    and r.market == run_market
-                    and r.exchange == run_exchange
-                ):
-                    run.append(r)
-                    continue
-                run_symbol, run_market, run_exchange = r.symbol, r.market, r.exchange
-                run_period = period
-                target = (layout.AGGTRADE, run_exchange, run_market, run_symbol, "", period)
-                run = groups.get(target)
-                if run is None:
-                    run = groups[target] = []
-                run.append(r)
-                continue
             if cls is DepthUpdate:
-                kind, t, interval = layout.DEPTH, r.event_time, ""
-            elif cls is BookSnapshot:
-                kind, t, interval = layout.ORDERBOOK, r.event_time or r.receive_time, ""
-            elif cls is Kline:
-                if not r.closed:
-                    unclosed += 1
-                    continue
-                kind, t, interval = layout.KLINE, r.open_time, r.interval
-            elif cls is Marker:
-                kind, t, interval = layout.MARKERS, r.time, ""
-                if not t:
+                return layout.DEPTH, r.event_time, ""
+            if cls is BookSnapshot:
+                return layout.ORDERBOOK, r.event_time or r.receive_time, ""
+            if cls is Kline:
+                return (layout.KLINE, r.open_time, r.interval) if r.closed else None
+            if cls is Marker:
+                if not r.time:
                     now_ms = now_ms or time.time_ns() // 1_000_000
-                    t = now_ms
-            else:
-                unknown += 1
-                continue
-            if t >= 100_000_000_000_000:  # microseconds
-                t //= 1000
-            target = (kind, r.exchange, r.market, r.symbol, interval, t // span)
-            group = groups.get(target)
-            if group is None:
-                groups[target] = [r]
-            else:
-                group.append(r)
+                return layout.MARKERS, r.time or now_ms, ""
+            return None
+
+        groups, rest = layout.group_by_file(batch, self._periods.span, place)
+        unclosed = sum(1 for r in rest if r.__class__ is Kline)
+        unknown = len(rest) - unclosed
         if unclosed:
             self._counters.incr("klines_unclosed", n=unclosed)
         if unknown:
