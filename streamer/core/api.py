@@ -92,17 +92,69 @@ class Inbox(Protocol):
         """Called after a connection carrying ``symbols`` was replaced; data may be missing."""
 
 
+class ReadFlow:
+    """Backpressure from the runtime to an adapter's socket reads.
+
+    The runtime calls :meth:`pause` when the worker holds more than it should for the
+    sinks (``runtime.worker_buffer``) and :meth:`resume` once the writers caught up. An
+    adapter that can stop reading (so the exchange's TCP stream backs up instead of the
+    worker's memory) registers its handlers with :meth:`attach` while it streams; the
+    handlers run synchronously and must not block. An adapter that does not attach keeps
+    reading, and what exceeds the budget is dropped as ``overflow`` markers.
+    """
+
+    def __init__(self) -> None:
+        #: True between :meth:`pause` and :meth:`resume`.
+        self.paused = False
+        self._handlers: list[tuple[Callable[[], None], Callable[[], None]]] = []
+
+    @property
+    def attached(self) -> bool:
+        """True while an adapter honours the pauses."""
+        return bool(self._handlers)
+
+    def attach(self, pause: Callable[[], None], resume: Callable[[], None]) -> Callable[[], None]:
+        """Call ``pause``/``resume`` on every change from now on (``pause`` at once when
+        paused already); returns the function that detaches them."""
+        entry = (pause, resume)
+        self._handlers.append(entry)
+        if self.paused:
+            pause()
+
+        def detach() -> None:
+            if entry in self._handlers:
+                self._handlers.remove(entry)
+
+        return detach
+
+    def pause(self) -> None:
+        """Ask the adapter to stop reading (idempotent; runtime side)."""
+        if not self.paused:
+            self.paused = True
+            for pause, _ in list(self._handlers):
+                pause()
+
+    def resume(self) -> None:
+        """Undo :meth:`pause` (idempotent; runtime side)."""
+        if self.paused:
+            self.paused = False
+            for _, resume in list(self._handlers):
+                resume()
+
+
 class ExchangeContext(msgspec.Struct, kw_only=True):
     """What the runtime hands an exchange adapter.
 
     ``http_client`` lets tests inject an ``httpx.AsyncClient`` (for example with a mock
-    transport); when ``None`` the adapter creates its own.
+    transport); when ``None`` the adapter creates its own. ``flow`` carries the runtime's
+    requests to stop and restart reading (see :class:`ReadFlow`).
     """
 
     pipeline: str
     counters: Counters
     logger: logging.Logger
     http_client: object | None = None
+    flow: ReadFlow = msgspec.field(default_factory=ReadFlow)
 
 
 class ExchangeAdapter(ABC):
@@ -114,6 +166,8 @@ class ExchangeAdapter(ABC):
     * :meth:`stream` runs until cancelled. It owns every connection, reconnects forever with
       capped backoff, and calls ``inbox.on_reconnect`` whenever data may have been missed.
     * REST methods share one rate-limit budget per adapter and never burst.
+    * While streaming it should honour ``context.flow`` (:class:`ReadFlow`): stop reading
+      its sockets when the runtime asks, so a slow sink backs up into TCP, not memory.
     * Prices and quantities in the records it produces are the exchange's exact strings.
     """
 

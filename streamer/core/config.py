@@ -31,6 +31,7 @@ import msgspec.inspect as mi
 import yaml
 
 from .plugins import PluginError, Registry
+from .units import Size, check_size, parse_size
 
 #: Environment variable naming the state directory when neither a flag nor the config does.
 STATE_DIR_ENV = "STREAMER_STATE_DIR"
@@ -40,6 +41,9 @@ DEFAULT_STATE_DIR = ".streamer"
 MAX_MESSAGE = 400
 #: Largest configuration file read (``/dev/urandom`` or a data file given by mistake).
 MAX_CONFIG_BYTES = 4 * 1024 * 1024
+
+#: Smallest ``worker_buffer``/``writer_buffer``: below it a single batch does not fit.
+MIN_BUFFER = 64 * 1024
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
@@ -101,8 +105,17 @@ class RuntimeConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     batch_size: Annotated[int, msgspec.Meta(ge=1, le=1_000_000)] = 2000
     #: ... or when its oldest record is this many seconds old.
     batch_interval: Annotated[float, msgspec.Meta(gt=0, le=60)] = 0.05
-    #: Batches each channel between processes may hold before backpressure.
+    #: Batches each channel between processes may hold before backpressure (a second
+    #: bound; ``worker_buffer`` and ``writer_buffer`` bound the bytes).
     queue_batches: Annotated[int, msgspec.Meta(ge=1, le=100_000)] = 256
+    #: Memory a collector worker may hold for the sinks: records not yet sent (estimated
+    #: from their type and number of levels) plus encoded batches queued for the writers.
+    #: Past half of it the worker pauses reading the exchange's sockets, below a quarter it
+    #: resumes; past all of it records are dropped as ``overflow`` markers.
+    worker_buffer: Size = "32MB"
+    #: Bytes of batches a sink writer may queue before it stops reading its workers'
+    #: sockets (backpressure onto the workers).
+    writer_buffer: Size = "32MB"
     #: Longest pause before restarting a child that keeps dying.
     restart_backoff_max: Annotated[float, msgspec.Meta(gt=0, le=3600)] = 30.0
     #: Where the supervisor keeps its pidfile, status file and logs; empty (the default)
@@ -112,6 +125,20 @@ class RuntimeConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     status_interval: Annotated[float, msgspec.Meta(gt=0, le=3600)] = 1.0
     #: Port of the Prometheus ``/metrics`` endpoint on 127.0.0.1; 0 (default) = off.
     metrics_port: Annotated[int, msgspec.Meta(ge=0, le=65535)] = 0
+
+    def __post_init__(self) -> None:
+        check_size("worker_buffer", self.worker_buffer, minimum=MIN_BUFFER)
+        check_size("writer_buffer", self.writer_buffer, minimum=MIN_BUFFER)
+
+    @property
+    def worker_buffer_bytes(self) -> int:
+        """:attr:`worker_buffer` in bytes."""
+        return parse_size(self.worker_buffer)
+
+    @property
+    def writer_buffer_bytes(self) -> int:
+        """:attr:`writer_buffer` in bytes."""
+        return parse_size(self.writer_buffer)
 
 
 class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -188,12 +215,11 @@ def _format_error(
             info, value = _locate(root, data, match.group("path"))
             if isinstance(info, mi.IntType | mi.FloatType) and value is not _MISSING:
                 text = f"must be {_numeric_rule(info)}, got {show_value(value)}"
-    else:
-        # A component's own check may name the field it rejects: "intervals[1]: ...".
-        field = _FIELD_PREFIX.match(text)
-        if field:
-            path = f"{prefix}.{field.group('field')}"
-            text = field.group("rest")
+    # A Struct's own check may name the field it rejects: "intervals[1]: ...".
+    field = _FIELD_PREFIX.match(text)
+    if field:
+        path = f"{path}.{field.group('field')}"
+        text = field.group("rest")
     path = path.lstrip(".") or "<top level>"
     return f"{path}: {text[:1].lower()}{text[1:]}"
 

@@ -1,5 +1,5 @@
-"""Units: human-friendly durations used in configuration (``"100ms"``, ``"1s"``, ``"10m"``)
-and kline interval arithmetic (``"1m"``, ``"1h"``, ``"1M"``)."""
+"""Units: human-friendly durations used in configuration (``"100ms"``, ``"1s"``, ``"10m"``),
+sizes in bytes (``"64MB"``) and kline interval arithmetic (``"1m"``, ``"1h"``, ``"1M"``)."""
 
 from __future__ import annotations
 
@@ -68,6 +68,65 @@ def check_duration(name: str, value: str | float | int, *, positive: bool = Fals
         return parse_duration(value, positive=positive)
     except ValueError as exc:
         raise ValueError(f"{name}: {exc}") from None
+
+
+# --- sizes ------------------------------------------------------------------------------------
+
+_SIZE = re.compile(r"^\s*(?P<value>\d+(?:\.\d+)?)\s*(?P<unit>[kmgt]?i?b?)\s*$", re.IGNORECASE)
+_BYTES = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+#: The type of a size option: a string such as ``"64MB"`` or a number of bytes.
+#: Read it with :func:`parse_size` / :func:`check_size`.
+Size = str | int
+
+#: Largest size accepted (1 TB): a size beyond it is a typo, not a memory budget.
+MAX_SIZE = 1 << 40
+
+
+def parse_size(text: str | int, *, minimum: int = 0) -> int:
+    """Bytes in ``text``: a number of bytes or a string such as ``"512KB"``, ``"64MB"``,
+    ``"1GB"`` (binary multiples: ``KB`` = ``KiB`` = 1024; the ``B`` is optional).
+
+    Accepts ``minimum <= bytes <= MAX_SIZE``; raises ``ValueError`` saying why otherwise.
+    """
+    if isinstance(text, bool) or not isinstance(text, str | int):
+        raise ValueError(f"invalid size {_show(text)}: use a number of bytes or e.g. '64MB'")
+    if isinstance(text, str):
+        match = _SIZE.match(text)
+        if match and match["unit"].lower() in ("i", "ib"):
+            match = None  # "5i": a binary prefix without a unit
+        if not match:
+            if text.strip().startswith("-") and _SIZE.match(text.strip()[1:]):
+                raise ValueError(f"invalid size {_show(text)}: must not be negative")
+            raise ValueError(
+                f"invalid size {_show(text)}: use a number of bytes or e.g. '512KB', '64MB', '1GB'"
+            )
+        unit = match["unit"].lower().rstrip("b").rstrip("i")
+        size = int(float(match["value"]) * _BYTES[unit])
+    else:
+        size = text
+        if size < 0:
+            raise ValueError(f"invalid size {_show(text)}: must not be negative")
+    if size > MAX_SIZE:
+        raise ValueError(f"invalid size {_show(text)}: larger than 1TB")
+    if size < minimum:
+        raise ValueError(f"invalid size {_show(text)}: must be at least {format_size(minimum)}")
+    return size
+
+
+def check_size(name: str, value: str | int, *, minimum: int = 0) -> int:
+    """:func:`parse_size` for the option ``name``: errors read ``name: invalid size ...``."""
+    try:
+        return parse_size(value, minimum=minimum)
+    except ValueError as exc:
+        raise ValueError(f"{name}: {exc}") from None
+
+
+def format_size(size: int) -> str:
+    """``size`` bytes for people: ``"64MB"``, ``"1.5KB"``, ``"800B"``."""
+    for unit, factor in (("TB", 1 << 40), ("GB", 1 << 30), ("MB", 1 << 20), ("KB", 1 << 10)):
+        if size >= factor:
+            return f"{size / factor:.1f}".removesuffix(".0") + unit
+    return f"{size}B"
 
 
 # --- kline intervals ------------------------------------------------------------------------

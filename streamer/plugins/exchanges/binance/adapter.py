@@ -333,7 +333,14 @@ class BinanceAdapter(ExchangeAdapter):
             logger=self.context.logger,
             limiter=self.connection_limiter,
         )
-        await self.connections.run()
+        # The runtime's backpressure: stop reading the sockets while the sinks catch up.
+        detach = self.context.flow.attach(
+            self.connections.pause_reading, self.connections.resume_reading
+        )
+        try:
+            await self.connections.run()
+        finally:
+            detach()
 
     # ------------------------------------------------------------------ REST
 
