@@ -1,9 +1,10 @@
 """The sink writer process: one per sink instance.
 
 It opens the sink, reports the sink's ``holdings()`` to the supervisor (``Ready``), then
-accepts one data connection per worker. Each connection's frames go through one bounded
-queue (``queue_batches``; a full queue is counted as ``backpressure_waits`` and pushes back
-on the workers through their sockets) into a single loop that decodes, drops what is
+accepts one data connection per worker. Each connection's frames go through one queue
+bounded in bytes (``writer_buffer``) and in batches (``queue_batches``); a full queue is
+counted as ``backpressure_waits`` and the connections are not read meanwhile, which pushes
+back on the workers through their sockets. A single loop decodes, drops what is
 already held (:class:`~streamer.core.runtime.keys.HighWater`, seeded from the holdings),
 calls ``sink.write`` (records) and ``sink.write_chunks`` (ready bytes from the sink's
 worker-side encoder, de-duplicated chunk by chunk and cut at a record boundary when partly
@@ -81,6 +82,10 @@ class Writer(ChildLoop):
             self.runtime.queue_batches
         )
         self._connections = 0
+        #: Bytes of the payloads in the queue, bounded by ``writer_buffer``.
+        self._queued_bytes = 0
+        self._budget = self.runtime.writer_buffer_bytes
+        self._room: anyio.Event | None = None
         self._dirty = False
         self._sink: Sink | None = None
         #: Per (exchange, market, symbol, stream): [records, newest event time, last key]
@@ -125,11 +130,22 @@ class Writer(ChildLoop):
                     if payload is None:
                         return
                     self.counters.incr("batches_received")
+                    size = len(payload)
+                    waited = False
+                    # A payload bigger than the whole budget still goes through alone.
+                    while self._queued_bytes and self._queued_bytes + size > self._budget:
+                        waited = True
+                        if self._room is None:
+                            self._room = anyio.Event()
+                        await self._room.wait()
+                    self._queued_bytes += size
                     try:
                         send.send_nowait(payload)
                     except anyio.WouldBlock:
-                        self.counters.incr("backpressure_waits")
+                        waited = True
                         await send.send(payload)
+                    if waited:
+                        self.counters.incr("backpressure_waits")
             finally:
                 self._connections -= 1
 
@@ -142,6 +158,10 @@ class Writer(ChildLoop):
             async for payload in self._receive:
                 async with lock:
                     self._dirty = await self._write(sink, payload) or self._dirty
+                self._queued_bytes -= len(payload)
+                if self._room is not None:
+                    self._room.set()
+                    self._room = None
             tg.cancel_scope.cancel()
 
     async def _flush_timer(self, sink: Sink, flush_every: float, lock: anyio.Lock) -> None:
@@ -238,6 +258,9 @@ class Writer(ChildLoop):
             counters=[(n, s, t, v) for (n, s, t), v in self.counters.snapshot().items()],
             info={
                 "queue_depth": self._receive.statistics().current_buffer_used,
+                "queued_bytes": self._queued_bytes,
+                "held_bytes": self._queued_bytes,
+                "buffer_bytes": self._budget,
                 "connections": self._connections,
                 "status_time": time.time_ns() // 1_000_000,
             },
