@@ -261,3 +261,19 @@ def test_buffer_sizes_parse_with_binary_units(tmp_path):
     assert config.runtime.writer_buffer_bytes == 1 << 20
     assert parse_size("512 KiB") == parse_size("512kb") == 512 * 1024
     assert parse_config(synth_config(tmp_path)).runtime.worker_buffer_bytes == 32 << 20
+
+
+def test_status_shows_held_bytes_and_pauses():
+    from test_ops_status import make_doc, view_of
+
+    from streamer.core.ops.status_view import render_table
+
+    doc = make_doc()
+    doc["children"]["spot.worker0"]["info"].update(
+        held_bytes=3 << 20, buffer_bytes=32 << 20, read_pauses=7, reading_paused=True
+    )
+    view = view_of(doc)
+    worker = next(c for c in view.children if c.name == "spot.worker0")
+    assert (worker.held_bytes, worker.read_pauses, worker.reading_paused) == (3 << 20, 7, True)
+    line = next(x for x in render_table(view).splitlines() if x.startswith("spot.worker0"))
+    assert "3MB/32MB" in line and "7 (paused)" in line

@@ -56,7 +56,7 @@ from typing import Any, Literal, TextIO
 import msgspec
 
 from ..records import KLINE_STREAM_PREFIX
-from ..units import KLINE_INTERVALS, interval_ms
+from ..units import KLINE_INTERVALS, format_size, interval_ms
 from .processes import pid_alive
 
 Health = Literal["healthy", "degraded", "down"]
@@ -192,6 +192,14 @@ class ChildRow(msgspec.Struct, kw_only=True):
     uptime: float = 0.0
     last_exit_code: int | None = None
     queue_depth: int = 0
+    #: Bytes it holds for the sinks (a worker: pending records and queued batches; a
+    #: writer: its queue) and its budget (``worker_buffer``/``writer_buffer``).
+    held_bytes: int = 0
+    buffer_bytes: int = 0
+    #: A worker: times it asked the exchange adapter to stop reading, and whether it is
+    #: paused now.
+    read_pauses: int = 0
+    reading_paused: bool = False
     #: Seconds since the child's own last report (``None``: it does not say).
     report_age: float | None = None
     flags: list[str] = msgspec.field(default_factory=list)
@@ -361,6 +369,10 @@ def _children(view: StatusView, doc: Mapping[str, Any], th: Thresholds) -> None:
             if isinstance(child.get("last_exit_code"), int)
             else None,
             queue_depth=depth,
+            held_bytes=_int(info.get("held_bytes")),
+            buffer_bytes=_int(info.get("buffer_bytes")),
+            read_pauses=_int(info.get("read_pauses")),
+            reading_paused=info.get("reading_paused") is True,
         )
         if row.state == "down":
             row.flags.append(DOWN)
@@ -904,10 +916,12 @@ def render_table(view: StatusView) -> str:
     )  # fmt: skip
     lines.append("")
     lines += _table(
-        ["process", "kind", "pid", "state", "uptime", "restarts", "last exit", "queue", "flags"],
+        ["process", "kind", "pid", "state", "uptime", "restarts", "last exit", "queue", "held",
+         "pauses", "flags"],
         [
             [c.name, c.kind, str(c.pid or "-"), c.state, _s(c.uptime), str(c.restarts),
              "-" if c.last_exit_code is None else str(c.last_exit_code), str(c.queue_depth),
+             _held_bytes(c), f"{c.read_pauses}{' (paused)' if c.reading_paused else ''}",
              ",".join(c.flags)]
             for c in view.children
         ],
@@ -994,3 +1008,10 @@ class LiveSummary:
             return
         self._prev = doc
         self._last = now
+
+
+def _held_bytes(child: ChildRow) -> str:
+    """``3.2MB/32MB``: what a child holds for the sinks against its budget."""
+    if not child.buffer_bytes:
+        return "-"
+    return f"{format_size(child.held_bytes)}/{format_size(child.buffer_bytes)}"

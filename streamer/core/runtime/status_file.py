@@ -29,14 +29,17 @@ temporary file, then renamed, so a reader never sees a torn file). Its shape::
       "children": {
         "spot.worker0": {"kind": "worker", "pid": 1240, "alive": true, "incarnation": 1,
                          "restarts": 0, "last_exit_code": null, "uptime": 4.9,
-                         "info": {"queue_depths": {"csv": 0}, "pending_records": 3, ...}}
+                         "info": {"queue_depths": {"csv": 0}, "pending_records": 3,
+                                  "held_bytes": 41200, "buffer_bytes": 33554432,
+                                  "reading_paused": false, "read_pauses": 0, ...}}
       }
     }
 
 Counters restart from zero when a child restarts (its ``restarts`` says how often); the
 totals are those of the current incarnations. Counter names used by the runtime:
 workers ``records_emitted``, ``batches_sent``, ``backpressure_waits``,
-``backpressure_wait_ms``, ``records_overflowed``, ``records_unrouted``, ``reconnects``;
+``backpressure_wait_ms``, ``records_overflowed``, ``read_pauses``, ``records_unrouted``,
+``reconnects``;
 writers ``batches_received``, ``records_received``, ``records_written``,
 ``records_flushed``, ``duplicates_dropped``, ``batches_corrupt``, ``backpressure_waits``,
 ``flushes`` and the gauges ``written_event_time`` (per stream: exchange time of the newest

@@ -171,6 +171,7 @@ class Worker(ChildLoop):
         self._flow = ReadFlow()
         self._drain_deadline = float("inf")
         self._overflow_reason = "runtime queue overflow"
+        self._read_pauses = 0
         # StreamKey -> [first dropped key, last dropped key] awaiting an overflow marker.
         self._overflow: dict[StreamKey, list[int]] = {}
         self._wake = anyio.Event()
@@ -204,6 +205,7 @@ class Worker(ChildLoop):
 
     def _pause(self) -> None:
         self._flow.pause()
+        self._read_pauses += 1
         self.counters.incr("read_pauses")
         self._wake.set()
 
@@ -479,6 +481,7 @@ class Worker(ChildLoop):
                 "held_bytes": self._pending_bytes + self._queued_bytes,
                 "buffer_bytes": self._cap,
                 "reading_paused": self._flow.paused,
+                "read_pauses": self._read_pauses,
                 "symbols": list(self.spec.symbols),
                 "cadence": self._cadence,
                 "status_time": time.time_ns() // 1_000_000,
