@@ -12,6 +12,7 @@ import html
 import io
 import re
 import time
+import warnings
 from typing import Any
 
 from .quality import LATENCY_EDGES_MS, MS_PER_MINUTE, percentile
@@ -201,7 +202,11 @@ def _figure(fig) -> str:
     import matplotlib
 
     buf = io.StringIO()
-    with matplotlib.rc_context({"svg.fonttype": "none", "svg.hashsalt": "streamer"}):
+    with (
+        matplotlib.rc_context({"svg.fonttype": "none", "svg.hashsalt": "streamer"}),
+        warnings.catch_warnings(),
+    ):
+        warnings.simplefilter("ignore")  # tick locators on very short spans, tight layout
         fig.savefig(buf, format="svg", bbox_inches="tight")
     svg = buf.getvalue()
     svg = svg[svg.find("<svg") :]
@@ -370,7 +375,7 @@ def _latency(builder: ReportBuilder):
         p99 = [percentile(builder.latency_hours[(kind, h)], 0.99) for h in hours]
         line = ax2.plot(xs, p99, marker="o", markersize=3, label=f"{kind} p99")[0]
         ax2.plot(xs, p50, marker=".", linestyle="--", color=line.get_color(), label=f"{kind} p50")
-    ax2.set_yscale("log")
+    ax2.set_yscale("symlog", linthresh=1)
     ax2.set_ylabel("ms per hour (p50 dashed, p99)")
     ax2.grid(color="#eee")
     import matplotlib.dates as mdates
@@ -378,7 +383,9 @@ def _latency(builder: ReportBuilder):
     ax2.xaxis.set_major_formatter(mdates.DateFormatter("%m-%d %H:00"))
     ax2.xaxis.set_major_locator(mdates.AutoDateLocator(maxticks=6))
     ax2.legend(fontsize=7, ncols=2)
-    fig.tight_layout()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fig.tight_layout()
     return fig
 
 
