@@ -15,7 +15,8 @@ Coverage of a stream over a period: the share of the period not inside a *hole*:
 before its first row or after its last row when longer than a slack (60 s, two bars for
 klines: "not collected"), and the time range of every gap after which rows are missing
 (an unfilled aggTrade gap, a depth chain break, a book resync, an overflow...). A quiet
-market with consecutive keys is complete, not a hole.
+market with consecutive keys is complete, not a hole. The period is ``--from``/``--to``,
+else the span of the rows found (klines aside: a bar sits at its open time).
 """
 
 from __future__ import annotations
@@ -149,6 +150,8 @@ class ReportBuilder:
         self.latency_max: dict[str, int] = {}
         self.first: int | None = None
         self.last: int | None = None
+        self._span: list[int | None] = [None, None]  # first and last row time, klines aside
+        self._bar_span: list[int | None] = [None, None]
         self.model: dict[str, Any] | None = None
         #: The most notable gaps for the page: unexplained first, then the longest holes.
         self.gap_rows: list[tuple[tuple, dict]] = []
@@ -179,9 +182,9 @@ class ReportBuilder:
         causes: dict[str, int] = {}
         unexplained_days: dict[str, int] = {}
         for g in sf.gaps:
-            key = g.cause if g.explained else "unexplained"
+            key = g.cause if g.explained or g.kind == "silence" else "unexplained"
             causes[key] = causes.get(key, 0) + 1
-            if not g.explained:
+            if key == "unexplained":
                 day = _gap_day(g) or ""
                 unexplained_days[day] = unexplained_days.get(day, 0) + 1
             self._keep_gap(sf, g)
@@ -192,9 +195,13 @@ class ReportBuilder:
                 len(sf.gaps), sf.errors, causes, unexplained_days,
             )
         )  # fmt: skip
-        if sf.first_time is not None:
-            self.first = sf.first_time if self.first is None else min(self.first, sf.first_time)
-            self.last = sf.last_time if self.last is None else max(self.last, sf.last_time)
+        if sf.first_time is not None and sf.last_time is not None:
+            # Bars are placed at their open time, which can be long before anything else
+            # was collected: kline streams set the window only when there is nothing else.
+            span = self._bar_span if sf.interval_ms else self._span
+            span[0] = sf.first_time if span[0] is None else min(span[0], sf.first_time)
+            span[1] = sf.last_time if span[1] is None else max(span[1], sf.last_time)
+            self.first, self.last = self._span if self._span[0] is not None else self._bar_span
         kind = _stream_type(sf.stream)
         rates = self.rates.setdefault(kind, {})
         for d in sf.days:

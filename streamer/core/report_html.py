@@ -121,9 +121,9 @@ def render_html(builder: ReportBuilder) -> str:
                 "Share of each time slot with data, per symbol (mean over its streams); "
                 "red is missing."
                 if many
-                else "Green: rows present; red: missing rows (unexplained gaps, lost or "
-                "not collected spans); amber: missing but explained by a marker; blue ticks: "
-                "gaps repaired (filled)."
+                else "Green: rows present; red: missing rows no marker explains (unexplained "
+                "gaps, silent order books, spans not collected); amber: missing, explained by "
+                "a marker; blue ticks: gaps repaired (filled)."
             )
             + "</p>"
         )
@@ -243,7 +243,10 @@ def _worst_chart(worst: list[dict]):
     ax = fig.add_subplot()
     names = [w["symbol"] for w in reversed(worst)]
     values = [w["coverage"] * 100 for w in reversed(worst)]
-    colors = [_GOOD if v >= 99.99 else _BAD for v in values]
+    colors = [
+        _BAD if w["unexplained"] else (_GOOD if w["coverage"] >= 0.9999 else _EXPLAINED)
+        for w in reversed(worst)
+    ]
     ax.barh(names, values, color=colors)
     ax.set_xlim(min(values) - 1 if min(values) > 90 else 0, 100.5)
     ax.set_xlabel("coverage %")
@@ -266,8 +269,8 @@ def _timeline(builder: ReportBuilder, win: tuple[int, int]):
     for y, c in enumerate(streams):
         ax.broken_barh([(_d(w0), _d(w1) - _d(w0))], (y - 0.35, 0.7), color=_GOOD)
         for a, b, cause in c.holes:
-            unexplained = (
-                cause in ("not collected", "no data", "unexplained") or "unexplained" in cause
+            unexplained = any(
+                c in cause for c in ("not collected", "no data", "unexplained", "silence")
             )
             color = _BAD if unexplained else _EXPLAINED
             width = max(_d(b) - _d(a), (_d(w1) - _d(w0)) / 800)

@@ -42,6 +42,9 @@ _MS_DAY = 86_400_000
 _MICROS = 100_000_000_000_000  # times above are microseconds (see layout.ms_time)
 #: Marker kinds after which rows are missing (``filled`` and ``verify_mismatch``: not).
 _MISSING_KINDS = frozenset({"unfillable", "gap", "overflow", "resync"})
+#: An orderbook silent longer than this (and than 3 times its mean spacing) is a hole: no
+#: key tells of missing books (a stopped collector leaves no marker there).
+BOOK_SILENCE_MS = 10_000
 
 
 class _Marker(msgspec.Struct):
@@ -242,6 +245,7 @@ class _StreamReader:
         self.prev_time: int | None = None
         self.prev_key: int | None = None
         self.problem_times: dict[int, tuple[int | None, int | None]] = {}
+        self.silences: list[tuple[int, int]] = []
         if kind:
             self.cols = _columns(kind, mk)
         self.edges = LATENCY_EDGES_MS
@@ -373,6 +377,12 @@ class _StreamReader:
             prev = times[i - 1] if i > 0 else self.prev_time
             self.problem_times[id(p)] = (prev, times[i])
         self._track(keys, times)
+        if book:
+            prev = self.prev_time
+            for t in times:
+                if prev is not None and t - prev > BOOK_SILENCE_MS:
+                    self.silences.append((prev, t))
+                prev = t
         self.prev_time, self.prev_key = times[-1], prev_key
 
     def _track(self, keys: list[int], times: list[int]) -> None:
@@ -478,6 +488,7 @@ class _StreamReader:
                     missing=m.kind in _MISSING_KINDS,
                 )
             )
+        gaps += self._silences(gaps)
         gaps = [g for g in gaps if self._gap_in_window(g)]
         gaps.sort(key=lambda g: (g.first_time or 0, g.first_key))
         sf.gaps = gaps
@@ -492,6 +503,23 @@ class _StreamReader:
                     d.last_time if sf.last_time is None else max(sf.last_time, d.last_time)
                 )
         return sf
+
+    def _silences(self, gaps: list[GapFact]) -> list[GapFact]:
+        rows = sum(d.rows for d in self.days.values())
+        if not self.silences or rows < 2:
+            return []
+        first = min(d.first_time for d in self.days.values() if d.first_time is not None)
+        last = max(d.last_time for d in self.days.values() if d.last_time is not None)
+        limit = max(BOOK_SILENCE_MS, 3 * (last - first) // (rows - 1))
+        holes = [(g.first_time, g.last_time) for g in gaps if g.missing and g.first_time]
+        out = []
+        for a, b in self.silences:
+            if b - a <= limit or any(h0 <= a and b <= h1 for h0, h1 in holes if h1):
+                continue
+            reason = f"no book for {(b - a) / 1000:.1f} s"
+            out.append(GapFact(kind="silence", cause="silence", first_time=a, last_time=b,
+                               missing=True, reason=reason))  # fmt: skip
+        return out
 
     def _in_window(self, t: int) -> bool:
         return (self.start is None or t >= self.start) and (self.end is None or t < self.end)
