@@ -25,9 +25,11 @@ DEPTH = ("event_time,transact_time,first_update_id,last_update_id,prev_update_id
          "quantity,receive_time\n")  # fmt: skip
 KLINE = ("open_time,open,high,low,close,volume,close_time,quote_volume,count,taker_buy_volume,"
          "taker_buy_quote_volume,event_time,receive_time\n")  # fmt: skip
-BOOK = "last_update_id,event_time,receive_time," + ",".join(
-    f"bid_price_{i},bid_qty_{i},ask_price_{i},ask_qty_{i}" for i in range(5)
-) + "\n"
+BOOK = (
+    "last_update_id,event_time,receive_time,"
+    + ",".join(f"bid_price_{i},bid_qty_{i},ask_price_{i},ask_qty_{i}" for i in range(5))
+    + "\n"
+)
 MARKERS = "time,stream,kind,first_key,last_key,reason\n"
 
 
