@@ -13,10 +13,10 @@ the window is known, streaming the spill file back.
 
 Coverage of a stream over a period: the share of the period not inside a *hole*: the time
 before its first row or after its last row when longer than a slack (60 s, two bars for
-klines: "not collected"), and the time range of every gap after which rows are missing
-(an unfilled aggTrade gap, a depth chain break, a book resync, an overflow...). A quiet
-market with consecutive keys is complete, not a hole. The period is ``--from``/``--to``,
-else the span of the rows found (klines aside: a bar sits at its open time).
+klines, three mean row spacings: "not collected"), and the time range of every gap after
+which rows are missing (an unfilled aggTrade gap, a depth chain break, a book resync, an
+overflow...). A quiet market with consecutive keys is complete, not a hole. The period is
+``--from``/``--to``, else the span of the rows found (klines aside: a bar sits at its open time).
 """
 
 from __future__ import annotations
@@ -74,8 +74,15 @@ def parse_when(text: str, *, end: bool = False) -> int:
     raise ValueError(f"bad date {text!r}: use YYYY-MM-DD or YYYY-MM-DDTHH:MM (UTC)")
 
 
-def slack_of(interval_ms: int | None) -> int:
-    return max(SLACK_MS, 2 * (interval_ms or 0))
+def slack_of(
+    interval_ms: int | None, first: int | None = None, last: int | None = None, rows: int = 0
+) -> int:
+    """How far from the period's ends a stream's first and last rows may be without a hole:
+    60 s, two bars of a kline stream, three times the stream's mean row spacing."""
+    spacing = (
+        (last - first) // (rows - 1) if first is not None and last is not None and rows > 1 else 0
+    )
+    return max(SLACK_MS, 2 * (interval_ms or 0), 3 * spacing)
 
 
 def merge_holes(holes: list[tuple[int, int, str]], w0: int, w1: int) -> list[list]:
@@ -285,7 +292,7 @@ class ReportBuilder:
         return self.model
 
     def _holes(self, c: _Compact, w0: int, w1: int) -> list[list]:
-        slack = slack_of(c.interval_ms)
+        slack = slack_of(c.interval_ms, c.first, c.last, c.rows)
         if c.first is None or c.last is None:
             return [[w0, w1, "no data"]]
         holes = list(c.gap_holes)
