@@ -118,8 +118,7 @@ def render_html(builder: ReportBuilder) -> str:
         out.append(
             "<p class='sub'>"
             + (
-                "Share of each time slot with data, per symbol (mean over its streams); "
-                "red is missing."
+                "Share of each time slot with data, per symbol (its worst stream); red is missing."
                 if many
                 else "Green: rows present; red: missing rows no marker explains (unexplained "
                 "gaps, silent order books, spans not collected); amber: missing, explained by "
@@ -311,14 +310,15 @@ def _heatmap(builder: ReportBuilder, win: tuple[int, int]):
     names = sorted(symbols)
     grid = np.ones((len(names), n))
     for i, name in enumerate(names):
-        cs = symbols[name]
-        for c in cs:
-            if not c.holes:
-                continue
+        for c in symbols[name]:  # each slot: its worst stream, so one missing stream shows
+            slots: dict[int, float] = {}
             for a, b, _ in c.holes:
                 for j in range(max(0, (a - w0) // step), min(n, (b - w0) // step + 1)):
                     s0 = w0 + j * step
-                    grid[i, j] -= (1 - covered([[a, b, ""]], s0, min(s0 + step, w1))) / len(cs)
+                    lost = 1 - covered([[a, b, ""]], s0, min(s0 + step, w1))
+                    slots[j] = slots.get(j, 0.0) + lost
+            for j, lost in slots.items():
+                grid[i, j] = min(grid[i, j], max(0.0, 1 - lost))
     height = min(max(2.5, len(names) * 0.012 + 1.5), 14)
     fig = _new_figure(11, height)
     ax = fig.add_subplot()
