@@ -13,7 +13,7 @@ $(BIN)/python:
 	$(BIN)/python -m pip install --quiet --upgrade pip
 
 $(STAMP): pyproject.toml | $(BIN)/python
-	$(BIN)/python -m pip install --quiet -e '.[test]'
+	$(BIN)/python -m pip install --quiet -e '.[test,report]'
 	touch $(STAMP)
 
 test: $(STAMP)
@@ -37,7 +37,8 @@ BENCH_COMPARE ?=
 
 # Start the bundled Binance-protocol simulator (it drops every 50th aggTrade and closes
 # every connection each 8 s, so the gap filling shows), collect from it for 20 s with
-# examples/demo.yaml (spot + USD-M), then show what was written.
+# examples/demo.yaml (spot + USD-M), then show what was written, check it and write the
+# data-quality report (demo-data/report.html).
 demo: $(STAMP)
 	@rm -rf $(DEMO_DIR); mkdir -p $(DEMO_DIR)
 	@$(BIN)/streamer sim --port $(DEMO_PORT) --close-every 8 --drop-aggtrade-every 50 \
@@ -50,7 +51,10 @@ demo: $(STAMP)
 	$(BIN)/streamer run --config examples/demo.yaml --plugins binance,csv --duration 20 && \
 	$(BIN)/python examples/show_output.py $(DEMO_DIR)/data && \
 	echo && echo "--- streamer verify $(DEMO_DIR)/data (gaps, duplicates, broken chains, crossed books):" && \
-	$(BIN)/streamer verify $(DEMO_DIR)/data
+	{ $(BIN)/streamer verify $(DEMO_DIR)/data; verified=$$?; \
+	  echo && echo "--- streamer report $(DEMO_DIR)/data (data-quality report):" && \
+	  $(BIN)/streamer report $(DEMO_DIR)/data -o $(DEMO_DIR)/report.html --json $(DEMO_DIR)/report.json && \
+	  echo "open $(abspath $(DEMO_DIR))/report.html in a browser" && exit $$verified; }
 
 bench: $(STAMP)
 	@if [ -f bench/run.py ]; then \

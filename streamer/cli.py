@@ -138,6 +138,7 @@ def build_app() -> typer.Typer:
     app.command("plugins")(_plugins)
     app.command("symbols")(_symbols)
     app.command("verify")(_verify)
+    app.command("report")(_report)
     config_app = typer.Typer(help="Validate or show a configuration file.", no_args_is_help=True)
     config_app.command("check")(_config_check)
     config_app.command("show")(_config_show)
@@ -418,7 +419,9 @@ def _verify(
     Exit code 0 when every problem is explained by a marker, 1 otherwise, 2 for bad input.
     """
     try:
-        text, code = _selection(None).registry().sink(sink).verify(data_dir, as_json=json_out)
+        checker = _selection(None).registry().sink(sink).verify
+        extra = {"progress": _progress()} if _takes(checker, "progress") else {}
+        text, code = checker(data_dir, as_json=json_out, **extra)
     except NotImplementedError:
         typer.echo(f"error: sink type {sink!r} cannot check its files", err=True)
         raise typer.Exit(2) from None
@@ -427,6 +430,95 @@ def _verify(
         raise typer.Exit(2) from None
     typer.echo(text)
     raise typer.Exit(code)
+
+
+def _progress():
+    """A progress line on stderr when it is a terminal, else None (quiet when piped)."""
+    from .core.quality import Progress
+
+    return Progress(sys.stderr) if sys.stderr.isatty() else None
+
+
+def _takes(func: Any, keyword: str) -> bool:
+    import inspect
+
+    try:
+        return keyword in inspect.signature(func).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+# -- report ----------------------------------------------------------------------------------
+def _report(
+    data_dir: Annotated[Path, typer.Argument(help="Root folder a sink wrote (its path).")],
+    output: Annotated[
+        Path, typer.Option("--output", "-o", help="HTML file to write (one self-contained page).")
+    ] = Path("report.html"),
+    json_path: Annotated[
+        Path | None, typer.Option("--json", help="Also write the full facts as JSON here.")
+    ] = None,
+    start: Annotated[
+        str | None, typer.Option("--from", help="Start, UTC: YYYY-MM-DD or YYYY-MM-DDTHH:MM.")
+    ] = None,
+    end: Annotated[
+        str | None, typer.Option("--to", help="End, UTC (a bare date: the end of that day).")
+    ] = None,
+    symbols: Annotated[
+        str | None, typer.Option("--symbols", help="Only these symbols, comma-separated.")
+    ] = None,
+    sink: Annotated[str, typer.Option(help="Type of the sink that wrote it.")] = "csv",
+) -> None:
+    """Data-quality report: coverage, gaps and their causes, rates, latency, bytes.
+
+    Writes one HTML page (pictures with the optional extra ``market-streamer[report]``) and,
+    with --json, every fact per stream and day; prints a short summary. Exit code 0, or 2 for
+    bad input.
+    """
+    from .core.report import PICTURES_HINT, build, parse_when, render_text
+    from .core.report_html import have_matplotlib, render_html
+
+    try:
+        t0 = parse_when(start) if start else None
+        t1 = parse_when(end, end=True) if end else None
+        if t0 is not None and t1 is not None and t1 <= t0:
+            raise ValueError(f"--to ({end}) is not after --from ({start})")
+        names = [s.upper() for s in _split(symbols)] if symbols is not None else None
+        if names is not None and not names:
+            raise ValueError("--symbols: the symbol list is empty")
+        sink_cls = _selection(None).registry().sink(sink)
+        facts = sink_cls.report_facts(
+            data_dir, start=t0, end=t1, symbols=names, progress=_progress()
+        )
+        builder = build(facts, str(data_dir), t0, t1)
+    except NotImplementedError:
+        typer.echo(f"error: sink type {sink!r} cannot describe its files", err=True)
+        raise typer.Exit(2) from None
+    except (PluginError, ImportError, ValueError, OSError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    try:
+        if not builder.compacts:
+            typer.echo(f"error: {data_dir}: no stream found to report on", err=True)
+            raise typer.Exit(2)
+        if builder.window() is None:
+            typer.echo(
+                f"error: {data_dir}: the files hold no rows (only headers or markers)", err=True
+            )
+            raise typer.Exit(2)
+        try:
+            output.write_text(render_html(builder), encoding="utf-8")
+            if json_path is not None:
+                builder.write_json(str(json_path))
+        except OSError as exc:
+            typer.echo(f"error: cannot write the report: {exc}", err=True)
+            raise typer.Exit(2) from None
+        typer.echo(render_text(builder))
+        wrote = f"report: {output}" + (f", {json_path}" if json_path is not None else "")
+        if not have_matplotlib():
+            wrote += f" (no pictures: {PICTURES_HINT})"
+        typer.echo(wrote)
+    finally:
+        builder.close()
 
 
 def main() -> None:

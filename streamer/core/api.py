@@ -25,12 +25,13 @@ from __future__ import annotations
 import logging
 import os
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from typing import ClassVar, Literal, Protocol
 
 import msgspec
 
 from .counters import Counters
+from .quality import Progress, StreamFacts
 from .records import BookSnapshot, Chunk, EncodedBatch, Kline, Record, StreamKey, Trade
 
 Channel = Literal["trade", "depth", "kline"]
@@ -392,7 +393,10 @@ class Sink(ABC):
       sees them (the CSV sink writes ``gap`` markers); streams the next run can backfill
       are re-fetched from :meth:`holdings` anyway, since lost rows never advanced them.
     * :meth:`verify` (a classmethod, optional) checks the files a sink of this type wrote;
-      ``streamer verify PATH --sink TYPE`` dispatches to it.
+      ``streamer verify PATH --sink TYPE`` dispatches to it (passing ``progress=``, a
+      :class:`~streamer.core.quality.Progress`, on a terminal when it accepts that keyword).
+    * :meth:`report_facts` (a classmethod, optional) describes those files, stream by
+      stream, for ``streamer report PATH --sink TYPE``.
     * :attr:`Encoder` (optional): a :class:`SinkEncoder` subclass that builds the sink's
       bytes in the collector workers. The sink then gets most data through
       :meth:`write_chunks` (chunks already de-duplicated by key against the writer's
@@ -416,6 +420,26 @@ class Sink(ABC):
         ``NotImplementedError``: the sink type has no checker.
         """
         raise NotImplementedError(f"sink type {cls.__name__} cannot check its data")
+
+    @classmethod
+    def report_facts(
+        cls,
+        path: str | os.PathLike[str],
+        *,
+        start: int | None = None,
+        end: int | None = None,
+        symbols: Sequence[str] | None = None,
+        progress: Progress | None = None,
+    ) -> Iterator[StreamFacts]:
+        """Describe the data a sink of this type wrote at ``path``, for ``streamer report``:
+        one :class:`~streamer.core.quality.StreamFacts` per stream (its gaps with causes,
+        per-day counts per minute, latency histograms), read streaming (bounded memory).
+
+        ``start``/``end`` (ms, end exclusive) and ``symbols`` narrow what is read;
+        ``progress`` (when given) is told what is read. Raises ``ValueError`` for a
+        ``path`` that is not such data. The default raises ``NotImplementedError``.
+        """
+        raise NotImplementedError(f"sink type {cls.__name__} cannot describe its data")
 
     def __init__(self, options: msgspec.Struct, context: SinkContext) -> None:
         self.options = options

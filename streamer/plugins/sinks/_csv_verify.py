@@ -30,18 +30,19 @@ first problem at or after its ``first_key``. :func:`verify` returns a :class:`Re
 from __future__ import annotations
 
 import bisect
+import contextlib
 import csv
 import io
 import os
 import time
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from decimal import Decimal, InvalidOperation
 
 import msgspec
 
 from streamer import KLINE_INTERVALS as INTERVALS
-from streamer import interval_ms, next_open_time
+from streamer import Progress, interval_ms, next_open_time
 
 from . import _csv_layout as layout
 
@@ -621,16 +622,44 @@ def _checker(kind: str, report: StreamReport, header: bytes, interval: str) -> _
     return _Depth(report, len(layout.DEPTH_COLUMNS), futures=market != "spot")
 
 
-def verify(root: str | os.PathLike[str]) -> Report:
-    """Check every stream under ``root`` (the ``path`` of a ``csv`` sink).
-
-    Raises :class:`VerifyError` when ``root`` is not a readable directory or holds no file
-    of the sink's layout.
-    """
+def check_root(root: str | os.PathLike[str]) -> str:
+    """``root`` as a str; raises :class:`VerifyError` when it is not a directory."""
     root = os.fspath(root)
     if not os.path.isdir(root):
         what = "not a directory" if os.path.exists(root) else "no such directory"
         raise VerifyError(f"{root}: {what}")
+    return root
+
+
+def no_files_error(root: str) -> VerifyError:
+    """The error for a folder holding no file of the csv sink's layout."""
+    return VerifyError(
+        f"{root}: no files of the csv sink's layout found (give the sink's path, the "
+        "folder holding <exchange>/<market>/aggTrades|klines|depth|orderbook|markers)"
+    )
+
+
+def _begin(progress: Progress | None, folders: list) -> None:
+    if progress is None:
+        return
+    files = size = 0
+    for *_, folder in folders:
+        with contextlib.suppress(OSError):
+            for name in _data_files(folder):
+                files += 1
+                with contextlib.suppress(OSError):
+                    size += os.stat(os.path.join(folder, name)).st_size
+    progress.begin(files, size)
+
+
+def verify(root: str | os.PathLike[str], progress: Progress | None = None) -> Report:
+    """Check every stream under ``root`` (the ``path`` of a ``csv`` sink), telling
+    ``progress`` (if given) what was read.
+
+    Raises :class:`VerifyError` when ``root`` is not a readable directory or holds no file
+    of the sink's layout.
+    """
+    root = check_root(root)
     streams: dict[tuple[str, str, str, str], StreamReport] = {}
     markers: dict[tuple[str, str, str, str], list[_Marker]] = {}
     checkers: dict[tuple[str, str, str, str], _Checker] = {}
@@ -646,6 +675,8 @@ def verify(root: str | os.PathLike[str]) -> Report:
         folders = list(_folders(root))
     except OSError as exc:
         raise VerifyError(f"{root}: {exc.strerror or exc}") from None
+    _begin(progress, folders)
+    on_block = None if progress is None else _progress_hook(progress)
     for kind, ex, mk, sym, interval, folder in folders:
         try:
             names = _data_files(folder)
@@ -661,12 +692,13 @@ def verify(root: str | os.PathLike[str]) -> Report:
             key = (ex, mk, sym, layout.stream_name(kind, interval))
             sr = stream(*key)
             sr.files += 1
-            _data_file(kind, interval, path, name, sr, checkers, key)
+            _data_file(kind, interval, path, name, sr, checkers, key, on_block)
+            if progress is not None:
+                progress.advance(files=1)
+    if progress is not None:
+        progress.done()
     if not report.files:
-        raise VerifyError(
-            f"{root}: no files of the csv sink's layout found (give the sink's path, the "
-            "folder holding <exchange>/<market>/aggTrades|klines|depth|orderbook|markers)"
-        )
+        raise no_files_error(root)
     for key, sr in streams.items():
         chk = checkers.get(key)
         if chk is not None:
@@ -687,7 +719,26 @@ def _file_order(p: Problem) -> tuple:
     return (layout.period_sort_key(p.file) or ("", 0), p.file, p.line)
 
 
-def _data_file(kind, interval, path, name, sr: StreamReport, checkers, key) -> None:
+def _progress_hook(progress: Progress):
+    read = [0, ""]  # bytes of the current file already counted, and its path
+
+    def on_block(scan: _FileScan, block, line0, chk, before, rows) -> None:
+        if read[1] != scan.path:
+            read[:] = [0, scan.path]
+        progress.advance(rows=rows, bytes_=scan.size - read[0])
+        read[0] = scan.size
+
+    return on_block
+
+
+#: ``on_block(scan, block, first line, checker, problems before the block, rows)``: called
+#: after each block of rows is checked (``streamer report`` reads its facts there).
+BlockHook = Callable[["_FileScan", bytes, int, "_Checker", int, int], None]
+
+
+def _data_file(
+    kind, interval, path, name, sr: StreamReport, checkers, key, on_block: BlockHook | None = None
+) -> None:
     scan = _FileScan(path, name.endswith(".gz"))
     chk = checkers.get(key)
     line = 2  # first data line (after the header)
@@ -700,7 +751,10 @@ def _data_file(kind, interval, path, name, sr: StreamReport, checkers, key) -> N
                     sr.problems.append(Problem("header", name, 1, detail=_bad_header(scan.header)))
                     return
                 checkers[key], chk.file, header_ok = chk, name, True
+            before = len(chk.problems)
             rows, used = chk.feed(block, line)
+            if on_block is not None:
+                on_block(scan, block, line, chk, before, rows)
             sr.rows += rows
             line += used
     except OSError as exc:
@@ -831,9 +885,11 @@ def render_json(report: Report) -> str:
     return msgspec.json.format(msgspec.json.encode(doc).decode(), indent=2)
 
 
-def verify_tree(root: str | os.PathLike[str], *, as_json: bool = False) -> tuple[str, int]:
+def verify_tree(
+    root: str | os.PathLike[str], *, as_json: bool = False, progress: Progress | None = None
+) -> tuple[str, int]:
     """The report on the csv tree at ``root`` (a table, or JSON) and its exit code: 0 when
     every problem is explained by a marker, 1 otherwise. Raises :class:`VerifyError` (a
     ``ValueError``) when ``root`` is not a csv sink's tree."""
-    report = verify(root)
+    report = verify(root, progress)
     return (render_json(report) if as_json else render_table(report)), report.exit_code

@@ -40,7 +40,7 @@ import os
 import time
 from bisect import bisect_right
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Annotated, Literal
 
 import msgspec
@@ -53,10 +53,12 @@ from streamer import (
     Duration,
     Kline,
     Marker,
+    Progress,
     RateLimitedLog,
     Record,
     Sink,
     SinkContext,
+    StreamFacts,
     StreamKey,
     check_duration,
     hookimpl,
@@ -221,12 +223,34 @@ class CsvSink(Sink):
     Encoder = CsvEncoder
 
     @classmethod
-    def verify(cls, path: str | os.PathLike[str], *, as_json: bool = False) -> tuple[str, int]:
+    def verify(
+        cls,
+        path: str | os.PathLike[str],
+        *,
+        as_json: bool = False,
+        progress: Progress | None = None,
+    ) -> tuple[str, int]:
         """``streamer verify``: gaps, duplicates, chain breaks, crossed books and torn rows in
         the tree at ``path`` (see :mod:`._csv_verify`)."""
         from ._csv_verify import verify_tree  # only the verify command needs it
 
-        return verify_tree(path, as_json=as_json)
+        return verify_tree(path, as_json=as_json, progress=progress)
+
+    @classmethod
+    def report_facts(
+        cls,
+        path: str | os.PathLike[str],
+        *,
+        start: int | None = None,
+        end: int | None = None,
+        symbols: Sequence[str] | None = None,
+        progress: Progress | None = None,
+    ) -> Iterator[StreamFacts]:
+        """``streamer report``: the facts of every stream in the tree at ``path`` (see
+        :mod:`._csv_report`)."""
+        from ._csv_report import report_facts  # only the report command needs it
+
+        return report_facts(path, start=start, end=end, symbols=symbols, progress=progress)
 
     def __init__(
         self, options: Options, context: SinkContext, *, io: files.FileIO | None = None
