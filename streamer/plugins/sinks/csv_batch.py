@@ -219,6 +219,8 @@ class CsvSink(Sink):
 
     Options = Options
     Encoder = CsvEncoder
+    #: Files are per symbol: N writers each own their symbols' folders (``context.owns``).
+    multi_writer = True
 
     @classmethod
     def verify(cls, path: str | os.PathLike[str], *, as_json: bool = False) -> tuple[str, int]:
@@ -335,10 +337,14 @@ class CsvSink(Sink):
         self._accepted.update(self._durable)
 
     def _scan(self):
-        """Yield (kind, StreamKey or None, folder, file names) for every stream folder."""
+        """Yield (kind, StreamKey or None, folder, file names) for every stream folder of
+        the symbols this writer owns (another writer may be appending to the others)."""
+        owns = self.context.owns
         for kind, exchange, market, symbol, interval, folder in layout.stream_folders(
             self._root, _subdirs
         ):
+            if not owns(symbol):
+                continue
             if kind == layout.MARKERS:
                 key = None
             else:
