@@ -344,3 +344,42 @@ def test_sigkill_of_one_of_three_writers_loses_and_repeats_nothing(
         timeout=120,
     )
     assert verify.returncode == 0, verify.stdout + verify.stderr
+
+
+def test_a_csv_writer_repairs_and_reports_only_its_own_symbols(tmp_path: Path) -> None:
+    """Writer 2 of 3 (BNBUSDT) must not cut the torn tail another writer may be appending."""
+    import asyncio
+
+    from streamer.plugins.sinks.csv_batch import CsvSink, Options
+
+    header = (
+        "agg_trade_id,price,quantity,first_trade_id,last_trade_id,transact_time,"
+        "is_buyer_maker,is_best_match,event_time,receive_time\n"
+    )
+    torn = {}
+    for symbol in SIM_SYMBOLS:
+        folder = tmp_path / "binance/spot/aggTrades" / symbol
+        folder.mkdir(parents=True)
+        path = folder / f"{symbol}-aggTrades-2026-11-23.csv"
+        path.write_text(header + "7,1.0,2.0,1,1,5,true,true,5,6\n8,1.0,2")  # torn last row
+        torn[symbol] = path
+
+    def open_writer(i: int) -> dict:
+        context = SinkContext(
+            name="csv", counters=Counters(), logger=logging.getLogger("t"), writer=i, writers=3
+        )
+        sink = CsvSink(Options(path=str(tmp_path)), context)
+
+        async def scenario() -> dict:
+            await sink.open()
+            held = await sink.holdings()
+            await sink.close()
+            return held
+
+        return asyncio.run(scenario())
+
+    held = open_writer(2)
+    assert {k.symbol for k in held} == {"BNBUSDT"} and set(held.values()) == {7}
+    assert torn["BNBUSDT"].read_text().endswith("true,true,5,6\n")  # repaired: its own
+    for symbol in ("BTCUSDT", "ETHUSDT", "XRPUSDT"):  # untouched: the others'
+        assert torn[symbol].read_text().endswith("\n8,1.0,2"), symbol
