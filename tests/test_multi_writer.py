@@ -193,7 +193,7 @@ def test_good_writers_is_accepted_and_shown(tmp_path: Path) -> None:
     result = invoke("config", "check", str(write_yaml(tmp_path, data, "ok.yaml")))
     assert result.exit_code == 0, result.output
     data["sinks"]["files"]["writers"] = "many"
-    with pytest.raises(ConfigError, match="sinks.files.writers"):
+    with pytest.raises(ConfigError, match=r"sinks\.files\.writers"):
         validate_components(parse_config(data), _registry())
 
 
@@ -274,13 +274,19 @@ def test_three_writers_write_the_same_files_as_one(tmp_path: Path, binance_sim_f
     for name in one:
         assert one[name] == three[name], f"{name} differs"
     final = load_status(state)
-    assert final["sinks"]["three"]["totals"]["rows_written"] == (
-        final["sinks"]["one"]["totals"]["rows_written"]
+    assert (
+        final["sinks"]["three"]["totals"]["rows_written"]
+        == (final["sinks"]["one"]["totals"]["rows_written"])
     )
     for symbol in SIM_SYMBOLS:  # per stream: the writer owning it
         per = final["sinks"]["three"]["markets"]["binance/spot"][symbol]["aggtrade"]
-        assert per["records_written"] == (
-            final["sinks"]["one"]["markets"]["binance/spot"][symbol]["aggtrade"]["records_written"]
+        assert (
+            per["records_written"]
+            == (
+                final["sinks"]["one"]["markets"]["binance/spot"][symbol]["aggtrade"][
+                    "records_written"
+                ]
+            )
         )
 
 

@@ -5,6 +5,7 @@ Process model (design.md §2)::
     supervisor (this process: resolve symbols, spawn, watch, restart, publish status)
      ├─ <pipeline>.worker<i>   exchange adapter + stream types for a slice of the symbols
      └─ sink.<name>            one writer per sink instance: de-duplicate, write, flush
+                               (or sink.<name>#<i>: N writers, each owning some symbols)
 
 Children use the ``spawn`` start method and rebuild their own plugin registry
 (:mod:`.bootstrap`). Records cross processes as ``encode_batch`` MessagePack bytes (or, for

@@ -2,6 +2,9 @@
 
 Start-up: every writer is spawned first; a worker is spawned once every writer of its
 pipeline has reported ``Ready`` (its sink's holdings), so its ``resume`` marks are known.
+A sink may run as several writers (``sink_writers``; children ``sink.<name>#<i>``), each
+reporting the holdings of the symbols it owns; the sink's marks are their union, and the
+status merges their counters under the sink.
 
 Restarts: a child that dies is restarted after a capped exponential backoff (0.5 s,
 doubling, at most ``runtime.restart_backoff_max``; the backoff resets once a child has
