@@ -389,3 +389,52 @@ def test_a_csv_writer_repairs_and_reports_only_its_own_symbols(tmp_path: Path) -
     assert torn["BNBUSDT"].read_text().endswith("true,true,5,6\n")  # repaired: its own
     for symbol in ("BTCUSDT", "ETHUSDT", "XRPUSDT"):  # untouched: the others'
         assert torn[symbol].read_text().endswith("\n8,1.0,2"), symbol
+
+
+# -- status -----------------------------------------------------------------------------------
+def test_status_merges_the_writers_of_a_sink(tmp_path: Path) -> None:
+    """Counters summed under the sink, the oldest flush, queues summed, down if one is."""
+    import time as _time
+
+    from streamer.core.ops.status_view import DOWN, STALLED, build_view
+
+    config = parse_config(
+        synth_config(
+            tmp_path, sinks={"files": {"type": "csv", "path": str(tmp_path / "csv")}},
+            pipeline={"sinks": ["files"]},
+        )
+    )  # fmt: skip
+    plans = [PipelinePlan(0, "synth", "synth", "test", ["AAA", "BBB"], [["AAA", "BBB"]])]
+    supervisor = Supervisor(
+        config, PluginSelection(extra_modules=("core_plugins",)), plans,
+        sink_types={"files": "csv"}, sink_writers={"files": 2},
+    )  # fmt: skip
+    now_ms = _time.time_ns() // 1_000_000
+    w0, w1 = supervisor._children["sink.files#0"], supervisor._children["sink.files#1"]
+    w0.counters = [
+        ("records_written", "binance/spot/AAA", "aggtrade", 5),
+        ("last_flush_time", "", "", now_ms),
+        ("rows_pending", "", "", 3),
+    ]
+    w1.counters = [
+        ("records_written", "binance/spot/BBB", "aggtrade", 7),
+        ("last_flush_time", "", "", now_ms - 60_000),
+        ("rows_pending", "", "", 4),
+    ]
+    w0.info = {"queue_depth": 2, "status_time": now_ms}
+    w1.info = {"queue_depth": 5, "status_time": now_ms}
+    supervisor._marks = {"sink.files#0": {}, "sink.files#1": {}}
+    doc = supervisor.status()
+    sink = doc["sinks"]["files"]
+    assert sink["writers"] == 2 and sink["totals"]["records_written"] == 12
+    assert sink["process"]["last_flush_time"] == now_ms - 60_000  # the laggard's
+    assert sink["process"]["rows_pending"] == 7
+    assert doc["children"]["sink.files#1"]["sink"] == "files"
+    for child in doc["children"].values():  # fixture: everything alive
+        child["alive"] = True
+    view = build_view(doc, check_pid=False, now=now_ms / 1000)
+    (row,) = view.sinks
+    assert row.queue_depth == 7 and STALLED in row.flags  # writer 1 has not flushed for 60 s
+    doc["children"]["sink.files#0"]["alive"] = False
+    (row,) = build_view(doc, check_pid=False, now=now_ms / 1000).sinks
+    assert DOWN in row.flags
