@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import os
+import zlib
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from typing import ClassVar, Literal, Protocol
@@ -307,12 +308,31 @@ class StreamType(ABC):
         """Background work, started once the adapter is streaming; runs until cancelled."""
 
 
+def writer_of(symbol: str, writers: int) -> int:
+    """The writer (``0..writers-1``) that owns ``symbol`` when a sink runs as ``writers``
+    processes: ``zlib.crc32`` of the symbol's UTF-8 modulo ``writers``, stable across runs,
+    processes and Python's hash seed."""
+    if writers <= 1:
+        return 0
+    return zlib.crc32(symbol.encode()) % writers
+
+
 class SinkContext(msgspec.Struct, kw_only=True):
-    """What the runtime hands a sink (in its own writer process)."""
+    """What the runtime hands a sink (in its own writer process).
+
+    ``writer``/``writers``: this instance is writer ``writer`` of ``writers`` processes of
+    the same sink (see :attr:`Sink.multi_writer`); it owns the symbols :meth:`owns` accepts.
+    """
 
     name: str
     counters: Counters
     logger: logging.Logger
+    writer: int = 0
+    writers: int = 1
+
+    def owns(self, symbol: str) -> bool:
+        """Whether this writer process owns ``symbol`` (always true with one writer)."""
+        return self.writers <= 1 or writer_of(symbol, self.writers) == self.writer
 
 
 class EncoderContext(msgspec.Struct, kw_only=True):
@@ -403,11 +423,21 @@ class Sink(ABC):
       marks, possibly cut at a record boundary) and the rest through :meth:`write`; it
       must accept both, and treat a chunk's records like records it was given (the last
       key of a written chunk is held). A sink without an encoder gets only :meth:`write`.
+    * :attr:`multi_writer` (optional): the sink may run as several writer processes
+      (``writers: N`` on its config, or automatic), each with its own instance owning the
+      symbols ``context.owns(symbol)`` accepts (:func:`writer_of`). Every record of a
+      symbol reaches that one instance. Such a sink must touch only its own symbols'
+      storage in :meth:`open` and :meth:`holdings` (no repair or scan of another writer's
+      files: that writer may be writing them). :meth:`claims` is still taken once per
+      sink by the supervisor, so its writers do not lock each other out.
     """
 
     Options: ClassVar[type[msgspec.Struct]] = NoOptions
     #: Worker-side encoder of this sink type; ``None``: records travel to :meth:`write`.
     Encoder: ClassVar[type[SinkEncoder] | None] = None
+    #: Whether instances may run as several writer processes, one per symbol partition
+    #: (see the class docstring); ``False``: always one writer, ``writers`` above 1 refused.
+    multi_writer: ClassVar[bool] = False
 
     @classmethod
     def verify(cls, path: str | os.PathLike[str], *, as_json: bool = False) -> tuple[str, int]:

@@ -347,11 +347,38 @@ def validate_components(config: Config, registry: Registry, *, source: str = "<c
         for name, body in config.sinks.items():
             body = dict(body)
             type_name = body.pop("type")
+            writers = body.pop(WRITERS_KEY, _MISSING)
             sink_cls = _named(registry.sink, type_name, f"sinks.{name}.type")
             sinks[name] = (type_name, convert_options(body, sink_cls.Options, f"sinks.{name}"))
+            _check_writers(writers, sink_cls, type_name, f"sinks.{name}.{WRITERS_KEY}")
     except ConfigError as exc:
         raise ConfigError(f"{source}: {exc}") from None
     return resolved, sinks
+
+
+#: The runtime's own key in a sink's section: how many writer processes run it.
+WRITERS_KEY = "writers"
+#: Most writer processes one sink instance may run as.
+MAX_WRITERS = 1024
+
+
+def _check_writers(value: Any, sink_cls: Any, type_name: str, path: str) -> None:
+    if value is _MISSING:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_WRITERS:
+        raise ConfigError(
+            f"{path}: must be an integer between 1 and {MAX_WRITERS}, got {show_value(value)}"
+        )
+    if value > 1 and not getattr(sink_cls, "multi_writer", False):
+        raise ConfigError(
+            f"{path}: sink type {type_name!r} runs as one writer process only, got {value}"
+        )
+
+
+def sink_writers(config: Config) -> dict[str, int | None]:
+    """Each sink's ``writers`` setting (``None``: automatic); valid once
+    :func:`validate_components` accepted ``config``."""
+    return {name: body.get(WRITERS_KEY) for name, body in config.sinks.items()}
 
 
 def _named(lookup, name: str, path: str):
@@ -374,6 +401,9 @@ def effective_config(config: Config, registry: Registry) -> dict[str, Any]:
         name: {"type": type_name, **msgspec.to_builtins(opts)}
         for name, (type_name, opts) in sinks.items()
     }
+    for name, writers in sink_writers(config).items():
+        if writers is not None:
+            data["sinks"][name][WRITERS_KEY] = writers
     data["runtime"]["state_dir"] = str(resolve_state_dir(None, config))
     return data
 

@@ -433,7 +433,16 @@ def _sinks(
         process = _dict(sink.get("process"))
         written = _first(totals, "records_written") or 0
         prev_totals = _dict(_dict(prev_sinks.get(name)).get("totals"))
-        child = children.get(f"sink.{name}")
+        # Its writer processes: ``sink.<name>``, or ``sink.<name>#<i>`` when it runs as
+        # several (their children carry ``sink``); the sink is down when one of them is.
+        writers = [
+            children[n]
+            for n, c in raw_children.items()
+            if n in children
+            and isinstance(c, dict)
+            and c.get("kind") == "writer"
+            and c.get("sink", n[5:] if n.startswith("sink.") else None) == name
+        ]
         interval_ms = _first(process, "flush_interval_ms")
         row = SinkRow(
             name=name,
@@ -441,7 +450,7 @@ def _sinks(
             written=written,
             flushed=_sink_flushed(sink),
             rate=_rate(written, _first(prev_totals, "records_written"), window, age),
-            queue_depth=child.queue_depth if child else 0,
+            queue_depth=sum(w.queue_depth for w in writers),
             duplicates_dropped=_first(totals, "duplicates_dropped") or 0,
             # Sinks count errors per stream, per process or both: the totals hold the sum.
             write_errors=_summed(sink, "write_errors"),
@@ -463,7 +472,7 @@ def _sinks(
         last_flush = _first(process, "last_flush_time")
         if last_flush and view.updated_at:
             row.since_flush = max(0.0, (view.updated_at - last_flush) / 1000.0)
-        if child and child.state == "down":
+        if any(w.state == "down" for w in writers):
             row.flags.append(DOWN)
         elif (
             row.pending and row.since_flush is not None and row.since_flush >= _stall_after(row, th)

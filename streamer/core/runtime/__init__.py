@@ -5,6 +5,7 @@ Process model (design.md §2)::
     supervisor (this process: resolve symbols, spawn, watch, restart, publish status)
      ├─ <pipeline>.worker<i>   exchange adapter + stream types for a slice of the symbols
      └─ sink.<name>            one writer per sink instance: de-duplicate, write, flush
+                               (or sink.<name>#<i>: N writers, each owning some symbols)
 
 Children use the ``spawn`` start method and rebuild their own plugin registry
 (:mod:`.bootstrap`). Records cross processes as ``encode_batch`` MessagePack bytes (or, for
@@ -30,9 +31,9 @@ from collections.abc import Callable, Iterable, Sequence
 import anyio
 
 from ..api import ExchangeAdapter, ExchangeContext, StreamContext
-from ..config import Config, ConfigError, ResolvedPipeline, validate_components
+from ..config import Config, ConfigError, ResolvedPipeline, sink_writers, validate_components
 from ..counters import Counters
-from .bootstrap import PluginSelection, auto_workers, partition
+from .bootstrap import PluginSelection, auto_workers, auto_writers, partition
 from .keys import HighWater
 from .sinklock import check_sinks
 from .status_file import read_status
@@ -43,9 +44,11 @@ __all__ = [
     "PipelinePlan",
     "PluginSelection",
     "auto_workers",
+    "auto_writers",
     "check_streams",
     "partition",
     "plan_pipelines",
+    "plan_writers",
     "read_status",
     "run",
 ]
@@ -97,6 +100,32 @@ async def plan_pipelines(
             )
         )
     return plans, {name: type_name for name, (type_name, _) in sinks.items()}
+
+
+def plan_writers(
+    config: Config,
+    plans: Sequence[PipelinePlan],
+    sink_types: dict[str, str],
+    plugins: PluginSelection,
+    cpu_count: int | None = None,
+) -> dict[str, int]:
+    """Writer processes per sink instance: its ``writers`` setting, else (for a sink type
+    that can run several, :attr:`~streamer.core.api.Sink.multi_writer`)
+    :func:`~.bootstrap.auto_writers` of the symbols of the pipelines feeding it; else 1."""
+    registry = plugins.registry()
+    cpus = os.cpu_count() if cpu_count is None else cpu_count
+    out = {}
+    for name, setting in sink_writers(config).items():
+        if name not in sink_types:
+            continue
+        if setting is not None:
+            out[name] = setting
+        elif registry.sink(sink_types[name]).multi_writer:
+            symbols = sum(len(p.symbols) for p in plans if name in config.pipelines[p.index].sinks)
+            out[name] = auto_writers(symbols, cpus)
+        else:
+            out[name] = 1
+    return out
 
 
 def _build_adapter(pipeline: ResolvedPipeline, registry) -> ExchangeAdapter:
@@ -218,6 +247,7 @@ def run(
             plugins,
             plans,
             sink_types=sink_types,
+            sink_writers=plan_writers(config, plans, sink_types, plugins),
             log_level=log_level,
             duration=duration,
             on_status=on_status,

@@ -45,14 +45,23 @@ class ChildSpec:
     config: Config
     control_path: str
     log_level: int
-    #: Sink instance name -> data socket path (workers: the pipeline's sinks).
-    sink_paths: dict[str, str]
+    #: Sink instance name -> data socket path of each of its writers (index = the writer
+    #: owning the symbols :func:`~streamer.core.api.writer_of` maps to it). Workers: the
+    #: pipeline's sinks; a writer: its own sink. A plain string counts as one writer.
+    sink_paths: dict[str, list[str]]
     #: Worker only: index into ``config.pipelines`` and the symbols it owns.
     pipeline_index: int = -1
     symbols: list[str] = field(default_factory=list)
     resume: dict[StreamKey, int] = field(default_factory=dict)
-    #: Writer only: the sink instance this writer owns.
+    #: Writer only: the sink instance this writer owns, and which of its writers it is.
     sink: str = ""
+    writer: int = 0
+    writers: int = 1
+
+
+def paths_of(value: str | Sequence[str]) -> list[str]:
+    """One ``sink_paths`` entry as a list (a plain string is one writer's path)."""
+    return [value] if isinstance(value, str) else list(value)
 
 
 def setup_logging(level: int) -> None:
@@ -81,3 +90,18 @@ def auto_workers(symbol_count: int, cpu_count: int | None) -> int:
     cpus = max(1, (cpu_count or 1) - 1)
     wanted = -(-symbol_count // SYMBOLS_PER_WORKER)
     return max(1, min(cpus, wanted))
+
+
+#: One writer process per this many symbols feeding a sink (when the sink can run several).
+SYMBOLS_PER_WRITER = 500
+
+
+def auto_writers(symbol_count: int, cpu_count: int | None) -> int:
+    """Writer processes for a multi-writer sink without a ``writers`` setting.
+
+    One per ``SYMBOLS_PER_WRITER`` symbols of the pipelines feeding it (spot and futures
+    counted separately), at most one per CPU, at least one: up to 500 symbols stay on one
+    writer (as before), the full market of 2000+ symbols gets one per CPU.
+    """
+    wanted = -(-symbol_count // SYMBOLS_PER_WRITER)
+    return max(1, min(max(1, cpu_count or 1), wanted))

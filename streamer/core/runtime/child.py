@@ -24,7 +24,7 @@ import anyio
 from anyio.abc import ByteStream
 
 from ..config import RuntimeConfig
-from .bootstrap import ChildSpec
+from .bootstrap import ChildSpec, paths_of
 from .channels import Control, FrameReader, Status, Stop, decode_control, encode_control
 
 #: What a send on a connection whose peer died raises.
@@ -64,7 +64,9 @@ def leave_socket_dir(spec: ChildSpec) -> None:
         return
     owned = [spec.control_path]
     if spec.kind == "writer" and spec.sink in spec.sink_paths:
-        owned.append(spec.sink_paths[spec.sink])
+        paths = paths_of(spec.sink_paths[spec.sink])
+        if spec.writer < len(paths):
+            owned.append(paths[spec.writer])
     for path in owned:
         with contextlib.suppress(OSError):
             os.unlink(path)

@@ -20,7 +20,7 @@ temporary file, then renamed, so a reader never sees a torn file). Its shape::
         }
       },
       "sinks": {
-        "csv": {"type": "csv", "totals": {...}, "streams": {...}, "process": {...},
+        "csv": {"type": "csv", "writers": 1, "totals": {...}, "streams": {...}, "process": {...},
                 "markets": {"binance/spot": {"BTCUSDT": {"aggtrade": {"records_written": 60,
                                                                      "records_flushed": 58,
                                                                      "written_event_time": ...}}}},
@@ -34,6 +34,10 @@ temporary file, then renamed, so a reader never sees a torn file). Its shape::
                                   "reading_paused": false, "read_pauses": 0, ...}}
       }
     }
+
+A sink running as several writers (children ``sink.<name>#<i>``, each with a ``sink``
+field) has their counters merged under ``sinks.<name>`` (summed; ``last_flush_time`` is the
+oldest of its writers') and their high-water marks united.
 
 Counters restart from zero when a child restarts (its ``restarts`` says how often); the
 totals are those of the current incarnations. Counter names used by the runtime:

@@ -2,6 +2,9 @@
 
 Start-up: every writer is spawned first; a worker is spawned once every writer of its
 pipeline has reported ``Ready`` (its sink's holdings), so its ``resume`` marks are known.
+A sink may run as several writers (``sink_writers``; children ``sink.<name>#<i>``), each
+reporting the holdings of the symbols it owns; the sink's marks are their union, and the
+status merges their counters under the sink.
 
 Restarts: a child that dies is restarted after a capped exponential backoff (0.5 s,
 doubling, at most ``runtime.restart_backoff_max``; the backoff resets once a child has
@@ -83,6 +86,8 @@ class _Child:
     symbols: list[str] = field(default_factory=list)
     sinks: list[str] = field(default_factory=list)  # worker: sinks it feeds
     sink: str = ""  # writer: its sink instance
+    writer: int = 0  # writer: which of the sink's writers (owns writer_of(symbol) == writer)
+    writers: int = 1  # writer: how many writers the sink runs as
     process: Any = None
     pid: int | None = None
     incarnation: int = 0
@@ -115,6 +120,7 @@ class Supervisor:
         plans: list[PipelinePlan],
         *,
         sink_types: dict[str, str],
+        sink_writers: dict[str, int] | None = None,
         log_level: int = logging.INFO,
         duration: float | None = None,
         on_status: Callable[[dict], None] | None = None,
@@ -129,7 +135,11 @@ class Supervisor:
         self.duration = duration
         self._ctx = multiprocessing.get_context("spawn")
         self._children: dict[str, _Child] = {}
-        self._sink_marks: dict[str, dict[StreamKey, int]] = {name: {} for name in sink_types}
+        #: Per writer (child name): the last key it holds per stream (its holdings, then
+        #: its high-water marks); a sink's marks are the union over its writers.
+        self._marks: dict[str, dict[StreamKey, int]] = {}
+        #: Writer processes per sink instance (1 unless partitioned).
+        self.sink_writers = {name: max(1, (sink_writers or {}).get(name, 1)) for name in sink_types}
         self._stopping = False
         self._force = False
         self._wake = anyio.Event()
@@ -137,7 +147,7 @@ class Supervisor:
         self._exit_code: int | None = None
         self._started_wall = time.time_ns() // 1_000_000
         self._dir = ""
-        self._sink_paths: dict[str, str] = {}
+        self._sink_paths: dict[str, list[str]] = {}
         # Resolved once (``streamer run`` already did; library callers may not have).
         self.state_dir = str(resolve_state_dir(None, config))
         self._status_log = RateLimitedLog(log, interval=60.0)
@@ -148,7 +158,13 @@ class Supervisor:
         self._failed: list[_Child] = []
         used = {s for p in config.pipelines for s in p.sinks}
         for name in sorted(used):
-            self._add(_Child(name=f"sink.{name}", kind="writer", sink=name))
+            n = self.sink_writers.get(name, 1)
+            for i in range(n):
+                self._add(
+                    _Child(
+                        name=writer_name(name, i, n), kind="writer", sink=name, writer=i, writers=n
+                    )
+                )
         for plan in plans:
             sinks = list(config.pipelines[plan.index].sinks)
             for i, group in enumerate(plan.groups):
@@ -169,13 +185,24 @@ class Supervisor:
     def children(self) -> list[_Child]:
         return list(self._children.values())
 
+    def _writers_of(self, sink: str) -> list[_Child]:
+        return [c for c in self._children.values() if c.kind == "writer" and c.sink == sink]
+
+    def _marks_of(self, sink: str) -> dict[StreamKey, int]:
+        """What the sink holds per stream: the union of its writers' marks (each owns its
+        own symbols, so no stream appears twice)."""
+        merged: dict[StreamKey, int] = {}
+        for writer in self._writers_of(sink):
+            merged.update(self._marks.get(writer.name, {}))
+        return merged
+
     # -- spawning ------------------------------------------------------------------------
     def _resume_for(self, child: _Child) -> dict[StreamKey, int]:
         plan = next(p for p in self.plans if p.index == child.pipeline)
         wanted = set(child.symbols)
         resume: dict[StreamKey, int] = {}
         for sink in child.sinks:
-            for key, value in self._sink_marks.get(sink, {}).items():
+            for key, value in self._marks_of(sink).items():
                 if key.symbol not in wanted:
                     continue
                 if plan.exchange and (key.exchange, key.market) != (plan.exchange, plan.market):
@@ -208,6 +235,8 @@ class Supervisor:
             symbols=child.symbols,
             resume=self._resume_for(child) if child.kind == "worker" else {},
             sink=child.sink,
+            writer=child.writer,
+            writers=child.writers,
         )
         process = self._ctx.Process(target=target, args=(spec,), name=child.name, daemon=True)
         process.start()
@@ -222,7 +251,7 @@ class Supervisor:
             if child.alive or child.next_start is None or now < child.next_start:
                 continue
             if child.kind == "worker" and not all(
-                self._children[f"sink.{s}"].ready for s in child.sinks
+                w.ready for s in child.sinks for w in self._writers_of(s)
             ):
                 continue  # its writers are (re)starting; resume marks come from them
             self._spawn(child)
@@ -301,12 +330,12 @@ class Supervisor:
         for child in self._failed:
             reason = child.info.get("fatal") or f"its writer exited with code {EXIT_SINK_FAILED}"
             log.error("sinks.%s: %s; run stopped", child.sink, reason)
-        lost = {
-            c.sink: sum(row[3] for row in c.counters if row[0] == "rows_lost_at_close")
-            for c in self.children
-            if c.kind == "writer"
-        }
-        lost = {sink: n for sink, n in lost.items() if n}
+        lost: dict[str, int] = {}
+        for c in self.children:
+            if c.kind == "writer":
+                n = sum(row[3] for row in c.counters if row[0] == "rows_lost_at_close")
+                if n:
+                    lost[c.sink] = lost.get(c.sink, 0) + n
         if lost:
             log.error(
                 "%d rows could not be written before exit (%s); their ranges are recorded as "
@@ -351,14 +380,14 @@ class Supervisor:
                 return
             message = decode_control(payload)
             if isinstance(message, Ready):
-                self._sink_marks[child.sink] = _unmark(message.holdings)
+                self._marks[child.name] = _unmark(message.holdings)
                 child.ready = True
                 self._wake.set()
             elif isinstance(message, Status):
                 child.counters = message.counters
                 child.info = message.info
                 if child.kind == "writer" and message.high_water:
-                    self._sink_marks[child.sink].update(_unmark(message.high_water))
+                    self._marks.setdefault(child.name, {}).update(_unmark(message.high_water))
 
     async def _send_stop(self, child: _Child) -> None:
         child.stop_wanted = True
@@ -401,13 +430,16 @@ class Supervisor:
                 **merge_counters(c.counters for c in workers),
             }
         sinks = {}
-        for child in self.children:
-            if child.kind != "writer":
-                continue
-            marks = self._sink_marks.get(child.sink, {})
-            sinks[child.sink] = {
-                "type": self.sink_types.get(child.sink, ""),
-                **merge_counters([child.counters]),
+        for sink in sorted({c.sink for c in self.children if c.kind == "writer"}):
+            writers = self._writers_of(sink)
+            marks = self._marks_of(sink)
+            merged = merge_counters(c.counters for c in writers)
+            if len(writers) > 1:
+                _oldest_flush(merged, writers)
+            sinks[sink] = {
+                "type": self.sink_types.get(sink, ""),
+                "writers": len(writers),
+                **merged,
                 "high_water": {
                     f"{k.exchange}/{k.market}/{k.symbol}/{k.stream}": v
                     for k, v in sorted(marks.items())
@@ -416,6 +448,7 @@ class Supervisor:
         children = {
             c.name: {
                 "kind": c.kind,
+                **({"sink": c.sink} if c.kind == "writer" else {}),
                 "pid": c.pid,
                 "alive": c.alive,
                 "incarnation": c.incarnation,
@@ -483,7 +516,11 @@ class Supervisor:
         # A short private directory: Unix socket paths are limited to about 100 bytes.
         self._dir = make_socket_dir()
         for i, name in enumerate(sorted(self.sink_types)):
-            self._sink_paths[name] = os.path.join(self._dir, f"sink{i}.sock")
+            n = self.sink_writers.get(name, 1)
+            self._sink_paths[name] = [
+                os.path.join(self._dir, f"sink{i}.sock" if n == 1 else f"sink{i}-{j}.sock")
+                for j in range(n)
+            ]
         listener = await anyio.create_unix_listener(os.path.join(self._dir, "ctl.sock"))
         # ``duration`` counts from when every worker is up (spawning takes a while), but
         # gives up waiting for that after a generous start-up allowance.
@@ -582,6 +619,26 @@ async def _metrics_endpoint(source, port: int) -> None:
     from ..ops.prometheus import metrics_endpoint
 
     await metrics_endpoint(source, port, log)
+
+
+def writer_name(sink: str, writer: int, writers: int) -> str:
+    """The child name of a sink's writer: ``sink.<name>``, or ``sink.<name>#<i>`` when the
+    sink runs as several writers."""
+    return f"sink.{sink}" if writers == 1 else f"sink.{sink}#{writer}"
+
+
+def _oldest_flush(merged: dict[str, Any], writers: list[_Child]) -> None:
+    """A sink of several writers last flushed when its slowest writer did: one stuck
+    writer must show as a stalled sink, not hide behind the others."""
+    times = [
+        row[3]
+        for c in writers
+        for row in c.counters
+        if row[0] == "last_flush_time" and not row[1] and not row[2]
+    ]
+    if len(times) == len(writers):
+        merged["process"]["last_flush_time"] = min(times)
+        merged["totals"]["last_flush_time"] = min(times)
 
 
 def _unmark(rows) -> dict[StreamKey, int]:

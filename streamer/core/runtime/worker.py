@@ -4,9 +4,11 @@ Data path inside the worker (one anyio event loop)::
 
     adapter.stream(subs, inbox) -> _Inbox.on_record -> StreamType.on_record -> emit
     emit -> pending list -> _flush (every batch_size records or batch_interval seconds)
-         -> per sink: its SinkEncoder's ready bytes (encode_encoded), or else encode_batch
-            (once, shared by every sink without an encoder)
-         -> one bounded queue per sink -> sender task -> socket
+         -> per sink: split by writer when the sink runs as N writers (each symbol's
+            writer from writer_of, cached per symbol; no split with one writer)
+         -> per writer with records: its SinkEncoder's ready bytes (encode_encoded), or
+            else encode_batch (once per part, shared by every sink without an encoder)
+         -> one bounded queue per writer ("lane") -> sender task -> that writer's socket
 
 The first byte of a payload tells the writer which it is (``records.ENCODED_TAG``).
 Counting what was emitted (``records_emitted``, ``last_event_time``) takes one update per
@@ -55,6 +57,7 @@ from ..api import (
     StreamContext,
     StreamKey,
     StreamType,
+    writer_of,
 )
 from ..config import validate_components
 from ..counters import Counters
@@ -73,7 +76,7 @@ from ..records import (
     stream_name,
 )
 from ..units import parse_duration
-from .bootstrap import ChildSpec
+from .bootstrap import ChildSpec, paths_of
 from .channels import Hello, Status, frame
 from .child import ChildLoop, SupervisorGone, leave_socket_dir, supervisor_gone, tune_gc
 
@@ -177,7 +180,14 @@ class Worker(ChildLoop):
         self._wake = anyio.Event()
         self._stop = anyio.Event()
         self._closing = False
+        #: Lane -> (send, receive): one queue per writer fed; a lane is the sink's name,
+        #: or ``<sink>#<i>`` for writer ``i`` of a sink running as several.
         self._queues: dict[str, tuple] = {}
+        #: Sink -> its lanes (index = writer) and socket paths; set by :meth:`_build`.
+        self._lanes: dict[str, list[str]] = {}
+        self._lane_paths: dict[str, str] = {}
+        #: Per writer count: symbol -> its writer (computed once per symbol).
+        self._owner: dict[int, dict[str, int]] = {}
         #: Worker-side encoders of the sinks that have one (sink name -> encoder).
         self._encoders: dict[str, SinkEncoder] = {}
         #: Seconds between outputs of streams that emit on a clock (an ``interval`` option),
@@ -309,22 +319,37 @@ class Worker(ChildLoop):
             if self._overflow:
                 batch = self._overflow_markers() + batch
             counted = False
-            plain: bytes | None = None
-            for sink, (send, _) in self._queues.items():
+            plain: dict[tuple[int, int], bytes] = {}
+            splits: dict[int, list[list[Record]]] = {}
+            for sink, lanes in self._lanes.items():
+                writers = len(lanes)
+                if writers == 1:
+                    parts: Sequence[list[Record]] = (batch,)
+                else:
+                    parts = splits.get(writers) or splits.setdefault(
+                        writers, self._split(batch, writers)
+                    )
                 encoder = self._encoders.get(sink)
-                data: bytes | bytearray | None = None
-                if encoder is not None:
-                    encoded = self._encode(sink, encoder, batch)
-                    if encoded is not None:
-                        if not counted:
-                            self._count_encoded(encoded)
-                            counted = True
-                        data = encode_encoded(encoded)
-                if data is None:
-                    if plain is None:
-                        plain = encode_batch(batch)
-                    data = plain
-                await self._enqueue(send, data)
+                count = encoder is not None and not counted
+                for i, part in enumerate(parts):
+                    if not part:
+                        continue  # nothing for that writer in this batch
+                    data: bytes | bytearray | None = None
+                    if encoder is not None:
+                        encoded = self._encode(sink, encoder, part)
+                        if encoded is not None:
+                            if count:
+                                self._count_encoded(encoded)
+                            data = encode_encoded(encoded)
+                        elif count:
+                            self._count(part)
+                    if data is None:
+                        data = plain.get((writers, i))
+                        if data is None:
+                            data = plain[(writers, i)] = encode_batch(part)
+                    send = self._queues[lanes[i]][0]
+                    await self._enqueue(send, data)
+                counted = counted or count
             if not counted:
                 self._count(batch)
             self.counters.incr("batches_sent")
@@ -342,6 +367,20 @@ class Worker(ChildLoop):
             await send.send(data)
             waited = int((time.monotonic() - started) * 1000)
             self.counters.incr("backpressure_wait_ms", n=waited)
+
+    def _split(self, batch: list[Record], writers: int) -> list[list[Record]]:
+        """``batch`` split by the writer owning each record's symbol, order kept."""
+        owner = self._owner.get(writers)
+        if owner is None:
+            owner = self._owner[writers] = {}
+        parts: list[list[Record]] = [[] for _ in range(writers)]
+        for record in batch:
+            symbol = record.symbol
+            i = owner.get(symbol)
+            if i is None:
+                i = owner[symbol] = writer_of(symbol, writers)
+            parts[i].append(record)
+        return parts
 
     def _encode(self, sink: str, encoder: SinkEncoder, batch: list[Record]) -> EncodedBatch | None:
         """``encoder``'s output, or ``None`` (counted, logged) when it failed: that batch
@@ -406,7 +445,7 @@ class Worker(ChildLoop):
             if event_time:
                 counters.set("last_event_time", event_time, symbol, stream)
 
-    async def _sender(self, sink: str, path: str, receive) -> None:
+    async def _sender(self, lane: str, path: str, receive) -> None:
         stream = await connect_unix_retry(path)
         async with stream, receive:
             async for data in receive:
@@ -414,7 +453,7 @@ class Worker(ChildLoop):
                     await stream.send(frame(data))
                 except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
                     raise SinkLost(
-                        f"lost the connection to sink {sink!r}; exiting so the supervisor "
+                        f"lost the connection to sink {lane!r}; exiting so the supervisor "
                         "restarts this worker (it resumes from what the sinks hold)"
                     ) from None
                 self._queued_bytes -= len(data)
@@ -425,7 +464,11 @@ class Worker(ChildLoop):
         registry = self.spec.plugins.registry()
         pipelines, sinks = validate_components(self.spec.config, registry)
         resolved = pipelines[self.spec.pipeline_index]
-        for sink in self.spec.sink_paths:
+        for sink, value in self.spec.sink_paths.items():
+            paths = paths_of(value)
+            lanes = [sink] if len(paths) == 1 else [f"{sink}#{i}" for i in range(len(paths))]
+            self._lanes[sink] = lanes
+            self._lane_paths.update(zip(lanes, paths, strict=True))
             type_name, sink_options = sinks[sink]
             encoder_cls = registry.sink(type_name).Encoder
             if encoder_cls is not None:
@@ -468,8 +511,12 @@ class Worker(ChildLoop):
 
     def _status(self, final: bool = False) -> Status:
         depths = {
-            name: receive.statistics().current_buffer_used
-            for name, (_, receive) in self._queues.items()
+            sink: sum(
+                self._queues[lane][1].statistics().current_buffer_used
+                for lane in lanes
+                if lane in self._queues
+            )
+            for sink, lanes in self._lanes.items()
         }
         return Status(
             counters=[(n, s, t, v) for (n, s, t), v in self.counters.snapshot().items()],
@@ -494,9 +541,9 @@ class Worker(ChildLoop):
         adapter, streams = self._build()
         subscriptions = sorted({sub for s in streams for sub in s.subscriptions()})
         inbox = _Inbox(streams, self.counters)
-        for sink in self.spec.sink_paths:
+        for lane in self._lane_paths:
             send, receive = anyio.create_memory_object_stream[bytes](self.runtime.queue_batches)
-            self._queues[sink] = (send, receive)
+            self._queues[lane] = (send, receive)
         ctl = await connect_unix_retry(self.spec.control_path, timeout=30)
         await self._tell(ctl, Hello(self.spec.child, self.spec.incarnation, os.getpid()))
         tune_gc()  # start-up is over: what exists now lives for the whole run
@@ -506,8 +553,8 @@ class Worker(ChildLoop):
                 outer.start_soon(self._publish, ctl)
                 outer.start_soon(self._signals)
                 async with anyio.create_task_group() as io:
-                    for sink, path in self.spec.sink_paths.items():
-                        io.start_soon(self._sender, sink, path, self._queues[sink][1])
+                    for lane, path in self._lane_paths.items():
+                        io.start_soon(self._sender, lane, path, self._queues[lane][1])
                     io.start_soon(self._flusher)
                     async with anyio.create_task_group() as reading:
                         reading.start_soon(adapter.stream, subscriptions, inbox)

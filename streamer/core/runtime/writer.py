@@ -1,4 +1,7 @@
-"""The sink writer process: one per sink instance.
+"""The sink writer process: one per sink instance, or several for a sink that can be
+partitioned (:attr:`~streamer.core.api.Sink.multi_writer`): writer ``i`` of ``N`` runs its
+own sink instance for the symbols :func:`~streamer.core.api.writer_of` maps to ``i``,
+listens on its own socket and reports only those symbols' holdings.
 
 It opens the sink, reports the sink's ``holdings()`` to the supervisor (``Ready``), then
 accepts one data connection per worker. Each connection's frames go through one queue
@@ -48,7 +51,7 @@ from ..counters import Counters, market_symbol
 from ..logs import RateLimitedLog
 from ..records import Chunk, decode_batch, decode_encoded, is_encoded
 from ..units import parse_duration
-from .bootstrap import ChildSpec
+from .bootstrap import ChildSpec, paths_of
 from .channels import FrameReader, Hello, Ready, Status, encode_control
 from .child import ChildLoop, SupervisorGone, leave_socket_dir, tune_gc
 from .keys import HighWater, Tally
@@ -99,9 +102,15 @@ class Writer(ChildLoop):
         _, sinks = validate_components(self.spec.config, registry)
         type_name, options = sinks[self.spec.sink]
         sink_cls = registry.sink(type_name)
-        sink = sink_cls(
-            options, SinkContext(name=self.spec.sink, counters=self.counters, logger=self.logger)
+        context = SinkContext(
+            name=self.spec.sink,
+            counters=self.counters,
+            logger=self.logger,
+            writer=self.spec.writer,
+            writers=self.spec.writers,
         )
+        self._context = context
+        sink = sink_cls(options, context)
         return sink, flush_interval_of(options)
 
     async def _serve(self, listener) -> None:
@@ -272,7 +281,11 @@ class Writer(ChildLoop):
         """Open the sink and read its holdings; ``None`` (reported) when it cannot start."""
         try:
             await sink.open()
-            return await sink.holdings()
+            held = await sink.holdings()
+            if self.spec.writers > 1:  # only what this writer owns (the union is the sink's)
+                owns = self._context.owns
+                held = {key: value for key, value in held.items() if owns(key.symbol)}
+            return held
         except Exception as exc:  # a third-party sink may raise anything here
             if isinstance(exc, OSError):
                 detail = exc.strerror or str(exc)
@@ -296,7 +309,7 @@ class Writer(ChildLoop):
         self._sink = sink
         self.counters.set("flush_interval_ms", round(flush_every * 1000))
         self.counters.set("last_flush_time", time.time_ns() // 1_000_000)
-        path = self.spec.sink_paths[self.spec.sink]
+        path = paths_of(self.spec.sink_paths[self.spec.sink])[self.spec.writer]
         if os.path.exists(path):
             os.unlink(path)
         listener = await anyio.create_unix_listener(path)

@@ -221,6 +221,8 @@ class CsvSink(Sink):
 
     Options = Options
     Encoder = CsvEncoder
+    #: Files are per symbol: N writers each own their symbols' folders (``context.owns``).
+    multi_writer = True
 
     @classmethod
     def verify(
@@ -359,10 +361,14 @@ class CsvSink(Sink):
         self._accepted.update(self._durable)
 
     def _scan(self):
-        """Yield (kind, StreamKey or None, folder, file names) for every stream folder."""
+        """Yield (kind, StreamKey or None, folder, file names) for every stream folder of
+        the symbols this writer owns (another writer may be appending to the others)."""
+        owns = self.context.owns
         for kind, exchange, market, symbol, interval, folder in layout.stream_folders(
             self._root, _subdirs
         ):
+            if not owns(symbol):
+                continue
             if kind == layout.MARKERS:
                 key = None
             else:
