@@ -78,6 +78,7 @@ def test_emit_pauses_reading_then_drops_with_markers_and_drains_back_to_zero(tmp
         listener = await anyio.create_unix_listener(path)
         send, receive = anyio.create_memory_object_stream[bytes](1)
         worker._queues["a"] = (send, receive)
+        worker._lanes["a"] = ["a"]  # one writer for sink "a"
 
         async def serve() -> None:
             stream = await listener.accept()
