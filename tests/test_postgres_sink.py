@@ -386,13 +386,15 @@ def kill_mid_copy(dsn: str) -> int:
         proc.stdout.close()
 
 
+ALIVE = "SELECT 1 FROM pg_stat_activity WHERE application_name = 'market-streamer'"
+
+
 @pytest.mark.timeout(180)
 def test_sigkill_of_the_writer_mid_copy_then_restart_writes_every_id_once(pg_dsn: str):
     for _round in range(2):  # killed mid-COPY, restarted, killed mid-COPY again
         flushed = kill_mid_copy(pg_dsn)
         assert flushed > 0
-        alive = "SELECT 1 FROM pg_stat_activity WHERE application_name = 'market-streamer'"
-        wait_for(lambda: not fetch(pg_dsn, alive), what="the killed session's end")
+        wait_for(lambda: not fetch(pg_dsn, ALIVE), what="the killed session's end")
         count, low, high = fetch(
             pg_dsn, "SELECT count(*), min(agg_trade_id), max(agg_trade_id) FROM aggtrade"
         )[0]
