@@ -342,11 +342,9 @@ class PostgresSink(Sink):
                 await self._migrate(conn)
                 self._migrated = True
             for kind in schema.KINDS:
-                await conn.execute(
-                    f"CREATE TEMP TABLE IF NOT EXISTS "
-                    f"{schema.stage_name(self._opts.table_prefix, kind)} "
-                    f"(LIKE {self._tables[kind]}) ON COMMIT DELETE ROWS"
-                )
+                stage = schema.stage_name(self._opts.table_prefix, kind)
+                for sql in schema.stage_ddl(kind, stage, self._tables[kind]):
+                    await conn.execute(sql)
         except BaseException:
             conn.terminate()
             raise
@@ -616,11 +614,7 @@ class PostgresSink(Sink):
                 columns = schema.COLUMNS[kind]
                 stage = schema.stage_name(prefix, kind)
                 await conn.copy_records_to_table(stage, records=rows, columns=columns)
-                names = ", ".join(columns)
-                await conn.execute(
-                    f"INSERT INTO {t[kind]} ({names}) SELECT {names} FROM {stage} "
-                    "ON CONFLICT DO NOTHING"
-                )
+                await conn.execute(schema.insert_sql(kind, stage, t[kind]))
                 self._counters.incr("copy_batches")
 
     def _committed(self) -> None:
