@@ -110,7 +110,11 @@ class PgServer:
                 self.bindir = copy / "bin"
         self.data = self.root / "data"
         self.log = self.root / "server.log"
-        self._init()
+        try:
+            self._init()
+        except BaseException:
+            shutil.rmtree(self.root, ignore_errors=True)
+            raise
 
     @property
     def dsn(self) -> str:
