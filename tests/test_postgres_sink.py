@@ -158,6 +158,62 @@ def test_overlapping_writers_and_restarts_keep_one_copy_of_every_row(pg_dsn: str
     assert ids == list(range(1, 1010))
 
 
+def test_rows_above_the_head_are_copied_directly_below_it_through_the_staging_table(
+    pg_dsn: str,
+) -> None:
+    """A second writer that opened before the first advanced the heads: what it holds at
+    or below the head fills holes (staged, ON CONFLICT), the rest is COPYed directly."""
+    first, _ = make_sink(pg_dsn)
+    late, counters = make_sink(pg_dsn)
+
+    async def go():
+        await first.open()
+        await late.open()
+        await first.write([trade(i) for i in (*range(1, 11), *range(20, 31))])
+        await first.write([depth(10), depth(30)])
+        await first.flush()  # heads: aggtrade 30, depth 30
+        await late.write([trade(i) for i in range(11, 41)])  # 11..19 a hole, 20..30 held
+        await late.write([depth(20), depth(30), depth(40)])
+        await asyncio.gather(first.close(), late.close())
+
+    asyncio.run(go())
+    ids = [r[0] for r in fetch(pg_dsn, "SELECT agg_trade_id FROM aggtrade ORDER BY 1")]
+    assert ids == list(range(1, 41))
+    levels = fetch(pg_dsn, "SELECT last_update_id, count(*) FROM depth GROUP BY 1 ORDER BY 1")
+    assert [tuple(r) for r in levels] == [(10, 3), (20, 3), (30, 3), (40, 3)]
+    assert counters.get("rows_staged") == 20 + 2  # trades 11..30, depth events 20 and 30
+    heads = fetch(pg_dsn, "SELECT stream, last_key FROM heads ORDER BY 1")
+    assert [tuple(r) for r in heads] == [("aggtrade", 40), ("depth", 40)]
+
+
+def test_a_row_above_the_head_already_there_falls_back_to_staging(pg_dsn: str) -> None:
+    """Rows put in by something that does not keep ``heads``: the direct COPY meets a
+    unique violation, the flush is retried through the staging table, nothing doubles."""
+    sink, counters = make_sink(pg_dsn)
+    asyncio.run(write_all(sink, [trade(1)]))
+    fetch(
+        pg_dsn,
+        "INSERT INTO aggtrade (exchange, market, symbol, agg_trade_id, price, "
+        "quantity, first_trade_id, last_trade_id, transact_time, is_buyer_maker, event_time, "
+        "receive_time) VALUES ('binance', 'spot', 'BTCUSDT', 5, 1, 1, 1, 1, 1, true, 1, 1)",
+    )
+    again, counters = make_sink(pg_dsn)
+    asyncio.run(write_all(again, [trade(i) for i in range(2, 9)]))
+    assert again.pending_rows == 0 and counters.get("flush_retries") == 1
+    rows = fetch(pg_dsn, "SELECT agg_trade_id, price::text FROM aggtrade ORDER BY 1")
+    assert [r[0] for r in rows] == list(range(1, 9))
+    assert rows[4][1] == "1"  # the row that was there stays
+
+
+def test_strings_with_copy_special_characters_are_escaped(pg_dsn: str) -> None:
+    sink, _ = make_sink(pg_dsn)
+    odd = "A\\B\tC\nD\\N"
+    asyncio.run(write_all(sink, [Trade("binance", "spot", odd, 1, "1.5", "2", 1, 1, T0, False,
+                                       None, T0, T0)]))  # fmt: skip
+    rows = fetch(pg_dsn, "SELECT symbol, price::text, is_best_match FROM aggtrade")
+    assert [tuple(r) for r in rows] == [(odd, "1.5", None)]
+
+
 def test_schema_versions_are_checked_never_dropped(pg_dsn: str) -> None:
     off, _ = make_sink(pg_dsn, create_tables=False)
     with pytest.raises(Exception, match="create_tables is off"):

@@ -34,6 +34,7 @@ into one database at once (the primary keys make that safe).
 from __future__ import annotations
 
 import asyncio
+import bisect
 import decimal
 import logging
 import time
@@ -226,8 +227,13 @@ class PostgresSink(Sink):
         self._close_timeout = parse_duration(options.close_timeout)
         self._conn: Any = None
         self._migrated = False
-        #: Buffered rows per kind, in arrival order.
-        self._rows: dict[str, list[tuple]] = {k: [] for k in schema.KINDS}
+        #: Buffered records per data kind: (stream, records in key order) in arrival order.
+        self._chunks: dict[str, list[tuple[StreamKey, list]]] = {k: [] for k in schema.DATA}
+        #: Buffered markers (undated ones stamped with the time they arrived).
+        self._markers: list[Marker] = []
+        #: After a unique violation on a direct COPY (rows above a head that some other
+        #: writer put in without advancing ``heads``): the next try stages every row.
+        self._stage_all = False
         self._streams: dict[StreamKey, _Pending] = {}
         self._pending_rows = 0
         #: Last key accepted per stream (de-duplication) and last key committed (holdings).
@@ -290,7 +296,7 @@ class PostgresSink(Sink):
     async def flush(self) -> None:
         """Write everything buffered in one transaction; never raises for database errors
         (rows stay buffered and are retried after a backoff)."""
-        if not self._pending_rows and not self._rows[schema.MARKERS] and not self._drops:
+        if not self._pending_rows and not self._markers and not self._drops:
             return
         if self._failing and time.monotonic() < self._next_try:
             return
@@ -302,7 +308,7 @@ class PostgresSink(Sink):
             return
         deadline = time.monotonic() + self._close_timeout
         await self.flush()
-        while (self._pending_rows or self._rows[schema.MARKERS]) and self._failing:
+        while (self._pending_rows or self._markers) and self._failing:
             wait = self._next_try - time.monotonic()
             if time.monotonic() + max(wait, 0) > deadline:
                 break
@@ -343,8 +349,7 @@ class PostgresSink(Sink):
                 self._migrated = True
             for kind in schema.KINDS:
                 stage = schema.stage_name(self._opts.table_prefix, kind)
-                for sql in schema.stage_ddl(kind, stage, self._tables[kind]):
-                    await conn.execute(sql)
+                await conn.execute(schema.stage_ddl(kind, stage, self._tables[kind]))
         except BaseException:
             conn.terminate()
             raise
@@ -459,18 +464,32 @@ class PostgresSink(Sink):
             self._log.warning("invalid_record", "ignored %d records of unknown type", invalid)
         if trades:
             kept = self._dedupe(trades, "aggtrade", "trade_id", "transact_time")
-            self._buffer(schema.AGGTRADE, kept, schema.trade_rows)
+            self._buffer(schema.AGGTRADE, kept)
         if klines:
             kept = self._dedupe(klines, None, "open_time", "open_time")
-            self._buffer(schema.KLINE, kept, schema.kline_rows)
+            self._buffer(schema.KLINE, kept)
         if depths:
             kept = self._dedupe(depths, "depth", "last_update_id", "event_time")
-            self._buffer(schema.DEPTH, kept, schema.depth_rows)
+            self._buffer(schema.DEPTH, kept)
         if books:
-            kept = self._dedupe(books, "orderbook", "last_update_id", "event_time")
-            self._buffer(schema.ORDERBOOK, kept, schema.book_rows)
+            # Levels become array literals: a price that is no number could split a level.
+            good = [b for b in books if not schema.bad_numbers(schema.ORDERBOOK, b)]
+            if len(good) != len(books):
+                self._invalid(len(books) - len(good))
+            kept = self._dedupe(good, "orderbook", "last_update_id", "event_time")
+            self._buffer(schema.ORDERBOOK, kept)
         if markers:
-            self._rows[schema.MARKERS] += schema.marker_rows(markers, time.time_ns() // 1_000_000)
+            self._add_markers(markers)
+
+    def _add_markers(self, markers: list[Marker]) -> None:
+        now = time.time_ns() // 1_000_000
+        self._markers += [m if m.time else msgspec.structs.replace(m, time=now) for m in markers]
+
+    def _invalid(self, n: int) -> None:
+        self._counters.incr("records_invalid", n=n)
+        self._log.error(
+            "invalid_number", "dropped %d records whose price or quantity is no number", n
+        )
 
     def _dedupe(
         self, records: list, stream: str | None, key_attr: str, time_attr: str
@@ -506,17 +525,17 @@ class PostgresSink(Sink):
                 out.append((sk, kept, key_attr, time_attr))
         return out
 
-    def _buffer(self, kind: str, groups: list, build) -> None:
+    def _buffer(self, kind: str, groups: list) -> None:
         for sk, records, key_attr, time_attr in groups:
-            rows = build(records)
-            n = len(rows)
+            if kind == schema.DEPTH:
+                n = sum([schema.depth_row_count(r) for r in records])
+            else:
+                n = len(records)
             if self._pending_rows + n > self._opts.max_buffered_rows:
                 room = max(0, self._opts.max_buffered_rows - self._pending_rows)
-                records, rows = self._drop_overflow(sk, kind, records, rows, room,
-                                                    key_attr, time_attr)  # fmt: skip
+                records, n = self._drop_overflow(sk, kind, records, n, room, key_attr, time_attr)
                 if not records:
                     continue
-                n = len(rows)
             first = records[0]
             p = self._streams.get(sk)
             if p is None:
@@ -525,11 +544,12 @@ class PostgresSink(Sink):
                 )
             p.last_key = getattr(records[-1], key_attr)
             p.rows += n
-            self._rows[kind] += rows
+            self._chunks[kind].append((sk, records))
             self._pending_rows += n
 
     def _drop_overflow(self, sk, kind, records, rows, room, key_attr, time_attr):
-        """Keep the records whose rows fit in ``room``; count the rest as dropped."""
+        """Keep the records whose ``rows`` fit in ``room``; count the rest as dropped.
+        Returns the records kept and their rows."""
         if kind == schema.DEPTH:
             cut = used = 0
             for r in records:
@@ -538,12 +558,10 @@ class PostgresSink(Sink):
                     break
                 used += n
                 cut += 1  # noqa: SIM113 - counts only the records that fit
-            kept_rows = rows[:used]
         else:
-            cut = min(room, len(records))
-            kept_rows = rows[:cut]
+            cut = used = min(room, len(records))
         dropped = records[cut:]
-        lost = len(rows) - len(kept_rows)
+        lost = rows - used
         first = dropped[0]
         reason = self._failure_reason or "buffer full"
         drop = self._drops.get((sk, reason))
@@ -562,7 +580,7 @@ class PostgresSink(Sink):
             sk.symbol,
             sk.stream,
         )
-        return records[:cut], kept_rows
+        return records[:cut], used
 
     # --- flush -----------------------------------------------------------------------
 
@@ -579,6 +597,12 @@ class PostgresSink(Sink):
                 if state in _RETRY_STATES:
                     self._counters.incr("flush_retries")
                     continue
+                if state == "23505" and not self._stage_all:
+                    # A row above a head is there already: written by something that
+                    # does not keep the heads. Stage every row of this flush instead.
+                    self._stage_all = True
+                    self._counters.incr("flush_retries")
+                    continue
                 refused = state.startswith("22") or isinstance(exc, _ENCODE_ERRORS)
                 if refused and self._drop_invalid():
                     continue
@@ -589,33 +613,101 @@ class PostgresSink(Sink):
         await self._failed(RuntimeError("transaction kept losing races"))
 
     async def _transaction(self, conn: Any) -> None:
-        t = self._tables
-        prefix = self._opts.table_prefix
+        """One flush: lock the heads, COPY what lies above them straight into the tables,
+        stage and ``ON CONFLICT DO NOTHING`` what does not, advance the heads."""
         heads = sorted(self._streams.items())
         async with conn.transaction():
+            old = await self._lock_heads(conn, [sk for sk, _ in heads]) if heads else {}
+            for kind in schema.DATA:
+                direct, staged = self._split(kind, old)
+                if direct:
+                    await self._copy(conn, kind, direct, self._opts.schema,
+                                     self._opts.table_prefix + kind)  # fmt: skip
+                if staged:
+                    await self._copy_staged(conn, kind, staged)
+                    self._counters.incr("rows_staged", n=len(staged))
+            if self._markers:
+                await self._copy_staged(conn, schema.MARKERS, self._markers)
             if heads:
-                # Row locks on the heads first, in key order: see the module docstring.
                 await conn.execute(
-                    f"INSERT INTO {t[schema.HEADS]} AS h (exchange, market, symbol, stream, "
-                    "last_key) SELECT * FROM unnest($1::text[], $2::text[], $3::text[], "
-                    "$4::text[], $5::bigint[]) ON CONFLICT (exchange, market, symbol, stream) "
-                    "DO UPDATE SET last_key = GREATEST(h.last_key, EXCLUDED.last_key), "
-                    "updated_at = now()",
-                    [sk.exchange for sk, _ in heads],
-                    [sk.market for sk, _ in heads],
-                    [sk.symbol for sk, _ in heads],
-                    [sk.stream for sk, _ in heads],
+                    f"UPDATE {self._tables[schema.HEADS]} AS h SET last_key = "
+                    "GREATEST(h.last_key, n.last_key), updated_at = now() FROM unnest($1::text[], "
+                    "$2::text[], $3::text[], $4::text[], $5::bigint[]) AS n(exchange, market, "
+                    "symbol, stream, last_key) WHERE (h.exchange, h.market, h.symbol, h.stream) = "
+                    "(n.exchange, n.market, n.symbol, n.stream)",
+                    *_columns([sk for sk, _ in heads]),
                     [p.last_key for _, p in heads],
                 )
-            for kind in schema.KINDS:
-                rows = self._rows[kind]
-                if not rows:
-                    continue
-                columns = schema.COLUMNS[kind]
-                stage = schema.stage_name(prefix, kind)
-                await conn.copy_records_to_table(stage, records=rows, columns=columns)
-                await conn.execute(schema.insert_sql(kind, stage, t[kind]))
-                self._counters.incr("copy_batches")
+
+    async def _lock_heads(self, conn: Any, streams: list[StreamKey]) -> dict[StreamKey, int]:
+        """Lock the ``heads`` rows of ``streams`` (sorted) and return their last keys.
+
+        Missing rows are inserted first (``-1``: nothing held; the same transaction raises
+        them before it commits), then every row is locked ``FOR UPDATE`` in key order, so
+        two writers of the same streams queue instead of deadlocking. While they are
+        locked no other writer can commit a row of these streams (every writer takes the
+        lock before its rows and advances the head with them), and every row committed so
+        far has a key at or below its stream's head: a row above it cannot be in the table.
+        """
+        t = self._tables[schema.HEADS]
+        cols = _columns(streams)
+        await conn.execute(
+            f"INSERT INTO {t} (exchange, market, symbol, stream, last_key) SELECT *, -1 FROM "
+            "unnest($1::text[], $2::text[], $3::text[], $4::text[]) ON CONFLICT DO NOTHING",
+            *cols,
+        )
+        rows = await conn.fetch(
+            f"SELECT exchange, market, symbol, stream, last_key FROM {t} WHERE (exchange, "
+            "market, symbol, stream) IN (SELECT * FROM unnest($1::text[], $2::text[], "
+            "$3::text[], $4::text[])) ORDER BY exchange, market, symbol, stream FOR UPDATE",
+            *cols,
+        )
+        return {StreamKey(r[0], r[1], r[2], r[3]): r[4] for r in rows}
+
+    def _split(self, kind: str, old: dict[StreamKey, int]) -> tuple[list, list]:
+        """The buffered records of ``kind`` above their stream's head (straight into the
+        table) and at or below it (through the staging table)."""
+        key = schema.KEY_ATTR[kind]
+        direct: list = []
+        staged: list = []
+        for sk, records in self._chunks[kind]:
+            head = old.get(sk, -1)
+            if self._stage_all:
+                staged += records
+            elif getattr(records[0], key) > head:
+                direct += records
+            elif getattr(records[-1], key) <= head:
+                staged += records
+            else:
+                cut = bisect.bisect_right(records, head, key=lambda r: getattr(r, key))
+                staged += records[:cut]
+                direct += records[cut:]
+        return direct, staged
+
+    async def _copy(self, conn: Any, kind: str, records: list, schema_name, table: str) -> None:
+        """COPY (text format) ``records`` into ``table``, built piece by piece so the server
+        parses one piece while the next is built."""
+
+        async def pieces():
+            now = time.time_ns() // 1_000_000
+            for i in range(0, len(records), _PIECE):
+                part = records[i : i + _PIECE]
+                if kind == schema.MARKERS:
+                    lines = schema.marker_text(part, now)
+                else:
+                    lines = schema.TEXT[kind](part)
+                yield schema.copy_text(kind, lines, part, now)
+
+        await conn.copy_to_table(
+            table, source=pieces(), columns=schema.COLUMNS[kind], schema_name=schema_name,
+            format="text",
+        )  # fmt: skip
+        self._counters.incr("copy_batches")
+
+    async def _copy_staged(self, conn: Any, kind: str, records: list) -> None:
+        stage = schema.stage_name(self._opts.table_prefix, kind)
+        await self._copy(conn, kind, records, None, stage)
+        await conn.execute(schema.insert_sql(kind, stage, self._tables[kind]))
 
     def _committed(self) -> None:
         counters = self._counters
@@ -624,8 +716,10 @@ class PostgresSink(Sink):
             if p.last_key > self._durable.get(sk, -1):
                 self._durable[sk] = p.last_key
         self._streams = {}
-        self._rows = {k: [] for k in schema.KINDS}
+        self._chunks = {k: [] for k in schema.DATA}
+        self._markers = []
         self._pending_rows = 0
+        self._stage_all = False
         if self._failing:
             self._failing = False
             self._failure_reason = None
@@ -657,21 +751,26 @@ class PostgresSink(Sink):
         )
 
     def _drop_invalid(self) -> bool:
-        """After a data error: drop the rows whose numbers ``numeric`` refuses. True when
-        some were dropped (then the flush is retried)."""
+        """After a data error: drop the records whose numbers ``numeric`` refuses. True
+        when some were dropped (then the flush is retried)."""
         dropped = 0
-        for kind in schema.KINDS:
-            rows = self._rows[kind]
-            good = [row for row in rows if not schema.bad_numbers(kind, row)]
-            if len(good) != len(rows):
-                dropped += len(rows) - len(good)
-                self._rows[kind] = good
+        for kind in schema.DATA:
+            chunks = []
+            for sk, records in self._chunks[kind]:
+                good = []
+                for r in records:
+                    if schema.bad_numbers(kind, r):
+                        rows = schema.row_count(kind, r)
+                        dropped += 1
+                        self._pending_rows -= rows
+                        self._streams[sk].rows -= rows
+                    else:
+                        good.append(r)
+                if good:
+                    chunks.append((sk, good))
+            self._chunks[kind] = chunks
         if dropped:
-            self._pending_rows -= dropped
-            self._counters.incr("records_invalid", n=dropped)
-            self._log.error(
-                "invalid_number", "dropped %d rows whose price or quantity is no number", dropped
-            )
+            self._invalid(dropped)
         return dropped > 0
 
     def _report_drops(self) -> None:
@@ -682,7 +781,7 @@ class PostgresSink(Sink):
             for (sk, _), d in drops.items()
         ]  # fmt: skip
         self._counters.incr("gap_markers", n=len(markers))
-        self._rows[schema.MARKERS] += schema.marker_rows(markers, time.time_ns() // 1_000_000)
+        self._add_markers(markers)
 
     def _mark_lost(self) -> None:
         """Rows that cannot be written before exit: count and log their key ranges (the
@@ -699,6 +798,20 @@ class PostgresSink(Sink):
             self._failure_reason or "write error",
             "; ".join(ranges),
         )
+
+
+#: Records per piece of a COPY (see :meth:`PostgresSink._copy`).
+_PIECE = 2000
+
+
+def _columns(streams: list[StreamKey]) -> tuple[list[str], list[str], list[str], list[str]]:
+    """``streams`` as four arrays (exchange, market, symbol, stream) for ``unnest``."""
+    return (
+        [sk.exchange for sk in streams],
+        [sk.market for sk in streams],
+        [sk.symbol for sk in streams],
+        [sk.stream for sk in streams],
+    )
 
 
 def _msym(sk: StreamKey) -> str:
