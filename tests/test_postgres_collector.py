@@ -355,3 +355,62 @@ def test_two_collectors_on_the_same_symbols_write_one_copy_of_every_row(
         for c in collectors:
             c.kill()
     assert assert_exactly_once(pg_dsn, sim) > 100
+
+
+def sink_process(state_dir: Path, name: str = "db") -> dict:
+    """The process-wide counters the sink's writer published in status.json."""
+    try:
+        doc = json.loads((state_dir / "status.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return doc.get("sinks", {}).get(name, {}).get("process", {}) or {}
+
+
+@pytest.mark.timeout(240)
+def test_database_down_at_start_shows_in_the_status_then_recovers(
+    tmp_path: Path, binance_sim_factory, pg_server: PgServer, pg_dsn: str
+) -> None:
+    """The writer publishes its status while the sink's ``open`` retries a database that is
+    down: ``connect_errors``, ``db_connected`` 0, health degraded; then the server starts
+    and rows arrive. A second collector stopped while its database is still down stops
+    cleanly (Stop is honoured while opening)."""
+    from streamer.core.ops.status_view import load_status
+
+    sim = binance_sim_factory(seed=6, spot_symbols=SYMBOLS, usdm_symbols=[], tick_ms=20)
+    config = write_config(tmp_path, sim, pg_dsn, csv_sink=False, streams=SPOT_STREAMS,
+                          markets=("spot",))  # fmt: skip
+    collector = Collector(tmp_path, config)
+    pg_server.stop()
+    try:
+        result = d.start(collector.paths, ["--config", str(config)], wait=0)
+        assert result.pid, result.message
+        wait_for(lambda: sink_process(collector.state_dir).get("connect_errors", 0) >= 2,
+                 timeout=60, what="connect errors in the status")  # fmt: skip
+        assert sink_process(collector.state_dir).get("db_connected") == 0
+        view = load_status(collector.state_dir / "status.json")
+        assert view.health == "degraded", view.problems
+        pg_server.start()
+        wait_for(lambda: count(pg_dsn, "aggtrade") > 50, timeout=60, what="rows after recovery")
+        assert sink_process(collector.state_dir).get("db_connected") == 1
+        collector.stop()
+    finally:
+        collector.kill()
+        if not pg_server.running():
+            pg_server.start()
+    assert assert_exactly_once(pg_dsn, sim) > 50
+
+    # Stopped while the database is down: the writer leaves its open() and exits 0.
+    pg_server.stop()
+    try:
+        config = write_config(tmp_path, sim, pg_dsn, csv_sink=False, streams=SPOT_STREAMS,
+                              markets=("spot",), state="second")  # fmt: skip
+        second = Collector(tmp_path, config, state="second")
+        assert d.start(second.paths, ["--config", str(config)], wait=0).pid
+        wait_for(lambda: sink_process(second.state_dir).get("connect_errors", 0) >= 1,
+                 timeout=60, what="connect errors in the status")  # fmt: skip
+        second.stop()
+        doc = json.loads((second.state_dir / "status.json").read_text())
+        assert doc["state"] == "stopped" and doc.get("exit_code") == 0, doc.get("exit_code")
+    finally:
+        second.kill()
+        pg_server.start()
