@@ -19,6 +19,16 @@ $(STAMP): pyproject.toml | $(BIN)/python
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
+# PostgreSQL for the postgres sink's tests: the driver (extra `postgres`) and the server
+# binaries from PyPI (`pgserver`), else Debian's postgresql package. Once per venv.
+PG_STAMP := $(VENV)/.postgres-installed
+test: $(PG_STAMP)
+$(PG_STAMP): pyproject.toml | $(STAMP)
+	$(BIN)/python -m pip install --quiet -e '.[postgres]'
+	$(BIN)/python -m pip install --quiet 'pgserver>=0.1.4' || ls /usr/lib/postgresql/*/bin/initdb \
+	  || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql; }
+	touch $@
+
 # Minutes-long soak tests against the simulator (excluded from `make test`).
 soak: $(STAMP)
 	$(BIN)/python -m pytest -q -m soak

@@ -28,6 +28,9 @@ pytest_plugins = (
     else []
 )
 
+# A real PostgreSQL for the postgres sink's tests (pg_server, pg_dsn; started on first use).
+from pg_server import pg_dsn, pg_server  # noqa: E402, F401
+
 #: A fixed origin for the synthetic exchange's clock-driven trade ids.
 SYNTH_EPOCH_MS = 1_764_000_000_000
 

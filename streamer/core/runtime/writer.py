@@ -52,7 +52,7 @@ from ..logs import RateLimitedLog
 from ..records import Chunk, decode_batch, decode_encoded, is_encoded
 from ..units import parse_duration
 from .bootstrap import ChildSpec, paths_of
-from .channels import FrameReader, Hello, Ready, Status, encode_control
+from .channels import FrameReader, Hello, Ready, Status
 from .child import ChildLoop, SupervisorGone, leave_socket_dir, tune_gc
 from .keys import HighWater, Tally
 from .worker import connect_unix_retry
@@ -91,6 +91,7 @@ class Writer(ChildLoop):
         self._room: anyio.Event | None = None
         self._dirty = False
         self._sink: Sink | None = None
+        self._fatal = ""
         #: Per (exchange, market, symbol, stream): [records, newest event time, last key]
         #: handed to the sink and not yet known to be flushed.
         self._unflushed: dict[tuple[str, str, str, str], list] = {}
@@ -277,16 +278,31 @@ class Writer(ChildLoop):
             final=final,
         )
 
-    async def _opened(self, sink: Sink) -> dict[StreamKey, int] | None:
-        """Open the sink and read its holdings; ``None`` (reported) when it cannot start."""
-        try:
-            await sink.open()
-            held = await sink.holdings()
-            if self.spec.writers > 1:  # only what this writer owns (the union is the sink's)
-                owns = self._context.owns
-                held = {key: value for key, value in held.items() if owns(key.symbol)}
-            return held
-        except Exception as exc:  # a third-party sink may raise anything here
+    async def _opened(self, sink: Sink, ctl: ByteStream) -> dict[StreamKey, int] | None:
+        """Open the sink and read its holdings, publishing status and honouring Stop
+        meanwhile (a sink may retry for long, say while its database is down); ``None``
+        when it cannot start (reported) or was stopped first."""
+        failed: Exception | None = None
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(self._control, ctl)
+            tg.start_soon(self._publish, ctl)
+            tg.start_soon(self._signals)
+            with anyio.CancelScope() as opening:
+                tg.start_soon(_cancel_on, self._stop, opening)
+                try:
+                    await sink.open()
+                    holdings = await sink.holdings()
+                    if (
+                        self.spec.writers > 1
+                    ):  # only what this writer owns (the union is the sink's)
+                        owns = self._context.owns
+                        holdings = {k: v for k, v in holdings.items() if owns(k.symbol)}
+                except Exception as exc:  # a third-party sink may raise anything here
+                    failed = exc
+            tg.cancel_scope.cancel()
+        if opening.cancelled_caught:
+            return None
+        if (exc := failed) is not None:
             if isinstance(exc, OSError):
                 detail = exc.strerror or str(exc)
                 if exc.filename:
@@ -294,14 +310,11 @@ class Writer(ChildLoop):
             else:
                 detail = f"{type(exc).__name__}: {exc}"
             message = f"cannot open: {detail}"
-            self.logger.debug("sink %s failed to open", self.spec.sink, exc_info=True)
-        ctl = await connect_unix_retry(self.spec.control_path, timeout=30)
-        async with ctl:
-            hello = Hello(self.spec.child, self.spec.incarnation, os.getpid())
-            await ctl.send(encode_control(hello))
-            fatal = Status(counters=[], info={"fatal": message}, final=True)
-            await ctl.send(encode_control(fatal))
-        return None
+            self.logger.debug("sink %s failed to open", self.spec.sink, exc_info=exc)
+            self._fatal = message
+            await self._tell(ctl, Status(counters=[], info={"fatal": message}, final=True))
+            return None
+        return holdings
 
     async def run(self) -> int:
         """Serve until stopped, then drain, flush and close the sink; returns the exit code."""
@@ -313,17 +326,23 @@ class Writer(ChildLoop):
         if os.path.exists(path):
             os.unlink(path)
         listener = await anyio.create_unix_listener(path)
-        holdings = await self._opened(sink)
+        ctl = await connect_unix_retry(self.spec.control_path, timeout=30)
+        await self._tell(ctl, Hello(self.spec.child, self.spec.incarnation, os.getpid()))
+        holdings = await self._opened(sink, ctl)
         if holdings is None:
             await listener.aclose()
-            return EXIT_SINK_FAILED
+            if self._fatal:
+                await ctl.aclose()
+                return EXIT_SINK_FAILED
+            with anyio.CancelScope(shield=True):  # stopped while opening
+                await sink.close()
+            await self._send_final(ctl)
+            await ctl.aclose()
+            return 0
         closed = False
         tune_gc()  # start-up is over: what exists now lives for the whole run
         try:
             self._high_water = HighWater(holdings)
-            ctl = await connect_unix_retry(self.spec.control_path, timeout=30)
-            hello = Hello(self.spec.child, self.spec.incarnation, os.getpid())
-            await self._tell(ctl, hello)
             await self._tell(ctl, Ready(_marks(holdings)))
             async with anyio.create_task_group() as outer:
                 outer.start_soon(self._control, ctl)
@@ -349,6 +368,11 @@ class Writer(ChildLoop):
                     except Exception:
                         self.logger.exception("closing sink %s after an error", self.spec.sink)
         return 0
+
+
+async def _cancel_on(event: anyio.Event, scope: anyio.CancelScope) -> None:
+    await event.wait()
+    scope.cancel()
 
 
 def _marks(marks: dict[StreamKey, int]) -> list[tuple[str, str, str, str, int]]:
