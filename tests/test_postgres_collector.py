@@ -390,7 +390,9 @@ def test_database_down_at_start_shows_in_the_status_then_recovers(
         view = load_status(collector.state_dir / "status.json")
         assert view.health == "degraded", view.problems
         pg_server.start()
-        wait_for(lambda: count(pg_dsn, "aggtrade") > 50, timeout=60, what="rows after recovery")
+        wait_for(lambda: count(pg_dsn, "aggtrade") > 50
+                 and all(count(pg_dsn, "kline", f"symbol = '{s}'") >= 2 for s in SYMBOLS),
+                 timeout=60, what="rows and klines of every symbol after recovery")  # fmt: skip
         assert sink_process(collector.state_dir).get("db_connected") == 1
         collector.stop()
     finally:
