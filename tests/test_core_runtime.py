@@ -155,15 +155,22 @@ def test_crashing_adapter_is_restarted_with_backoff_and_backfilled(tmp_path, cap
 def test_failing_sink_write_restarts_writer_and_workers_without_gap(tmp_path, caplog):
     sinks = synth_config(tmp_path)["sinks"]
     sinks["a"]["fail_on_write"] = 15
-    code, status = run_inline_until(
-        tmp_path,
-        lambda s: _restarts(s, "sink.a") >= 1 and _restarts(s, "synth.worker0") >= 1,
-        sinks=sinks,
-    )
+    symbols = ["AAA", "BBB", "CCC", "DDD"]
+
+    def restarted_and_written(s: dict) -> bool:
+        # Both workers (two symbols each) must have reached the restarted sink, however
+        # late a loaded machine started one of them.
+        written = {k.symbol for k in read_lines(tmp_path / "a")}
+        return (
+            _restarts(s, "sink.a") >= 1
+            and _restarts(s, "synth.worker0") >= 1
+            and written == set(symbols)
+        )
+
+    code, status = run_inline_until(tmp_path, restarted_and_written, sinks=sinks)
     assert code == 0
     assert status["children"]["sink.a"]["restarts"] >= 1
     assert status["children"]["synth.worker0"]["restarts"] >= 1
-    symbols = ["AAA", "BBB", "CCC", "DDD"]
     a = read_lines(tmp_path / "a")
     assert_contiguous(a, symbols)
     assert_contiguous(read_lines(tmp_path / "b"), symbols)
