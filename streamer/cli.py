@@ -470,9 +470,9 @@ def _report(
 ) -> None:
     """Data-quality report: coverage, gaps and their causes, rates, latency, bytes.
 
-    Writes one HTML page (pictures with the optional extra ``market-streamer[report]``) and,
-    with --json, every fact per stream and day; prints a short summary. Exit code 0, or 2 for
-    bad input.
+    Writes one self-contained HTML page (--json: every fact per stream and day).
+    Pictures need matplotlib: pip install 'market-streamer\\[report]'.
+    Exit code 0, or 2 for bad input.
     """
     from .core.report import PICTURES_HINT, build, parse_when, render_text
     from .core.report_html import have_matplotlib, render_html
