@@ -793,11 +793,11 @@ class ParquetSink(Sink):
 
     def _compact_pending(self) -> None:
         paths, self._to_compact = self._to_compact, []
-        for i, path in enumerate(paths):
+        for path in paths:
             try:
                 rows, _ = self._pf.compact(self._io, path, **self._compact_args())
             except OSError as exc:
-                self._to_compact = paths[i:] + self._to_compact
+                self._to_compact.append(path)
                 self._counters.incr("compaction_errors")
                 self._log.error(
                     "compaction_error",
@@ -807,7 +807,7 @@ class ParquetSink(Sink):
                     _reason(exc),
                     exc,
                 )
-                return
+                continue
             self._counters.incr("files_compacted")
             self._counters.incr("rows_compacted", n=rows)
 
