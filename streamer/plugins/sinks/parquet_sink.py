@@ -38,6 +38,7 @@ import logging
 import os
 import time
 from collections.abc import Sequence
+from itertools import pairwise
 from typing import Annotated, Literal
 
 import msgspec
@@ -53,6 +54,7 @@ from streamer import (
     Sink,
     SinkContext,
     StreamKey,
+    Trade,
     check_duration,
     hookimpl,
     parse_duration,
@@ -116,6 +118,9 @@ def require_pyarrow() -> None:
 
 
 _Target = layout.FileTarget
+#: The attribute holding each record type's key (what ``record_key`` returns).
+_KEY_ATTR = {Trade: "trade_id", Kline: "open_time", DepthUpdate: "last_update_id",
+             BookSnapshot: "last_update_id"}  # fmt: skip
 _DISK_FULL = frozenset({errno.ENOSPC, errno.EDQUOT})
 _DENIED = frozenset({errno.EACCES, errno.EPERM, errno.EROFS})
 
@@ -457,9 +462,12 @@ class ParquetSink(Sink):
 
     def _dedupe(self, sk: StreamKey, records: list) -> list:
         last = self._accepted.get(sk, -1)
+        keys = [getattr(r, _KEY_ATTR[r.__class__]) for r in records]
+        if keys[0] > last and all(a < b for a, b in pairwise(keys)):
+            self._accepted[sk] = keys[-1]  # the common case: all new, in order
+            return records
         kept = []
-        for r in records:
-            k = record_key(r)
+        for r, k in zip(records, keys, strict=True):
             if k > last:
                 kept.append(r)
                 last = k
