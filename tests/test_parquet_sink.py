@@ -539,6 +539,51 @@ def test_a_deleted_tree_is_created_again(tmp_path: Path) -> None:
 # --- values, verify --------------------------------------------------------------------------
 
 
+def _depth_event(u: int, bids: list, asks: list, futures: bool) -> DepthUpdate:
+    return DepthUpdate("binance", "usdm" if futures else "spot", "BTCUSDT", T0 + u,
+                       T0 + u - 1 if futures else None, u, u, u - 1 if futures else None,
+                       bids, asks, T0 + u + 5)  # fmt: skip
+
+
+@pytest.mark.parametrize("price_type", ["decimal", "float"])
+def test_depth_and_book_rows_of_every_shape_match_the_records(price_type: str) -> None:
+    """The vectorised builders: events without levels (first, middle, last), bids or asks
+    only, spot and futures ids, one-record batches; books with uneven sides and a cap."""
+    from streamer.plugins.sinks._parquet_schema import Types
+
+    types = Types(price_type, 8)
+    num = Decimal if price_type == "decimal" else float
+    lv = [(f"{100 + i}.5", f"0.00{i}") for i in range(6)]
+    shapes = [([], []), (lv[:2], lv[2:5]), (lv[:3], []), ([], []), ([], lv[1:2]), (lv, lv),
+              ([], [])]  # fmt: skip
+    for futures in (False, True):
+        events = [_depth_event(10 + u, b, a, futures) for u, (b, a) in enumerate(shapes)]
+        for batch in (events, events[1:3], events[3:4], events[4:5]):
+            want = []
+            for e in batch:
+                head = [e.event_time, e.transact_time, e.first_update_id, e.last_update_id,
+                        e.prev_update_id]  # fmt: skip
+                levels = [("b", p, q) for p, q in e.bids] + [("a", p, q) for p, q in e.asks]
+                for side, p, q in levels or [(None, None, None)]:
+                    want.append((*head, side, p and num(p), q and num(q), e.receive_time))
+            got = types.batch("depth", "spot", batch, None).to_pylist()
+            assert [tuple(row.values())[:-1] for row in got] == want
+    books = [
+        BookSnapshot("binance", "spot", "BTCUSDT", 7, T0, T0 + 1, lv[:3], lv[:1]),
+        BookSnapshot("binance", "spot", "BTCUSDT", 8, 0, T0 + 2, [], lv[2:6]),
+        BookSnapshot("binance", "spot", "BTCUSDT", 9, T0 + 3, T0 + 4, lv, []),
+    ]
+    for levels in (None, 2):
+        got = types.batch("orderbook", "spot", books, levels).to_pylist()
+        for row, b in zip(got, books, strict=True):
+            bids, asks = b.bids[:levels], b.asks[:levels]
+            assert (row["last_update_id"], row["event_time"]) == (b.last_update_id, b.event_time)
+            assert row["bid_price"] == [num(p) for p, _ in bids]
+            assert row["bid_qty"] == [num(q) for _, q in bids]
+            assert row["ask_price"] == [num(p) for p, _ in asks]
+            assert row["ask_qty"] == [num(q) for _, q in asks]
+
+
 def test_a_value_the_decimal_cannot_hold_is_never_rounded(tmp_path: Path) -> None:
     sink, counters = make_sink(tmp_path)
     batch = trades(1, 4)

@@ -13,9 +13,11 @@ a UTC timestamp in microseconds. Ids and times are int64; prices and quantities 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from itertools import accumulate, chain
 
 import pyarrow as pa
 import pyarrow.compute as pc
+from msgspec.structs import astuple
 
 from streamer import BookSnapshot, DepthUpdate, Kline, Marker, Trade
 
@@ -35,6 +37,23 @@ _TS = pa.timestamp("us", tz="UTC")
 _I64 = pa.int64()
 _STR = pa.string()
 _MICROS = 100_000_000_000_000  # times at or above this are microseconds already
+
+
+def _at(cls: type, *names: str) -> tuple[int, ...]:
+    """Positions of fields in ``astuple`` of a record type."""
+    return tuple(cls.__struct_fields__.index(n) for n in names)
+
+
+_K_NUMBERS = ("open", "high", "low", "close", "volume", "quote_volume", "taker_buy_volume",
+              "taker_buy_quote_volume")  # fmt: skip
+_D_EVENT, _D_TRANSACT, _D_FIRST, _D_LAST, _D_PREV, _D_RECEIVE = _at(
+    DepthUpdate, "event_time", "transact_time", "first_update_id", "last_update_id",
+    "prev_update_id", "receive_time",
+)  # fmt: skip
+#: The ``side`` of a depth row by its parity in :meth:`Types._depth`.
+_SIDES = pa.array(["b", "a"], _STR)
+#: The one row of nulls of a depth event without levels.
+_NO_LEVEL = ((None, None),)
 
 
 class Unrepresentable(ValueError):
@@ -79,12 +98,22 @@ class Types:
 
     # --- builders: records in, one RecordBatch out ---------------------------------------
 
-    def numbers(self, values: list) -> pa.Array:
-        """Exact strings to the number type; raises :class:`Unrepresentable`."""
+    def numbers(self, values: Sequence) -> pa.Array:
+        """Exact strings to the number type, in one vectorised cast that refuses any value
+        it cannot hold exactly (``safe``: no rounding); raises :class:`Unrepresentable`."""
         try:
             return pa.array(values, _STR).cast(self.number)
         except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
             raise Unrepresentable(str(exc)) from None
+
+    def number_columns(self, *columns: Sequence) -> list[pa.Array]:
+        """:meth:`numbers` of several equally long columns with one conversion."""
+        n = len(columns[0])
+        joined: list = []
+        for c in columns:
+            joined += c
+        values = self.numbers(joined)
+        return [values.slice(i * n, n) for i in range(len(columns))]
 
     def batch(
         self, kind: str, market: str, records: Sequence, levels: int | None
@@ -103,15 +132,20 @@ class Types:
             arrays = self._markers(records)
         return pa.record_batch(arrays, schema=schema)
 
+    # Each builder converts every price and quantity of a batch with one cast (a cast per
+    # call costs microseconds: live flushes are small) and keeps per-value Python work to
+    # one comprehension per column (depth: flat lists, no per-row loop).
+
     def _trades(self, rs: Sequence[Trade], spot: bool) -> list:
-        num = self.numbers
+        price, qty = self.number_columns([r.price for r in rs], [r.quantity for r in rs])
+        tt = pa.array([r.transact_time for r in rs], _I64)
         cols = [
             pa.array([r.trade_id for r in rs], _I64),
-            num([r.price for r in rs]),
-            num([r.quantity for r in rs]),
+            price,
+            qty,
             pa.array([r.first_trade_id for r in rs], _I64),
             pa.array([r.last_trade_id for r in rs], _I64),
-            tt := pa.array([r.transact_time for r in rs], _I64),
+            tt,
             pa.array([r.is_buyer_maker for r in rs], pa.bool_()),
         ]
         if spot:
@@ -124,86 +158,86 @@ class Types:
         return cols
 
     def _klines(self, rs: Sequence[Kline]) -> list:
-        num = self.numbers
+        o, h, lo, cl, v, qv, tbv, tbqv = self.number_columns(
+            *([getattr(r, name) for r in rs] for name in _K_NUMBERS)
+        )
         ot = pa.array([r.open_time for r in rs], _I64)
         return [
             ot,
-            num([r.open for r in rs]),
-            num([r.high for r in rs]),
-            num([r.low for r in rs]),
-            num([r.close for r in rs]),
-            num([r.volume for r in rs]),
+            o,
+            h,
+            lo,
+            cl,
+            v,
             pa.array([r.close_time for r in rs], _I64),
-            num([r.quote_volume for r in rs]),
+            qv,
             pa.array([r.count for r in rs], _I64),
-            num([r.taker_buy_volume for r in rs]),
-            num([r.taker_buy_quote_volume for r in rs]),
+            tbv,
+            tbqv,
             pa.array([r.event_time for r in rs], _I64),
             pa.array([r.receive_time for r in rs], _I64),
             timestamps(ot),
         ]
 
     def _depth(self, rs: Sequence[DepthUpdate]) -> list:
-        # Per-event values are repeated over the event's rows with one ``take``.
-        index: list[int] = []
-        sides: list = []
-        prices: list = []
-        qtys: list = []
-        for i, r in enumerate(rs):
-            b, a = r.bids, r.asks
-            n = len(b) + len(a)
-            if not n:
-                index.append(i)
-                sides.append(None)
-                prices.append(None)
-                qtys.append(None)
-                continue
-            index += [i] * n
-            if b:
-                sides += ["b"] * len(b)
-                prices += [p for p, _ in b]
-                qtys += [q for _, q in b]
-            if a:
-                sides += ["a"] * len(a)
-                prices += [p for p, _ in a]
-                qtys += [q for _, q in a]
-        take = pa.array(index, pa.int32())
-        et = pa.array([r.event_time for r in rs], _I64).take(take)
+        # The levels of every event, bids then asks, as one flat list; ``parts`` holds
+        # each event's bids and asks in turn, so the parent index of a row in the list
+        # array built from their lengths is 2 * event (a bid) or 2 * event + 1 (an ask).
+        # An event without levels gets one row of nulls (the CSV's empty side/price/qty).
+        parts = [x for r in rs for x in (r.bids, r.asks if r.asks or r.bids else _NO_LEVEL)]
+        flat = list(chain.from_iterable(parts))
+        offsets = pa.array([0, *accumulate(map(len, parts))], pa.int32())
+        parent = pc.list_parent_indices(pa.ListArray.from_arrays(offsets, pa.nulls(len(flat))))
+        event = pc.shift_right(parent, 1)
+        side = _SIDES.take(pc.bit_wise_and(parent, 1))
+        prices, qtys = self.number_columns([p for p, _ in flat], [q for _, q in flat])
+        if prices.null_count:
+            side = pc.if_else(pc.is_null(prices), pa.scalar(None, _STR), side)
+        c = list(zip(*map(astuple, rs), strict=True))
+        et = pa.array(c[_D_EVENT], _I64).take(event)
         return [
             et,
-            pa.array([r.transact_time for r in rs], _I64).take(take),
-            pa.array([r.first_update_id for r in rs], _I64).take(take),
-            pa.array([r.last_update_id for r in rs], _I64).take(take),
-            pa.array([r.prev_update_id for r in rs], _I64).take(take),
-            pa.array(sides, _STR),
-            self.numbers(prices),
-            self.numbers(qtys),
-            pa.array([r.receive_time for r in rs], _I64).take(take),
+            pa.array(c[_D_TRANSACT], _I64).take(event),
+            pa.array(c[_D_FIRST], _I64).take(event),
+            pa.array(c[_D_LAST], _I64).take(event),
+            pa.array(c[_D_PREV], _I64).take(event),
+            side,
+            prices,
+            qtys,
+            pa.array(c[_D_RECEIVE], _I64).take(event),
             timestamps(et),
         ]
 
     def _books(self, rs: Sequence[BookSnapshot], levels: int | None) -> list:
-        out = []
-        for side in ("bids", "asks"):
-            lists = [getattr(r, side) for r in rs]
-            if levels is not None:
-                lists = [x[:levels] for x in lists]
-            offsets = [0]
-            total = 0
-            for x in lists:
-                total += len(x)
-                offsets.append(total)
-            off = pa.array(offsets, pa.int32())
-            prices = self.numbers([p for x in lists for p, _ in x])
-            qtys = self.numbers([q for x in lists for _, q in x])
-            out.append(pa.ListArray.from_arrays(off, prices, type=pa.list_(self.number)))
-            out.append(pa.ListArray.from_arrays(off, qtys, type=pa.list_(self.number)))
+        # Every price and quantity of the batch in one list and one cast; each list column
+        # is a slice of it under offsets from the side lengths.
+        bids = [r.bids for r in rs]
+        asks = [r.asks for r in rs]
+        if levels is not None:
+            bids = [x[:levels] for x in bids]
+            asks = [x[:levels] for x in asks]
+        flat = list(chain.from_iterable(bids))
+        nb = len(flat)
+        flat += chain.from_iterable(asks)
+        na = len(flat) - nb
+        values = self.numbers([p for p, _ in flat] + [q for _, q in flat])
+        total = nb + na
+        bp = values.slice(0, nb)
+        ap = values.slice(nb, na)
+        bq = values.slice(total, nb)
+        aq = values.slice(total + nb, na)
+        list_type = pa.list_(self.number)
+        boff = pa.array([0, *accumulate(map(len, bids))], pa.int32())
+        aoff = pa.array([0, *accumulate(map(len, asks))], pa.int32())
         et = [r.event_time or r.receive_time for r in rs]
         return [
             pa.array([r.last_update_id for r in rs], _I64),
             pa.array([r.event_time for r in rs], _I64),
             pa.array([r.receive_time for r in rs], _I64),
-            *out,
+            pa.ListArray.from_arrays(boff, bp, type=list_type),
+            pa.ListArray.from_arrays(boff, bq, type=list_type),
+            pa.ListArray.from_arrays(aoff, ap, type=list_type),
+            pa.ListArray.from_arrays(aoff, aq, type=list_type),
             timestamps(pa.array(et, _I64)),
         ]
 
