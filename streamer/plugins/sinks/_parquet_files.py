@@ -264,7 +264,7 @@ def _open_parquet(io: FileIO, tmp: str, schema: pa.Schema, level: int):
             schema,
             compression="zstd",
             compression_level=level,
-            write_statistics=True,
+            write_statistics=statistics_columns(schema),
             **encodings(schema),
         )
     except BaseException:
@@ -284,6 +284,18 @@ def encodings(schema: pa.Schema) -> dict:
     }
     strings = [f.name for f in schema if pa.types.is_string(f.type)]
     return {"use_dictionary": strings or False, "column_encoding": deltas or None}
+
+
+def statistics_columns(schema: pa.Schema) -> list[str]:
+    """Columns with min/max statistics in finished files: ids, times and strings (what
+    readers filter on, and :func:`max_key` reads); not prices and quantities, whose
+    statistics cost a fifth of the compaction time of order books and serve no filter."""
+    return [
+        f.name
+        for f in schema
+        if not (pa.types.is_list(f.type) or pa.types.is_decimal(f.type)
+                or pa.types.is_floating(f.type))
+    ]  # fmt: skip
 
 
 def max_key(path: str, column: str) -> int | None:

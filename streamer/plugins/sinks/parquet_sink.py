@@ -95,8 +95,9 @@ class Options(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     max_buffered_mb: Annotated[int, msgspec.Meta(ge=1, le=1_048_576)] = 256
     #: Rows per Parquet row group in finished files.
     row_group_rows: Annotated[int, msgspec.Meta(ge=1_000, le=100_000_000)] = 1_000_000
-    #: zstd level of finished files (1 fastest .. 22 smallest).
-    zstd_level: Annotated[int, msgspec.Meta(ge=1, le=22)] = 3
+    #: zstd level of finished files (1 fastest .. 22 smallest; 3 saves ~1% over 1 at a
+    #: third more compaction time on market data).
+    zstd_level: Annotated[int, msgspec.Meta(ge=1, le=22)] = 1
 
     def __post_init__(self) -> None:
         if not self.path:
