@@ -154,14 +154,16 @@ def vwap_times(day_rows: int, tmp: Path) -> dict[str, float]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rows", type=int, default=200_000)
-    ap.add_argument("--batch", type=int, default=2000, help="rows per write+flush")
+    ap.add_argument(
+        "--batch", type=int, default=2000, help="records per write+flush (order books: batch // 20)"
+    )
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--day-rows", type=int, default=1_000_000, help="aggTrades in the VWAP day")
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="bench-parquet-"))
     try:
         res = throughput(args.rows, args.batch, args.runs, tmp)
-        print(f"rows/s (write+flush per batch of {args.batch} rows, then close), "
+        print(f"rows/s (write+flush per batch of {args.batch} records, then close), "
               f"bytes/row on disk; medians of {args.runs}")  # fmt: skip
         print(f"{'rows':18} " + " ".join(f"{k:>22}" for k in KINDS))
         for name, results in res.items():
