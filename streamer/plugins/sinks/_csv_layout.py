@@ -1,39 +1,50 @@
 """Paths, columns and row encoding of the CSV sink (private to :mod:`.csv_batch`).
 
-Everything here is pure: no file I/O. Rows are built by joining the exchange's exact strings;
-prices and quantities never pass through ``float``. The row encoders are the hot path, so
-they are list comprehensions over f-strings specialised per record type.
+What every file sink shares (record kinds, column names, periods, path components, grouping
+by file) is in :mod:`._sink_layout` and re-exported here. Everything here is pure: no file
+I/O. Rows are built by joining the exchange's exact strings; prices and quantities never
+pass through ``float``. The row encoders are the hot path, so they are list comprehensions
+over f-strings specialised per record type.
 """
 
 from __future__ import annotations
 
 import os
 import re
-import time
 from collections.abc import Callable, Iterator, Sequence
 
 import msgspec
 
-from streamer import (
-    AGGTRADE_STREAM,
-    DEPTH_STREAM,
-    ORDERBOOK_STREAM,
-    BookSnapshot,
-    DepthUpdate,
-    Kline,
-    Marker,
-    Trade,
-    kline_stream,
+from streamer import BookSnapshot, DepthUpdate, Kline, Marker, Trade
+
+# The shared vocabulary, re-exported: the csv modules use it as ``layout.*``.
+from ._sink_layout import (  # noqa: F401
+    AGGTRADE,
+    AGGTRADE_COLUMNS,
+    BOOK_PREFIX_COLUMNS,
+    DEPTH,
+    DEPTH_COLUMNS,
+    KEY_COLUMN,
+    KLINE,
+    KLINE_COLUMNS,
+    MARKER_COLUMNS,
+    MARKERS,
+    ORDERBOOK,
+    FileTarget,
+    InvalidComponent,
+    PeriodNamer,
+    aggtrade_columns,
+    check_component,
+    depth_rows,
+    group_by_file,
+    ms_time,
+    stream_name,
 )
 
 #: Spelling of booleans in every file (the data.binance.vision futures spelling).
 TRUE, FALSE = "true", "false"
 _BOOL = (FALSE, TRUE)
 
-#: Record kinds, each with its own folder under ``<exchange>/<market>/``; the kinds of trades,
-#: depth updates and books are their output stream names.
-AGGTRADE, DEPTH, ORDERBOOK = AGGTRADE_STREAM, DEPTH_STREAM, ORDERBOOK_STREAM
-KLINE, MARKERS = "kline", "markers"
 DATASET_DIR = {
     AGGTRADE: "aggTrades",
     DEPTH: "depth",
@@ -42,79 +53,6 @@ DATASET_DIR = {
     MARKERS: "markers",
 }
 DIR_KIND = {folder: kind for kind, folder in DATASET_DIR.items()}
-
-AGGTRADE_COLUMNS = (
-    "agg_trade_id",
-    "price",
-    "quantity",
-    "first_trade_id",
-    "last_trade_id",
-    "transact_time",
-    "is_buyer_maker",
-)
-KLINE_COLUMNS = (
-    "open_time",
-    "open",
-    "high",
-    "low",
-    "close",
-    "volume",
-    "close_time",
-    "quote_volume",
-    "count",
-    "taker_buy_volume",
-    "taker_buy_quote_volume",
-    "event_time",
-    "receive_time",
-)
-DEPTH_COLUMNS = (
-    "event_time",
-    "transact_time",
-    "first_update_id",
-    "last_update_id",
-    "prev_update_id",
-    "side",
-    "price",
-    "quantity",
-    "receive_time",
-)
-BOOK_PREFIX_COLUMNS = ("last_update_id", "event_time", "receive_time")
-MARKER_COLUMNS = ("time", "stream", "kind", "first_key", "last_key", "reason")
-
-#: Column holding the resume key of each kind (aggTrade id, kline open time, update id).
-KEY_COLUMN = {AGGTRADE: 0, KLINE: 0, ORDERBOOK: 0, DEPTH: 3}
-
-_MS_PER_DAY = 86_400_000
-_MS_PER_HOUR = 3_600_000
-#: Times above this are microseconds (spot ``timeUnit=MICROSECOND``), not milliseconds:
-#: 1e14 ms is the year 5138.
-_MICROS_THRESHOLD = 100_000_000_000_000
-
-_COMPONENT = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}")
-
-
-class InvalidComponent(ValueError):
-    """A record field that would become a path component is unsafe (traversal, separator...)."""
-
-
-def check_component(what: str, value: str) -> str:
-    """Return ``value`` when it is a safe single path component, else raise.
-
-    Safe: 1-64 characters of ``A-Z a-z 0-9 _ . -`` starting with a letter or digit, so
-    ``..``, ``/``, ``\\``, empty strings and hidden names can never become part of a path.
-    """
-    if not isinstance(value, str) or _COMPONENT.fullmatch(value) is None:
-        raise InvalidComponent(
-            f"invalid {what} {value!r}: a path component must be 1-64 characters of "
-            "A-Z a-z 0-9 _ . - starting with a letter or digit"
-        )
-    return value
-
-
-def aggtrade_columns(market: str) -> tuple[str, ...]:
-    """aggTrades columns; ``is_best_match`` exists only on spot (as on data.binance.vision)."""
-    best = ("is_best_match",) if market == "spot" else ()
-    return (*AGGTRADE_COLUMNS, *best, "event_time", "receive_time")
 
 
 def book_columns(levels: int) -> tuple[str, ...]:
@@ -154,31 +92,6 @@ def expected_header(kind: str, market: str, header: bytes | None) -> bool:
     return header == header_line(columns)
 
 
-def ms_time(t: int) -> int:
-    """``t`` in milliseconds, converting microsecond timestamps."""
-    return t // 1000 if t >= _MICROS_THRESHOLD else t
-
-
-class PeriodNamer:
-    """Maps millisecond times to rotation periods and their file-name labels (UTC)."""
-
-    __slots__ = ("_labels", "hourly", "span")
-
-    def __init__(self, hourly: bool) -> None:
-        self.hourly = hourly
-        self.span = _MS_PER_HOUR if hourly else _MS_PER_DAY
-        self._labels: dict[int, str] = {}
-
-    def label(self, period: int) -> str:
-        """``YYYY-MM-DD`` (daily) or ``YYYY-MM-DD-HH`` (hourly) for a period number."""
-        label = self._labels.get(period)
-        if label is None:
-            tm = time.gmtime(period * self.span // 1000)
-            label = time.strftime("%Y-%m-%d-%H" if self.hourly else "%Y-%m-%d", tm)
-            self._labels[period] = label
-        return label
-
-
 def file_name(kind: str, symbol: str, interval: str, label: str, gz: bool) -> str:
     """``BTCUSDT-aggTrades-2026-11-23.csv``, ``BTCUSDT-1m-2026-11-23.csv``..."""
     tag = interval if kind == KLINE else DATASET_DIR[kind]
@@ -206,11 +119,6 @@ def period_sort_key(name: str) -> tuple[str, int] | None:
         return None
     hour = match.group(2)
     return (match.group(1), 24 if hour is None else int(hour))
-
-
-def stream_name(kind: str, interval: str) -> str:
-    """Output stream name used in StreamKey and Marker: ``aggtrade``, ``kline_1m``..."""
-    return kline_stream(interval) if kind == KLINE else kind
 
 
 # --- row encoders: each returns one str of whole rows, every row ending in "\n" ---------
@@ -252,11 +160,6 @@ def kline_rows(records: Sequence[Kline]) -> list[str]:
 def encode_klines(records: Sequence[Kline]) -> str:
     """klines rows in data.binance.vision order, then ``event_time, receive_time``."""
     return "".join(kline_rows(records))
-
-
-def depth_rows(record: DepthUpdate) -> int:
-    """Rows a depth event becomes: one per level, or one empty-level row for an empty event."""
-    return len(record.bids) + len(record.asks) or 1
 
 
 def encode_depth(records: Sequence[DepthUpdate]) -> str:
@@ -406,58 +309,3 @@ def stream_folders(
                             )
                     else:
                         yield kind, exchange, market, symbol, "", folder
-
-
-#: Where a record goes: ``(kind, exchange, market, symbol, interval, period)``.
-FileTarget = tuple[str, str, str, str, str, int]
-
-
-def group_by_file(
-    batch: Sequence, span: int, place: Callable[[object], tuple[str, int, str] | None]
-) -> tuple[dict[FileTarget, list], list]:
-    """Records of ``batch`` grouped by the file they go to, in batch order, and the records
-    ``place`` declined. Trades are placed here, a run of one symbol's trades in one period
-    without a lookup per record (the common case); ``place(record)`` gives any other
-    record's ``(kind, time, interval)``, or ``None`` to hand it back."""
-    groups: dict[FileTarget, list] = {}
-    rest: list = []
-    run: list | None = None
-    run_symbol = run_market = run_exchange = ""
-    run_period = -1
-    for r in batch:
-        if r.__class__ is Trade:
-            t = r.transact_time
-            if t >= _MICROS_THRESHOLD:
-                t //= 1000
-            period = t // span
-            if (
-                run is not None
-                and period == run_period
-                and r.symbol == run_symbol
-                and r.market == run_market
-                and r.exchange == run_exchange
-            ):
-                run.append(r)
-                continue
-            run_symbol, run_market, run_exchange = r.symbol, r.market, r.exchange
-            run_period = period
-            target = (AGGTRADE, run_exchange, run_market, run_symbol, "", period)
-            run = groups.get(target)
-            if run is None:
-                run = groups[target] = []
-            run.append(r)
-            continue
-        placed = place(r)
-        if placed is None:
-            rest.append(r)
-            continue
-        kind, t, interval = placed
-        if t >= _MICROS_THRESHOLD:
-            t //= 1000
-        target = (kind, r.exchange, r.market, r.symbol, interval, t // span)
-        group = groups.get(target)
-        if group is None:
-            groups[target] = [r]
-        else:
-            group.append(r)
-    return groups, rest

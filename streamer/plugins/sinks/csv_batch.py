@@ -70,6 +70,7 @@ from streamer import (
 from . import _csv_files as files
 from . import _csv_layout as layout
 from ._csv_encoder import CsvEncoder
+from ._sink_layout import check_tree_path
 
 __all__ = ["CsvSink", "Options"]
 
@@ -291,24 +292,7 @@ class CsvSink(Sink):
     @classmethod
     def check(cls, options: Options) -> None:
         """Refuse a ``path`` that is not a directory or cannot be written (creates nothing)."""
-        path = os.path.abspath(options.path)
-        probe = path
-        while not os.path.lexists(probe):
-            probe = os.path.dirname(probe)
-        if os.path.islink(probe) and not os.path.exists(probe):
-            raise ValueError(f"path {path}: {probe} is a broken symbolic link")
-        if not os.path.isdir(probe):
-            where = "" if probe == path else f": {probe}"
-            raise ValueError(f"path {path}{where} is not a directory")
-        verb = "cannot be written" if probe == path else f"cannot be created in {probe}"
-        try:
-            read_only = bool(os.statvfs(probe).f_flag & os.ST_RDONLY)
-        except OSError:
-            read_only = False
-        if read_only:
-            raise ValueError(f"path {path} {verb}: read-only file system")
-        if not os.access(probe, os.W_OK | os.X_OK):
-            raise ValueError(f"path {path} {verb}: permission denied")
+        check_tree_path(options.path)
 
     @classmethod
     def claims(cls, options: Options) -> list[str]:
