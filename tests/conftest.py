@@ -27,6 +27,8 @@ pytest_plugins = (
     if importlib.util.find_spec("streamer.testing.pytest_plugin") is not None
     else []
 )
+# A real nats-server with JetStream for the NATS tests (issue 15).
+pytest_plugins = [*pytest_plugins, "nats_fixtures"]
 
 #: A fixed origin for the synthetic exchange's clock-driven trade ids.
 SYNTH_EPOCH_MS = 1_764_000_000_000
