@@ -209,6 +209,14 @@ def _run(
         list[str] | None,
         typer.Option("--plugin-module", help="Extra plugin module to import (development)."),
     ] = None,
+    shard: Annotated[
+        str | None,
+        typer.Option(
+            "--shard",
+            help="K/N: keep the symbols whose stable hash falls in shard K of N (K from 1); "
+            "overrides every pipeline's shard.",
+        ),
+    ] = None,
 ) -> None:
     """Collect data until SIGINT/SIGTERM (or --duration), then drain, flush and exit."""
     from .core import runtime
@@ -250,6 +258,8 @@ def _run(
             source = "command line"
         # The one rule of every command: --state-dir > config > $STREAMER_STATE_DIR > default.
         cfg.runtime.state_dir = str(resolve_state_dir(state_dir, cfg))
+        if shard is not None:
+            _apply_shard(cfg, shard)
         if duration is not None and not 0 < duration <= MAX_DURATION:  # also nan and inf
             raise _UsageError(
                 f"--duration must be a number of seconds > 0 and <= {MAX_DURATION:.0f}, "
@@ -272,6 +282,18 @@ def _run(
             on_status=live,
         )
     raise typer.Exit(code)
+
+
+def _apply_shard(cfg: Config, shard: str) -> None:
+    """``--shard K/N``: every pipeline keeps only the symbols of that shard."""
+    from .core.shards import parse_shard
+
+    try:
+        parse_shard(shard)
+    except ValueError as exc:
+        raise _UsageError(f"--shard: {exc}") from None
+    for pipeline in cfg.pipelines:
+        pipeline.shard = shard.strip()
 
 
 # -- plugins ---------------------------------------------------------------------------------

@@ -31,6 +31,7 @@ import msgspec.inspect as mi
 import yaml
 
 from .plugins import PluginError, Registry
+from .shards import parse_shard
 
 #: Environment variable naming the state directory when neither a flag nor the config does.
 STATE_DIR_ENV = "STREAMER_STATE_DIR"
@@ -90,6 +91,8 @@ class PipelineConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     options: dict[str, Any] = msgspec.field(default_factory=dict)
     #: Collector worker processes for this pipeline; 0 picks from symbols and CPUs.
     workers: Annotated[int, msgspec.Meta(ge=0, le=1024)] = 0
+    #: Keep only the symbols of shard ``"K/N"`` (1-based; :mod:`.shards`); empty: all.
+    shard: str = ""
 
 
 class RuntimeConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -257,6 +260,11 @@ def _check_frame(config: Config, source: str) -> None:
         seen.add(pipeline.name)
         if not pipeline.symbols:
             raise ConfigError(f"{where}.symbols: the symbol list is empty")
+        if pipeline.shard:
+            try:
+                parse_shard(pipeline.shard)
+            except ValueError as exc:
+                raise ConfigError(f"{where}.shard: {exc}") from None
         if not pipeline.streams:
             raise ConfigError(f"{where}.streams: no stream types configured")
         if not pipeline.sinks:

@@ -32,6 +32,7 @@ import anyio
 from ..api import ExchangeAdapter, ExchangeContext, StreamContext
 from ..config import Config, ConfigError, ResolvedPipeline, validate_components
 from ..counters import Counters
+from ..shards import in_shard, parse_shard
 from .bootstrap import PluginSelection, auto_workers, partition
 from .keys import HighWater
 from .sinklock import check_sinks
@@ -85,6 +86,14 @@ async def plan_pipelines(
             await adapter.aclose()
         if not symbols:
             raise ValueError(f"{source}: pipelines[{index}].symbols: no trading symbol left")
+        if cfg.shard:
+            shard = parse_shard(cfg.shard)
+            symbols = [s for s in symbols if in_shard(s, shard)]
+            if not symbols:
+                raise ValueError(
+                    f"{source}: pipelines[{index}].shard: no symbol of this pipeline falls "
+                    f"in shard {cfg.shard}"
+                )
         workers = cfg.workers or auto_workers(len(symbols), os.cpu_count())
         plans.append(
             PipelinePlan(
