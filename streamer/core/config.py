@@ -120,9 +120,12 @@ class RuntimeConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     """A whole configuration file."""
 
-    pipelines: list[PipelineConfig]
+    pipelines: list[PipelineConfig] = msgspec.field(default_factory=list)
     sinks: dict[str, dict[str, Any]]
     runtime: RuntimeConfig = msgspec.field(default_factory=RuntimeConfig)
+    #: A storage node's source (``streamer store``): ``{type: nats, ...}``; then the file
+    #: has no pipelines and every sink is written from the source.
+    source: dict[str, Any] | None = None
 
 
 _DOLLAR_PATH = re.compile(r" - at `\$(?P<path>[^`]*)`$")
@@ -250,7 +253,16 @@ def load_config(path: str | Path) -> Config:
 
 
 def _check_frame(config: Config, source: str) -> None:
-    if not config.pipelines:
+    if config.source is not None:
+        if config.pipelines:
+            raise ConfigError(
+                f"{source}: pipelines: a storage node's file (with 'source') has no pipelines"
+            )
+        if not isinstance(config.source, dict) or "type" not in config.source:
+            raise ConfigError(f"{source}: source.type: the source needs a 'type'")
+        if not config.sinks:
+            raise ConfigError(f"{source}: sinks: at least one sink is required")
+    elif not config.pipelines:
         raise ConfigError(f"{source}: pipelines: at least one pipeline is required")
     seen: set[str] = set()
     for i, pipeline in enumerate(config.pipelines):
@@ -331,9 +343,19 @@ def validate_components(config: Config, registry: Registry, *, source: str = "<c
             type_name = body.pop("type")
             sink_cls = _named(registry.sink, type_name, f"sinks.{name}.type")
             sinks[name] = (type_name, convert_options(body, sink_cls.Options, f"sinks.{name}"))
+        if config.source is not None:
+            validate_source(config, registry)
     except ConfigError as exc:
         raise ConfigError(f"{source}: {exc}") from None
     return resolved, sinks
+
+
+def validate_source(config: Config, registry: Registry) -> tuple[str, Any]:
+    """A storage node's ``source`` section: ``(type name, options Struct)``."""
+    body = dict(config.source or {})
+    type_name = body.pop("type", "")
+    source_cls = _named(registry.source, type_name, "source.type")
+    return type_name, convert_options(body, source_cls.Options, "source")
 
 
 def _named(lookup, name: str, path: str):
@@ -357,6 +379,11 @@ def effective_config(config: Config, registry: Registry) -> dict[str, Any]:
         for name, (type_name, opts) in sinks.items()
     }
     data["runtime"]["state_dir"] = str(resolve_state_dir(None, config))
+    if config.source is not None:
+        type_name, options = validate_source(config, registry)
+        data["source"] = {"type": type_name, **msgspec.to_builtins(options)}
+    else:
+        data.pop("source", None)
     return data
 
 

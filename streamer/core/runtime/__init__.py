@@ -30,7 +30,13 @@ from collections.abc import Callable, Iterable, Sequence
 import anyio
 
 from ..api import ExchangeAdapter, ExchangeContext, StreamContext
-from ..config import Config, ConfigError, ResolvedPipeline, validate_components
+from ..config import (
+    Config,
+    ConfigError,
+    ResolvedPipeline,
+    validate_components,
+    validate_source,
+)
 from ..counters import Counters
 from ..shards import in_shard, parse_shard
 from .bootstrap import PluginSelection, auto_workers, partition
@@ -44,11 +50,13 @@ __all__ = [
     "PipelinePlan",
     "PluginSelection",
     "auto_workers",
+    "check_source",
     "check_streams",
     "partition",
     "plan_pipelines",
     "read_status",
     "run",
+    "store",
 ]
 
 log = logging.getLogger("streamer.runtime")
@@ -227,6 +235,68 @@ def run(
             plugins,
             plans,
             sink_types=sink_types,
+            log_level=log_level,
+            duration=duration,
+            on_status=on_status,
+        )
+        return await supervisor.run()
+
+    return anyio.run(main)
+
+
+def check_source(config: Config, registry, *, source: str = "<config>") -> None:
+    """A storage node's source check (:meth:`Source.check`): one-line ``ValueError``."""
+    type_name, options = validate_source(config, registry)
+    try:
+        registry.source(type_name).check(options)
+    except ValueError as exc:
+        raise ValueError(f"{source}: source: {exc}") from None
+
+
+#: The plan of a storage node: one source worker feeding every sink of the file.
+STORE_PLAN = "store"
+
+
+def store(
+    config: Config,
+    enabled_plugins: Iterable[str] | None = None,
+    *,
+    extra_plugin_modules: Sequence[str] = (),
+    duration: float | None = None,
+    log_level: int = logging.INFO,
+    source: str = "<config>",
+    on_status: Callable[[dict], None] | None = None,
+) -> int:
+    """Run a storage node (``streamer store``): ``config.source`` feeds every sink through
+    the same writers, status, health and shutdown as :func:`run`; see :mod:`.source`.
+    Same arguments and exit codes as :func:`run`."""
+    plugins = PluginSelection(
+        enabled=None if enabled_plugins is None else tuple(enabled_plugins),
+        extra_modules=tuple(extra_plugin_modules),
+    )
+    if config.source is None or config.pipelines:
+        raise ConfigError(f"{source}: a storage node's file names a 'source' and no pipelines")
+
+    async def main() -> int:
+        registry = plugins.registry()
+        _, sinks = validate_components(config, registry, source=source)
+        check_source(config, registry, source=source)
+        check_sinks(sinks, registry)
+        plan = PipelinePlan(
+            index=-1,
+            name=STORE_PLAN,
+            exchange="",
+            market="",
+            symbols=[],
+            groups=[[]],
+            source=True,
+            sinks=sorted(sinks),
+        )
+        supervisor = Supervisor(
+            config,
+            plugins,
+            [plan],
+            sink_types={name: type_name for name, (type_name, _) in sinks.items()},
             log_level=log_level,
             duration=duration,
             on_status=on_status,

@@ -113,9 +113,13 @@ class Worker(ChildLoop):
     def __init__(self, spec: ChildSpec) -> None:
         self.spec = spec
         self.runtime = spec.config.runtime
-        self.pipeline = spec.config.pipelines[spec.pipeline_index]
+        # A storage node's source worker (:mod:`.source`) has no pipeline.
+        self.pipeline = (
+            spec.config.pipelines[spec.pipeline_index] if spec.pipeline_index >= 0 else None
+        )
         self.counters = Counters()
-        self.logger = logging.getLogger(f"streamer.worker.{self.pipeline.name}")
+        name = self.pipeline.name if self.pipeline is not None else spec.child
+        self.logger = logging.getLogger(f"streamer.worker.{name}")
         self._rate_log = RateLimitedLog(self.logger, interval=10.0)
         self._pending: list[Record] = []
         self._batch_size = max(1, self.runtime.batch_size)
@@ -200,6 +204,7 @@ class Worker(ChildLoop):
             markers = self._overflow_markers() if self._overflow else []
             batch = self._pending[: self._batch_size]
             del self._pending[: self._batch_size]
+            taken = len(batch)
             batch = markers + batch
             counted = False
             plain: bytes | None = None
@@ -228,6 +233,10 @@ class Worker(ChildLoop):
             if not counted:
                 self._count(batch)
             self.counters.incr("batches_sent")
+            self._batch_sent(taken)
+
+    def _batch_sent(self, records: int) -> None:
+        """One more batch (``records`` emitted records) was queued for every sink."""
 
     def _encode(self, sink: str, encoder: SinkEncoder, batch: list[Record]) -> EncodedBatch | None:
         """``encoder``'s output, or ``None`` (counted, logged) when it failed: that batch
@@ -414,13 +423,18 @@ def _cadence_of(options: object) -> float | None:
 
 def worker_main(spec: ChildSpec) -> None:
     """Entry point of a spawned worker process."""
+    run_child(spec, Worker)
+
+
+def run_child(spec: ChildSpec, worker_cls: type[Worker]) -> None:
+    """Run a spawned worker of class ``worker_cls`` (a collector or a store's source)."""
     from .bootstrap import setup_logging
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor decides when to stop
     setup_logging(spec.log_level)
     logger = logging.getLogger(f"streamer.worker.{spec.child}")
     try:
-        anyio.run(Worker(spec).run)
+        anyio.run(worker_cls(spec).run)
     except* SupervisorGone:
         # Orphaned before it could connect (or a sink it feeds went with the supervisor).
         logger.warning("the supervisor is gone; exiting")

@@ -11,6 +11,11 @@ held), and ``sink.flush`` every flush interval (the sink's ``flush_interval`` op
 it has one, else one second). Counting is done by the filters as they go: once per chunk,
 once per kept record on the record path.
 
+A worker may ask for flush receipts on its connection (``streamer store`` does, to
+acknowledge its source only once every sink flushed: :data:`~.channels.WANT_RECEIPTS`):
+the writer counts that connection's frames as it writes them and, after a flush tick that
+leaves the sink with nothing pending, sends a :class:`~.channels.Flushed` with the count.
+
 On ``Stop`` (sent once every worker has exited) it stops accepting, reads every connection
 to its end, drains the queue, flushes, closes the sink and exits 0. Rows the sink still
 holds after ``close`` are lost: they are counted as ``rows_lost_at_close`` in the final
@@ -48,7 +53,15 @@ from ..logs import RateLimitedLog
 from ..records import Chunk, decode_batch, decode_encoded, is_encoded
 from ..units import parse_duration
 from .bootstrap import ChildSpec
-from .channels import FrameReader, Hello, Ready, Status, encode_control
+from .channels import (
+    WANT_RECEIPTS,
+    Flushed,
+    FrameReader,
+    Hello,
+    Ready,
+    Status,
+    encode_control,
+)
 from .child import ChildLoop, SupervisorGone, leave_socket_dir, tune_gc
 from .keys import HighWater, Tally
 from .worker import connect_unix_retry
@@ -56,6 +69,17 @@ from .worker import connect_unix_retry
 DEFAULT_FLUSH_INTERVAL = 1.0
 #: Exit code of a writer whose sink could not open: the supervisor stops the run.
 EXIT_SINK_FAILED = 3
+
+
+class _Receipts:
+    """A data connection whose worker wants :class:`Flushed` receipts."""
+
+    __slots__ = ("reported", "stream", "written")
+
+    def __init__(self, stream: ByteStream) -> None:
+        self.stream = stream
+        self.written = 0  # data frames handed to the sink (or dropped as held)
+        self.reported = 0  # the count last sent
 
 
 def flush_interval_of(options: object) -> float:
@@ -77,9 +101,11 @@ class Writer(ChildLoop):
         self._rate_log = RateLimitedLog(self.logger, interval=10.0)
         self._stop = anyio.Event()
         self._high_water = HighWater()
-        self._send, self._receive = anyio.create_memory_object_stream[bytes](
-            self.runtime.queue_batches
-        )
+        self._send, self._receive = anyio.create_memory_object_stream[
+            tuple[bytes, _Receipts | None]
+        ](self.runtime.queue_batches)
+        #: Connections that asked for flush receipts.
+        self._receipts: list[_Receipts] = []
         self._connections = 0
         self._dirty = False
         self._sink: Sink | None = None
@@ -118,20 +144,31 @@ class Writer(ChildLoop):
 
     async def _read(self, stream: ByteStream, send) -> None:
         reader = FrameReader(stream)
+        receipts: _Receipts | None = None
+        first = True
         async with stream, send:
             try:
                 while True:
                     payload = await reader.receive()
                     if payload is None:
                         return
+                    if first:
+                        first = False
+                        if payload == WANT_RECEIPTS:
+                            receipts = _Receipts(stream)
+                            self._receipts.append(receipts)
+                            continue
                     self.counters.incr("batches_received")
+                    item = (payload, receipts)
                     try:
-                        send.send_nowait(payload)
+                        send.send_nowait(item)
                     except anyio.WouldBlock:
                         self.counters.incr("backpressure_waits")
-                        await send.send(payload)
+                        await send.send(item)
             finally:
                 self._connections -= 1
+                if receipts is not None:
+                    self._receipts.remove(receipts)
 
     async def _consume(self, sink: Sink, flush_every: float) -> None:
         # Writes and timed flushes share a lock so the sink never sees them concurrently;
@@ -139,9 +176,11 @@ class Writer(ChildLoop):
         lock = anyio.Lock()
         async with anyio.create_task_group() as tg:
             tg.start_soon(self._flush_timer, sink, flush_every, lock)
-            async for payload in self._receive:
+            async for payload, receipts in self._receive:
                 async with lock:
                     self._dirty = await self._write(sink, payload) or self._dirty
+                    if receipts is not None:
+                        receipts.written += 1
             tg.cancel_scope.cancel()
 
     async def _flush_timer(self, sink: Sink, flush_every: float, lock: anyio.Lock) -> None:
@@ -155,6 +194,20 @@ class Writer(ChildLoop):
                     self.counters.incr("flushes")
                     self._dirty = False
                 await self._flushed(sink)
+                if self._receipts and not sink.pending_rows:
+                    await self._send_receipts()
+
+    async def _send_receipts(self) -> None:
+        """Tell each worker that asked how many of its frames are now flushed."""
+        for receipts in list(self._receipts):
+            if receipts.written <= receipts.reported:
+                continue
+            receipts.reported = receipts.written
+            try:
+                with anyio.CancelScope(shield=True):
+                    await receipts.stream.send(encode_control(Flushed(receipts.written)))
+            except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
+                self.counters.incr("receipts_undelivered")
 
     async def _flushed(self, sink: Sink, *, closed: bool = False) -> None:
         """After a flush tick: publish its time and what is now known to be in the files."""
