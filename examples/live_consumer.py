@@ -1,0 +1,81 @@
+"""Live consumer: print one symbol's trades and order-book snapshots from JetStream.
+
+The collectors publish with the ``nats`` sink; this reads the same stream as a storage
+node does, but live and without acknowledging anything (an ephemeral ordered consumer
+that starts at new messages)::
+
+    python examples/live_consumer.py --symbol BTCUSDT
+    python examples/live_consumer.py --url nats://10.0.0.5:4222 --symbol ETHUSDT --market usdm
+
+Needs ``pip install 'market-streamer[nats]'``. Subjects are
+``<prefix>.<exchange>.<market>.<stream>.<symbol>``; payloads are decoded whatever their
+encoding (MessagePack or JSON), so this works with either sink option. A consumer in
+another language reads the JSON encoding: one object per message, ``"k"`` the kind.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+
+import msgspec
+import nats
+
+from streamer import BookSnapshot, Marker, Record, Trade
+
+_msgpack = msgspec.msgpack.Decoder(Record)
+
+
+def decode(payload: bytes) -> Record | dict:
+    if payload[:1] == b"{":  # the json encoding
+        return msgspec.json.decode(payload)
+    return _msgpack.decode(payload)
+
+
+def show(record: Record | dict) -> str:
+    if isinstance(record, dict):
+        return f"{record.get('k')}: {record}"
+    if isinstance(record, Trade):
+        side = "sell" if record.is_buyer_maker else "buy "
+        return f"trade {record.trade_id} {side} {record.quantity} @ {record.price}"
+    if isinstance(record, BookSnapshot):
+        bid = record.bids[0] if record.bids else ("-", "-")
+        ask = record.asks[0] if record.asks else ("-", "-")
+        return f"book  {record.last_update_id} bid {bid[1]} @ {bid[0]} | ask {ask[1]} @ {ask[0]}"
+    if isinstance(record, Marker):
+        return f"marker {record.kind} {record.stream} {record.first_key}..{record.last_key}"
+    return repr(record)
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--url", default="nats://127.0.0.1:4222")
+    parser.add_argument("--stream", default="MARKET")
+    parser.add_argument("--prefix", default="md")
+    parser.add_argument("--exchange", default="binance")
+    parser.add_argument("--market", default="spot")
+    parser.add_argument("--symbol", default="BTCUSDT")
+    args = parser.parse_args()
+    nc = await nats.connect(args.url)
+    js = nc.jetstream()
+    base = f"{args.prefix}.{args.exchange}.{args.market}"
+    subs = [
+        await js.subscribe(f"{base}.{stream}.{args.symbol}", stream=args.stream,
+                           ordered_consumer=True, deliver_policy=nats.js.api.DeliverPolicy.NEW)
+        for stream in ("aggtrade", "orderbook", "markers")
+    ]  # fmt: skip
+
+    async def pump(sub) -> None:
+        async for msg in sub.messages:
+            print(show(decode(msg.data)), flush=True)
+
+    try:
+        await asyncio.gather(*(pump(sub) for sub in subs))
+    finally:
+        await nc.close()
+
+
+if __name__ == "__main__":
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(main())
