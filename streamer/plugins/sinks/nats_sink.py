@@ -6,16 +6,19 @@ Each record is one message on ``<subject_prefix>.<exchange>.<market>.<stream>.<s
 one copy of what redundant collectors of the same symbols publish within the stream's
 ``duplicate_window``.
 
-How it writes: :meth:`NatsSink.write` encodes records into an in-memory, ordered buffer;
-:meth:`NatsSink.flush` (the writer calls it every ``flush_interval``) publishes the buffer
-pipelined, ``publish_batch`` messages at a time, and waits for every publish
-acknowledgement of a batch before the batch counts as flushed. A failure (broker down, a
-timeout) leaves the unacknowledged rest buffered, in order, and the next flush retries it
-(re-publishing with the same message id is harmless). Beyond ``max_buffered_records`` new
-records are dropped, counted per stream (``records_dropped``) and reported as ``gap``
-markers once publishing works again, as the CSV sink does. Rows still buffered at close are
-counted as lost; the next collector run resumes from :meth:`NatsSink.holdings` (the last
-key of each stream in JetStream) and backfills them.
+How it writes: :meth:`NatsSink.write` encodes records into an in-memory, ordered buffer
+and publishes them at once, pipelined (at most ``publish_batch`` messages awaiting their
+acknowledgement), so a record reaches the broker as soon as the writer has it;
+:meth:`NatsSink.flush` (every ``flush_interval``) waits for the acknowledgements of what is
+in flight, oldest first, and publishes what is still buffered: a record counts as flushed
+once JetStream acknowledged it. A failure (broker down, a timeout) puts the unacknowledged
+rest back in the buffer, in order, publishing from ``write`` pauses, and the next flush
+retries it (re-publishing with the same message id is harmless). Beyond
+``max_buffered_records`` (buffered and in flight) new records are dropped, counted per
+stream (``records_dropped``) and reported as ``gap`` markers once publishing works again,
+as the CSV sink does. Rows still unacknowledged at close are counted as lost; the next
+collector run resumes from :meth:`NatsSink.holdings` (the last key of each stream in
+JetStream) and backfills them.
 
 Holdings: at open, the last message of every subject under the prefix (one direct read per
 subject), so a restarted collector (or a second one) resumes from what the stream holds;
@@ -74,10 +77,10 @@ class Options(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     subject_prefix: str = "md"
     #: Payload encoding: ``msgpack`` (compact) or ``json`` (for other languages).
     encoding: Literal["msgpack", "json"] = "msgpack"
-    #: How often the writer publishes what is buffered.
+    #: How often the writer waits for acknowledgements (and retries what failed).
     flush_interval: Duration = "100ms"
-    #: Messages in flight before their acknowledgements are awaited.
-    publish_batch: Annotated[int, msgspec.Meta(ge=1, le=1_000_000)] = 2000
+    #: Messages published whose acknowledgement has not arrived yet, at most.
+    publish_batch: Annotated[int, msgspec.Meta(ge=1, le=1_000_000)] = 4000
     #: Seconds to wait for a batch's acknowledgements before retrying it later.
     publish_timeout: Duration = "5s"
     #: Records kept while the broker is unreachable; beyond it they are dropped and reported.
@@ -97,6 +100,22 @@ class Options(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 
 
 _HELD_STREAMS = (AGGTRADE_STREAM, DEPTH_STREAM, ORDERBOOK_STREAM)
+
+_Entry = tuple[str, bytes, dict[str, str], StreamKey | None, int | None]
+
+
+class _PubAck(msgspec.Struct):
+    """JetStream's answer to a publish: ``{"stream", "seq", "duplicate"}`` or an error."""
+
+    stream: str = ""
+    seq: int = 0
+    duplicate: bool = False
+    error: Any = None
+
+
+#: An answer that is not a publish acknowledgement (no responders, garbage).
+_NO_ACK = _PubAck(error={"description": "no acknowledgement (is the stream there?)"})
+_ack_decoder = msgspec.json.Decoder(_PubAck)
 
 
 class _Drop:
@@ -125,8 +144,19 @@ class NatsSink(Sink):
         self._log = RateLimitedLog(context.logger, interval=30.0)
         self._timeout = common.seconds(options.publish_timeout)
         #: (subject, payload, headers, stream key or None, key or None), oldest first.
-        self._buffer: deque[tuple[str, bytes, dict[str, str], StreamKey | None, int | None]]
-        self._buffer = deque()
+        self._buffer: deque[_Entry] = deque()
+        #: Published, acknowledgement awaited: (entry, publish id), oldest first; all
+        #: older than what is in ``_buffer``.
+        self._inflight: deque[tuple[_Entry, int]] = deque()
+        #: Acknowledgements received (publish id -> ack), and the publish ids: each
+        #: publish asks for its acknowledgement on ``<reply prefix><id>``.
+        self._acks: dict[int, _PubAck] = {}
+        self._next_id = 0
+        self._live_from = 0  # acknowledgements of older ids (given up on) are ignored
+        self._ack_event = anyio.Event()
+        self._reply_prefix = ""
+        #: Set by a failure: ``write`` stops publishing until a flush succeeds.
+        self._failing = False
         self._held: dict[StreamKey, int] = {}
         self._drops: dict[StreamKey, _Drop] = {}
         self._nc: Any = None
@@ -149,6 +179,24 @@ class NatsSink(Sink):
         )
         self._js = self._nc.jetstream(timeout=self._timeout)
         await common.ensure_stream(self._js, self._opts)
+        # Publish acknowledgements come back on one wildcard inbox, read by one callback
+        # (nats-py's publish_async costs a future, a semaphore and an id per message).
+        self._reply_prefix = self._nc.new_inbox() + "."
+        await self._nc.subscribe(self._reply_prefix + "*", cb=self._on_ack)
+
+    async def _on_ack(self, msg: Any) -> None:
+        try:
+            publish_id = int(msg.subject[len(self._reply_prefix) :])
+        except ValueError:
+            return
+        if publish_id < self._live_from:
+            return
+        try:
+            ack = _ack_decoder.decode(msg.data) if msg.data else _NO_ACK
+        except msgspec.DecodeError:
+            ack = _NO_ACK
+        self._acks[publish_id] = ack
+        self._ack_event.set()
 
     async def _on_error(self, exc: Exception) -> None:
         self._log.warning("nats_error", "nats: %s", exc)
@@ -194,7 +242,7 @@ class NatsSink(Sink):
         """Encode ``batch`` into the buffer (publishing happens in :meth:`flush`)."""
         encoding = self._opts.encoding
         prefix = self._opts.subject_prefix
-        cap = self._opts.max_buffered_records
+        cap = self._opts.max_buffered_records - len(self._inflight)
         buffer = self._buffer
         for record in batch:
             is_marker = type(record) is Marker
@@ -208,7 +256,52 @@ class NatsSink(Sink):
                 key = record_key(record)
             subject = common.subject_of(prefix, record)
             buffer.append((subject, common.encode(record, encoding), headers, sk, key))
-        self._counters.set("records_buffered", len(buffer))
+        if not self._failing and self._nc is not None and self._nc.is_connected:
+            self._harvest()
+            await self._send()
+        self._counters.set("records_buffered", self.pending_rows)
+
+    async def _send(self) -> None:
+        """Publish buffered messages, oldest first, while fewer than ``publish_batch`` are
+        in flight; a failure leaves the rest buffered (the next flush deals with it)."""
+        buffer, inflight = self._buffer, self._inflight
+        room = self._opts.publish_batch - len(inflight)
+        publish = self._nc.publish
+        prefix = self._reply_prefix
+        try:
+            while buffer and room > 0:
+                entry = buffer[0]
+                publish_id = self._next_id
+                await publish(entry[0], entry[1], reply=f"{prefix}{publish_id}", headers=entry[2])
+                self._next_id = publish_id + 1
+                buffer.popleft()
+                inflight.append((entry, publish_id))
+                room -= 1
+        except Exception as exc:  # connection lost, outbound buffer full...
+            self._failing = True
+            self._failed(exc)
+
+    def _harvest(self) -> None:
+        """Count the acknowledgements already received, oldest first (no waiting)."""
+        inflight, acks = self._inflight, self._acks
+        while inflight:
+            entry, publish_id = inflight[0]
+            ack = acks.get(publish_id)
+            if ack is None or ack.error is not None:
+                return
+            del acks[publish_id]
+            inflight.popleft()
+            self._acked(entry, ack)
+
+    def _acked(self, entry: _Entry, ack: Any) -> None:
+        _, _, _, sk, key = entry
+        if sk is None:
+            return
+        held = self._held
+        if key is not None and key > held.get(sk, key - 1):
+            held[sk] = key
+        name = "records_duplicate" if ack.duplicate else "records_published"
+        self._counters.incr(name, sk.symbol, sk.stream)
 
     def _drop(self, record: Record) -> None:
         sk = stream_key(record)
@@ -222,12 +315,13 @@ class NatsSink(Sink):
             "dropped",
             "publish buffer full (%d records, max_buffered_records): dropping records; a gap "
             "marker follows once publishing works again",
-            len(self._buffer),
+            self.pending_rows,
         )
 
     async def flush(self) -> None:
-        """Publish the buffer, awaiting each batch's acknowledgements; keep what failed."""
-        if not self._buffer and not self._drops:
+        """Wait for what is in flight, then publish and settle the buffer; a failure puts
+        the unacknowledged rest back in the buffer, in order, for the next flush."""
+        if not self._buffer and not self._inflight and not self._drops:
             return
         if self._js is None:
             try:
@@ -235,58 +329,46 @@ class NatsSink(Sink):
             except Exception as exc:
                 self._failed(exc)
                 return
-        while self._buffer:
-            if not await self._publish_batch():
-                break
-        else:
-            if self._drops:
-                await self._report_drops()
-        self._counters.set("records_buffered", len(self._buffer))
+        ok = await self._settle()
+        while ok and self._buffer:
+            await self._send()
+            ok = not self._failing and await self._settle()
+        if ok and self._drops:
+            await self._report_drops()
+        self._counters.set("records_buffered", self.pending_rows)
 
-    async def _publish_batch(self) -> bool:
-        """Publish the oldest ``publish_batch`` buffered messages; True when all were
-        acknowledged (they leave the buffer), False after a failure (the acknowledged
-        prefix leaves the buffer, the rest stays for the next flush)."""
-        buffer = self._buffer
-        count = min(len(buffer), self._opts.publish_batch)
-        futures = []
-        error: Exception | None = None
-        try:
-            with anyio.fail_after(self._timeout):
-                for i in range(count):
-                    subject, payload, headers, _, _ = buffer[i]
-                    futures.append(
-                        await self._js.publish_async(subject, payload, headers=dict(headers))
-                    )
-                results = []
-                for future in futures:
-                    results.append(await future)
-        except Exception as exc:  # timeout, connection lost, stream error...
-            error = exc
-            results = []
-            for future in futures:
-                if future.done() and not future.cancelled() and future.exception() is None:
-                    results.append(future.result())
-                else:
-                    break
-            for future in futures[len(results) :]:
-                future.cancel()
-        done = len(results)
-        held = self._held
-        counters = self._counters
-        for ack in results:
-            _, _, _, sk, key = buffer.popleft()
-            if sk is None:
-                continue
-            if key is not None and key > held.get(sk, key - 1):
-                held[sk] = key
-            name = "records_duplicate" if ack.duplicate else "records_published"
-            counters.incr(name, sk.symbol, sk.stream)
-        counters.incr("publish_batches")
-        if error is not None or done < count:
-            self._failed(error or RuntimeError("unacknowledged publishes"))
-            return False
-        return True
+    async def _settle(self) -> bool:
+        """Wait for every acknowledgement in flight (``publish_timeout`` in all); True when
+        all came, else the unacknowledged ones go back to the front of the buffer."""
+        inflight = self._inflight
+        error: BaseException | None = None
+        if inflight:
+            try:
+                with anyio.fail_after(self._timeout):
+                    while inflight:
+                        self._harvest()
+                        if not inflight:
+                            break
+                        ack = self._acks.get(inflight[0][1])
+                        if ack is not None:  # an error
+                            raise RuntimeError(f"publish refused: {ack.error}")
+                        self._ack_event = anyio.Event()
+                        if self._acks.get(inflight[0][1]) is None:
+                            await self._ack_event.wait()
+            except Exception as exc:  # timeout, connection lost, stream error...
+                error = exc
+            self._counters.incr("publish_batches")
+        if error is None:
+            self._failing = False
+            return True
+        for entry, _ in reversed(inflight):
+            self._buffer.appendleft(entry)
+        inflight.clear()
+        self._acks.clear()
+        self._live_from = self._next_id
+        self._failing = True
+        self._failed(error)
+        return False
 
     def _failed(self, exc: BaseException) -> None:
         self._counters.incr("publish_errors")
@@ -296,7 +378,7 @@ class NatsSink(Sink):
             self._opts.url,
             type(exc).__name__,
             exc,
-            len(self._buffer),
+            self.pending_rows,
         )
 
     async def _report_drops(self) -> None:
@@ -309,13 +391,15 @@ class NatsSink(Sink):
         ]  # fmt: skip
         self._counters.incr("gap_markers", n=len(markers))
         await self.write(markers)
-        while self._buffer and await self._publish_batch():
-            pass
+        ok = await self._settle()
+        while ok and self._buffer:
+            await self._send()
+            ok = not self._failing and await self._settle()
 
     async def close(self) -> None:
         """Publish what is buffered; what cannot be published is counted as lost."""
         await self.flush()
-        self._lost = len(self._buffer)
+        self._lost = self.pending_rows
         if self._lost:
             self._log.error(
                 "lost",
@@ -330,8 +414,8 @@ class NatsSink(Sink):
 
     @property
     def pending_rows(self) -> int:
-        """Records buffered, not yet acknowledged by JetStream."""
-        return len(self._buffer)
+        """Records buffered or in flight, not yet acknowledged by JetStream."""
+        return len(self._buffer) + len(self._inflight)
 
 
 @hookimpl
