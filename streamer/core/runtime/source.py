@@ -14,6 +14,10 @@ emitted up to the end of batch ``i`` is durable everywhere and the newest source
 covering them is acknowledged (:meth:`Source.ack`). Nothing is acknowledged earlier, so a
 store killed at any moment gets the unacknowledged records again after its restart; the
 writers drop what their sinks already hold (their marks come from the sinks' holdings).
+On a clean stop the worker, once it sent its last batch, ends its side of each data
+connection; the writer then flushes at once and sends the last receipt, and the worker
+acknowledges what it covers before it exits (waiting at most half of
+``runtime.shutdown_timeout``), so the next start does not get it again.
 
 Flow control: the worker asks the source for at most the room left under its cap
 (``batch_size * queue_batches``), so it never drops a record (a collector would count an
@@ -54,6 +58,10 @@ class SourceWorker(Worker):
         #: Data frames each sink reported flushed.
         self._flushed: dict[str, int] = {}
         self._ack_wake = anyio.Event()
+        #: Set when a receipt arrives from that sink.
+        self._receipt: dict[str, anyio.Event] = {}
+        #: Sinks whose writer closed the connection: no more receipts from them.
+        self._receipts_over: set[str] = set()
         self._room = anyio.Event()
 
     def _build_source(self) -> Source:
@@ -91,6 +99,7 @@ class SourceWorker(Worker):
         async with stream, receive, anyio.create_task_group() as tg:
             tg.start_soon(self._read_receipts, sink, stream)
             await stream.send(frame(WANT_RECEIPTS))
+            sent = 0
             async for data in receive:
                 try:
                     await stream.send(frame(data))
@@ -99,18 +108,36 @@ class SourceWorker(Worker):
                         f"lost the connection to sink {sink!r}; exiting so the supervisor "
                         "restarts this worker (the source resumes from its last acknowledgement)"
                     ) from None
+                sent += 1
+            # Closing: end our side; the writer flushes and reports, and what it reports
+            # is acknowledged now rather than delivered again at the next start.
+            self._receipt[sink] = anyio.Event()
+            try:
+                await stream.send_eof()
+            except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
+                pass
+            else:
+                with anyio.move_on_after(self.runtime.shutdown_timeout / 2):
+                    while self._flushed[sink] < sent and sink not in self._receipts_over:
+                        await self._receipt[sink].wait()
+                        self._receipt[sink] = anyio.Event()
             tg.cancel_scope.cancel()
 
     async def _read_receipts(self, sink: str, stream) -> None:
         reader = FrameReader(stream)
         while True:
             payload = await reader.receive()
-            if payload is None:
+            if payload is None:  # the writer closed the connection
+                self._receipts_over.add(sink)
+                if sink in self._receipt:
+                    self._receipt[sink].set()
                 return
             message = decode_control(payload)
             if isinstance(message, Flushed):
                 self._flushed[sink] = max(self._flushed[sink], message.frames)
                 self._ack_wake.set()
+                if sink in self._receipt:
+                    self._receipt[sink].set()
 
     def _ackable(self) -> object | None:
         """The newest token whose records every sink has flushed (popped), or ``None``."""
@@ -140,6 +167,20 @@ class SourceWorker(Worker):
             except Exception as exc:  # a later token acknowledges this one too
                 self.counters.incr("source_ack_errors")
                 self._rate_log.error("ack", "acknowledging the source failed: %s", exc)
+
+    async def _ack_flushed(self, source: Source) -> None:
+        """At close: acknowledge what the sinks reported flushed (the acker may not have
+        run since the last receipts)."""
+        token = self._ackable()
+        if token is None:
+            return
+        try:
+            with anyio.fail_after(5):
+                await source.ack(token)
+            self.counters.incr("source_acks")
+        except Exception as exc:
+            self.counters.incr("source_ack_errors")
+            self._rate_log.error("ack", "acknowledging the source at close failed: %s", exc)
 
     # -- receiving -----------------------------------------------------------------------
     async def _pump(self, source: Source) -> None:
@@ -193,6 +234,7 @@ class SourceWorker(Worker):
                         reading.cancel_scope.cancel()
                     self._closing = True
                     self._wake.set()
+                await self._ack_flushed(source)
                 await self._send_final(ctl)
                 outer.cancel_scope.cancel()
         finally:

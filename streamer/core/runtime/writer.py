@@ -15,6 +15,8 @@ A worker may ask for flush receipts on its connection (``streamer store`` does, 
 acknowledge its source only once every sink flushed: :data:`~.channels.WANT_RECEIPTS`):
 the writer counts that connection's frames as it writes them and, after a flush tick that
 leaves the sink with nothing pending, sends a :class:`~.channels.Flushed` with the count.
+When such a worker ends its side of the connection (closing), the writer writes what it
+received, flushes at once and sends the last receipt before closing the connection.
 
 On ``Stop`` (sent once every worker has exited) it stops accepting, reads every connection
 to its end, drains the queue, flushes, closes the sink and exits 0. Rows the sink still
@@ -74,12 +76,13 @@ EXIT_SINK_FAILED = 3
 class _Receipts:
     """A data connection whose worker wants :class:`Flushed` receipts."""
 
-    __slots__ = ("reported", "stream", "written")
+    __slots__ = ("ended", "reported", "stream", "written")
 
     def __init__(self, stream: ByteStream) -> None:
         self.stream = stream
         self.written = 0  # data frames handed to the sink (or dropped as held)
         self.reported = 0  # the count last sent
+        self.ended = anyio.Event()  # the worker's end was flushed and answered
 
 
 def flush_interval_of(options: object) -> float:
@@ -102,8 +105,8 @@ class Writer(ChildLoop):
         self._stop = anyio.Event()
         self._high_water = HighWater()
         self._send, self._receive = anyio.create_memory_object_stream[
-            tuple[bytes, _Receipts | None]
-        ](self.runtime.queue_batches)
+            tuple[bytes | None, _Receipts | None]
+        ](self.runtime.queue_batches)  # (None, receipts): that worker ended its side
         #: Connections that asked for flush receipts.
         self._receipts: list[_Receipts] = []
         self._connections = 0
@@ -151,6 +154,11 @@ class Writer(ChildLoop):
                 while True:
                     payload = await reader.receive()
                     if payload is None:
+                        if receipts is not None:
+                            # Closing: flush what it sent and answer before closing.
+                            await send.send((None, receipts))
+                            with anyio.move_on_after(30):
+                                await receipts.ended.wait()
                         return
                     if first:
                         first = False
@@ -178,6 +186,9 @@ class Writer(ChildLoop):
             tg.start_soon(self._flush_timer, sink, flush_every, lock)
             async for payload, receipts in self._receive:
                 async with lock:
+                    if payload is None:
+                        await self._flush_ended(sink, receipts)
+                        continue
                     self._dirty = await self._write(sink, payload) or self._dirty
                     if receipts is not None:
                         receipts.written += 1
@@ -196,6 +207,18 @@ class Writer(ChildLoop):
                 await self._flushed(sink)
                 if self._receipts and not sink.pending_rows:
                     await self._send_receipts()
+
+    async def _flush_ended(self, sink: Sink, receipts: _Receipts | None) -> None:
+        """A worker that wants receipts ended its side: flush now and answer it."""
+        if self._dirty or sink.pending_rows:
+            await sink.flush()
+            self.counters.incr("flushes")
+            self._dirty = False
+        await self._flushed(sink)
+        if not sink.pending_rows:
+            await self._send_receipts()
+        if receipts is not None:
+            receipts.ended.set()
 
     async def _send_receipts(self) -> None:
         """Tell each worker that asked how many of its frames are now flushed."""
