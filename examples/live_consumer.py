@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import sys
 
 import msgspec
 import nats
@@ -57,14 +58,37 @@ async def main() -> None:
     parser.add_argument("--market", default="spot")
     parser.add_argument("--symbol", default="BTCUSDT")
     args = parser.parse_args()
-    nc = await nats.connect(args.url)
+
+    connected = False
+
+    async def quiet(exc: Exception) -> None:  # connection trouble: nats-py reconnects
+        if connected:
+            print(f"nats: {exc}", file=sys.stderr, flush=True)
+
+    try:
+        nc = await asyncio.wait_for(
+            nats.connect(args.url, connect_timeout=2, max_reconnect_attempts=-1,
+                         error_cb=quiet),
+            timeout=10,
+        )  # fmt: skip
+    except (TimeoutError, OSError, nats.errors.Error) as exc:
+        sys.exit(f"error: cannot reach NATS at {args.url} ({type(exc).__name__})")
+    connected = True
     js = nc.jetstream()
     base = f"{args.prefix}.{args.exchange}.{args.market}"
-    subs = [
-        await js.subscribe(f"{base}.{stream}.{args.symbol}", stream=args.stream,
-                           ordered_consumer=True, deliver_policy=nats.js.api.DeliverPolicy.NEW)
-        for stream in ("aggtrade", "orderbook", "markers")
-    ]  # fmt: skip
+    try:
+        subs = [
+            await js.subscribe(f"{base}.{stream}.{args.symbol}", stream=args.stream,
+                               ordered_consumer=True,
+                               deliver_policy=nats.js.api.DeliverPolicy.NEW)
+            for stream in ("aggtrade", "orderbook", "markers")
+        ]  # fmt: skip
+    except nats.js.errors.NotFoundError:
+        await nc.close()
+        sys.exit(
+            f"error: no stream {args.stream!r} on {args.url}: start a collector with a nats "
+            "sink first (or pass --stream)"
+        )
 
     async def pump(sub) -> None:
         async for msg in sub.messages:
