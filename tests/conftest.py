@@ -27,6 +27,8 @@ pytest_plugins = (
     if importlib.util.find_spec("streamer.testing.pytest_plugin") is not None
     else []
 )
+# A real nats-server with JetStream for the NATS tests (issue 15).
+pytest_plugins = [*pytest_plugins, "nats_fixtures"]
 
 # A real PostgreSQL for the postgres sink's tests (pg_server, pg_dsn; started on first use).
 from pg_server import pg_dsn, pg_server  # noqa: E402, F401

@@ -76,10 +76,11 @@ def test_contributing_documents_every_hook_and_base_class_method():
         if inspect.isfunction(fn) and hasattr(fn, "streamer_spec")
     ]
     assert sorted(hooks) == [
-        "register_commands", "register_exchanges", "register_sinks", "register_streams",
+        "register_commands", "register_exchanges", "register_sinks", "register_sources",
+        "register_streams",
     ]  # fmt: skip
     missing = [hook for hook in hooks if f"`{hook}" not in text]
-    for cls in (api.ExchangeAdapter, api.StreamType, api.Sink):
+    for cls in (api.ExchangeAdapter, api.StreamType, api.Sink, api.Source):
         missing += [
             f"{cls.__name__}.{name}" for name in _public_methods(cls) if f"`{name}" not in text
         ]

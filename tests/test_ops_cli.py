@@ -172,3 +172,23 @@ def test_the_state_dir_is_always_forwarded_to_run_as_an_absolute_path(
     assert calls[0][0].state_dir == tmp_path / "elsewhere"
     # Absolute: a later 'restart' from another directory still publishes here.
     assert calls[0][1] == ["--state-dir", str(tmp_path / "elsewhere")]
+
+
+def test_daemon_start_store_runs_a_storage_node(app, tmp_path: Path, monkeypatch):
+    calls = []
+
+    def fake_start(paths, run_args, **options):
+        calls.append((list(run_args), options))
+        return d.StartResult(pid=1, ready=True, running=True, message="started pid 1")
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(d, "start", fake_start)
+    (tmp_path / "store.yaml").write_text(
+        "source: {type: nats, durable: store-1}\nsinks:\n  csv: {type: csv, path: ./data}\n"
+    )
+    result = CliRunner().invoke(app, ["daemon", "start", "--store", "--config", "store.yaml"])
+    assert result.exit_code == 0, result.output
+    run_args, options = calls[0]
+    state = str(tmp_path / ".streamer")
+    assert run_args == ["--config", "store.yaml", "--state-dir", state]
+    assert options["argv"][1:] == ["-m", "streamer", "store", *run_args]

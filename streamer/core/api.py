@@ -527,3 +527,55 @@ class Sink(ABC):
 
         After :meth:`close`: the rows that could not be written (lost)."""
         return 0
+
+
+class SourceContext(msgspec.Struct, kw_only=True):
+    """What the runtime hands a source (in the storage node's source worker)."""
+
+    name: str
+    counters: Counters
+    logger: logging.Logger
+
+
+class Source(ABC):
+    """Feeds a storage node (``streamer store``) with records from a bus instead of an
+    exchange; registered via ``register_sources``.
+
+    Contract:
+
+    * One instance in the store's source worker process; ``__init__`` does no I/O.
+    * :meth:`check` (a classmethod) looks at the options before anything starts (one-line
+      ``ValueError``: a missing driver, a malformed URL).
+    * :meth:`open` connects; raising ends that worker (the supervisor restarts it).
+    * :meth:`receive` returns the next records, in the bus's order, at most ``limit`` of
+      them, and an opaque token for them (``None`` when nothing arrived within about a
+      second, so the worker can see a stop request).
+    * :meth:`ack` is called with a token once every record received up to and including
+      that token's batch has been **flushed by every sink**: the source may then tell the
+      bus they are done. Tokens arrive in order; a token acknowledges everything before it.
+      Whatever was received but never acknowledged (a killed store) must come again from
+      :meth:`receive` after a restart, in order; the sinks drop what they already hold.
+    """
+
+    Options: ClassVar[type[msgspec.Struct]] = NoOptions
+
+    def __init__(self, options: msgspec.Struct, context: SourceContext) -> None:
+        self.options = options
+        self.context = context
+
+    @classmethod  # noqa: B027 - optional, no-op by default
+    def check(cls, options: msgspec.Struct) -> None:
+        """Raise ``ValueError`` (one line) when ``options`` cannot work; no I/O."""
+
+    async def open(self) -> None:  # noqa: B027 - optional
+        """Connect and position at the first record not yet acknowledged."""
+
+    @abstractmethod
+    async def receive(self, limit: int) -> tuple[list[Record], object | None]:
+        """Up to ``limit`` records in order and their token (``None``: nothing arrived)."""
+
+    async def ack(self, token: object) -> None:  # noqa: B027 - optional
+        """Every record up to ``token``'s batch is durable in every sink."""
+
+    async def aclose(self) -> None:  # noqa: B027 - optional
+        """Release connections. Called once, even after errors."""

@@ -31,6 +31,7 @@ import msgspec.inspect as mi
 import yaml
 
 from .plugins import PluginError, Registry
+from .shards import parse_shard
 from .units import Size, check_size, parse_size
 
 #: Environment variable naming the state directory when neither a flag nor the config does.
@@ -94,6 +95,8 @@ class PipelineConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     options: dict[str, Any] = msgspec.field(default_factory=dict)
     #: Collector worker processes for this pipeline; 0 picks from symbols and CPUs.
     workers: Annotated[int, msgspec.Meta(ge=0, le=1024)] = 0
+    #: Keep only the symbols of shard ``"K/N"`` (1-based; :mod:`.shards`); empty: all.
+    shard: str = ""
 
 
 class RuntimeConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -144,9 +147,12 @@ class RuntimeConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     """A whole configuration file."""
 
-    pipelines: list[PipelineConfig]
+    pipelines: list[PipelineConfig] = msgspec.field(default_factory=list)
     sinks: dict[str, dict[str, Any]]
     runtime: RuntimeConfig = msgspec.field(default_factory=RuntimeConfig)
+    #: A storage node's source (``streamer store``): ``{type: nats, ...}``; then the file
+    #: has no pipelines and every sink is written from the source.
+    source: dict[str, Any] | None = None
 
 
 _DOLLAR_PATH = re.compile(r" - at `\$(?P<path>[^`]*)`$")
@@ -273,7 +279,16 @@ def load_config(path: str | Path) -> Config:
 
 
 def _check_frame(config: Config, source: str) -> None:
-    if not config.pipelines:
+    if config.source is not None:
+        if config.pipelines:
+            raise ConfigError(
+                f"{source}: pipelines: a storage node's file (with 'source') has no pipelines"
+            )
+        if not isinstance(config.source, dict) or "type" not in config.source:
+            raise ConfigError(f"{source}: source.type: the source needs a 'type'")
+        if not config.sinks:
+            raise ConfigError(f"{source}: sinks: at least one sink is required")
+    elif not config.pipelines:
         raise ConfigError(f"{source}: pipelines: at least one pipeline is required")
     seen: set[str] = set()
     for i, pipeline in enumerate(config.pipelines):
@@ -283,6 +298,11 @@ def _check_frame(config: Config, source: str) -> None:
         seen.add(pipeline.name)
         if not pipeline.symbols:
             raise ConfigError(f"{where}.symbols: the symbol list is empty")
+        if pipeline.shard:
+            try:
+                parse_shard(pipeline.shard)
+            except ValueError as exc:
+                raise ConfigError(f"{where}.shard: {exc}") from None
         if not pipeline.streams:
             raise ConfigError(f"{where}.streams: no stream types configured")
         if not pipeline.sinks:
@@ -351,6 +371,8 @@ def validate_components(config: Config, registry: Registry, *, source: str = "<c
             sink_cls = _named(registry.sink, type_name, f"sinks.{name}.type")
             sinks[name] = (type_name, convert_options(body, sink_cls.Options, f"sinks.{name}"))
             _check_writers(writers, sink_cls, type_name, f"sinks.{name}.{WRITERS_KEY}")
+        if config.source is not None:
+            validate_source(config, registry)
     except ConfigError as exc:
         raise ConfigError(f"{source}: {exc}") from None
     return resolved, sinks
@@ -381,6 +403,14 @@ def sink_writers(config: Config) -> dict[str, int | None]:
     return {name: body.get(WRITERS_KEY) for name, body in config.sinks.items()}
 
 
+def validate_source(config: Config, registry: Registry) -> tuple[str, Any]:
+    """A storage node's ``source`` section: ``(type name, options Struct)``."""
+    body = dict(config.source or {})
+    type_name = body.pop("type", "")
+    source_cls = _named(registry.source, type_name, "source.type")
+    return type_name, convert_options(body, source_cls.Options, "source")
+
+
 def _named(lookup, name: str, path: str):
     try:
         return lookup(name)
@@ -405,6 +435,11 @@ def effective_config(config: Config, registry: Registry) -> dict[str, Any]:
         if writers is not None:
             data["sinks"][name][WRITERS_KEY] = writers
     data["runtime"]["state_dir"] = str(resolve_state_dir(None, config))
+    if config.source is not None:
+        type_name, options = validate_source(config, registry)
+        data["source"] = {"type": type_name, **msgspec.to_builtins(options)}
+    else:
+        data.pop("source", None)
     return data
 
 

@@ -28,7 +28,7 @@ import pluggy
 if TYPE_CHECKING:
     import typer
 
-    from .api import ExchangeAdapter, Sink, StreamType
+    from .api import ExchangeAdapter, Sink, Source, StreamType
 
 PROJECT = "streamer"
 
@@ -61,6 +61,15 @@ def register_sinks(register: Callable[[str, type[Sink]], None]) -> None:
 
     Called once per registry. ``name`` is what a sink instance's ``type:`` refers to.
     Registering a name twice is an error naming both plugins.
+    """
+
+
+@hookspec
+def register_sources(register: Callable[[str, type[Source]], None]) -> None:
+    """Register source classes by name (what feeds a storage node, ``streamer store``).
+
+    Called once per registry. ``name`` is what the store config's ``source: {type: ...}``
+    refers to. Registering a name twice is an error naming both plugins.
     """
 
 

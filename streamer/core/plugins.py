@@ -17,7 +17,7 @@ from types import ModuleType
 import pluggy
 
 from . import hookspecs
-from .api import ExchangeAdapter, Sink, StreamType
+from .api import ExchangeAdapter, Sink, Source, StreamType
 
 ENTRY_POINT_GROUP = "streamer"
 DISTRIBUTION = "market-streamer"
@@ -167,6 +167,7 @@ class Registry:
     exchanges: dict[str, type[ExchangeAdapter]] = field(default_factory=dict)
     streams: dict[str, type[StreamType]] = field(default_factory=dict)
     sinks: dict[str, type[Sink]] = field(default_factory=dict)
+    sources: dict[str, type[Source]] = field(default_factory=dict)
     #: (kind, name) -> name of the plugin that registered it.
     owners: dict[tuple[str, str], str] = field(default_factory=dict)
 
@@ -182,6 +183,7 @@ class Registry:
             ("exchange", pm.hook.register_exchanges, registry.exchanges),
             ("stream", pm.hook.register_streams, registry.streams),
             ("sink", pm.hook.register_sinks, registry.sinks),
+            ("source", pm.hook.register_sources, registry.sources),
         ):
             for impl in hook.get_hookimpls():
                 owner = pm.get_name(impl.plugin) or repr(impl.plugin)
@@ -211,6 +213,10 @@ class Registry:
     def sink(self, name: str) -> type[Sink]:
         """The sink class called ``name``, or a ``PluginError`` listing choices."""
         return self._lookup("sink", self.sinks, name)
+
+    def source(self, name: str) -> type[Source]:
+        """The source class called ``name``, or a ``PluginError`` listing choices."""
+        return self._lookup("source", self.sources, name)
 
     @staticmethod
     def _lookup(kind: str, table: dict, name: str):

@@ -111,6 +111,16 @@ def _start_args(
     return paths, [*run_args, "--state-dir", str(paths.state_dir)]
 
 
+StoreOpt = Annotated[
+    bool,
+    typer.Option("--store", help="Start 'streamer store' (a storage node) instead of 'run'."),
+]
+
+
+def _argv(store: bool, run_args: list[str] | None) -> list[str] | None:
+    return d.default_run_argv(run_args or [], "store") if store else None
+
+
 def _echo_start(result: d.StartResult) -> None:
     if result.recovered_stale:
         typer.echo(result.recovered_stale)
@@ -141,8 +151,10 @@ def _daemon_start(
     wait: Annotated[
         float, typer.Option(help="Seconds to wait for every child to run (0: don't wait).")
     ] = d.DEFAULT_START_WAIT,
+    store: StoreOpt = False,
 ) -> None:
-    """Start 'streamer run' in the background; other options are passed to 'streamer run'.
+    """Start 'streamer run' in the background; other options are passed to 'streamer run'
+    (with --store: 'streamer store', a storage node).
 
     Returns once every child process reports running, or prints why not (with the end of
     the log) and exits 1. Refuses to start twice for one state directory.
@@ -150,8 +162,14 @@ def _daemon_start(
     paths, run_args = _start_args(state_dir, config, list(ctx.args))
     paths = d.DaemonPaths.for_state_dir(paths.state_dir, pidfile=pidfile, log_file=log_file)
     try:
+        extra = {"argv": _argv(store, run_args)} if store else {}
         result = d.start(
-            paths, run_args, wait=wait, log_max_bytes=log_max_bytes, log_backups=log_backups
+            paths,
+            run_args,
+            wait=wait,
+            log_max_bytes=log_max_bytes,
+            log_backups=log_backups,
+            **extra,
         )
     except d.DaemonError as exc:
         raise _fail(str(exc)) from None
@@ -258,6 +276,7 @@ def _daemon_restart(
     wait: Annotated[
         float, typer.Option(help="Seconds to wait for every child to run.")
     ] = d.DEFAULT_START_WAIT,
+    store: StoreOpt = False,
 ) -> None:
     """Stop and start again. Without run options the previous command line is reused."""
     forwarded = list(ctx.args)
@@ -266,11 +285,13 @@ def _daemon_restart(
     else:
         paths, run_args = _paths(state_dir, None), None
     try:
+        extra = {"argv": _argv(store, run_args)} if store and run_args is not None else {}
         stopped, started = d.restart(
             paths,
             run_args,
             stop_timeout=timeout if timeout is not None else _stop_timeout(paths),
             wait=wait,
+            **extra,
         )
     except d.DaemonError as exc:
         raise _fail(str(exc)) from None

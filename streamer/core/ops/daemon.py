@@ -258,9 +258,10 @@ def tail(path: Path, lines: int = 20) -> str:
     return "\n".join(data.decode(errors="replace").splitlines()[-lines:])
 
 
-def default_run_argv(run_args: Sequence[str]) -> list[str]:
-    """The command that runs ``streamer run RUN_ARGS`` with this interpreter."""
-    return [sys.executable, "-m", "streamer", "run", *run_args]
+def default_run_argv(run_args: Sequence[str], command: str = "run") -> list[str]:
+    """The command that runs ``streamer run RUN_ARGS`` (or ``streamer store RUN_ARGS``, a
+    storage node: same state directory, status and shutdown) with this interpreter."""
+    return [sys.executable, "-m", "streamer", command, *run_args]
 
 
 ReadyCheck = Callable[[DaemonPaths, int, float], tuple[bool, str]]

@@ -31,8 +31,16 @@ from collections.abc import Callable, Iterable, Sequence
 import anyio
 
 from ..api import ExchangeAdapter, ExchangeContext, StreamContext
-from ..config import Config, ConfigError, ResolvedPipeline, sink_writers, validate_components
+from ..config import (
+    Config,
+    ConfigError,
+    ResolvedPipeline,
+    sink_writers,
+    validate_components,
+    validate_source,
+)
 from ..counters import Counters
+from ..shards import in_shard, parse_shard
 from .bootstrap import PluginSelection, auto_workers, auto_writers, partition
 from .keys import HighWater
 from .sinklock import check_sinks
@@ -45,12 +53,14 @@ __all__ = [
     "PluginSelection",
     "auto_workers",
     "auto_writers",
+    "check_source",
     "check_streams",
     "partition",
     "plan_pipelines",
     "plan_writers",
     "read_status",
     "run",
+    "store",
 ]
 
 log = logging.getLogger("streamer.runtime")
@@ -88,6 +98,14 @@ async def plan_pipelines(
             await adapter.aclose()
         if not symbols:
             raise ValueError(f"{source}: pipelines[{index}].symbols: no trading symbol left")
+        if cfg.shard:
+            shard = parse_shard(cfg.shard)
+            symbols = [s for s in symbols if in_shard(s, shard)]
+            if not symbols:
+                raise ValueError(
+                    f"{source}: pipelines[{index}].shard: no symbol of this pipeline falls "
+                    f"in shard {cfg.shard}"
+                )
         workers = cfg.workers or auto_workers(len(symbols), os.cpu_count())
         plans.append(
             PipelinePlan(
@@ -248,6 +266,74 @@ def run(
             plans,
             sink_types=sink_types,
             sink_writers=plan_writers(config, plans, sink_types, plugins),
+            log_level=log_level,
+            duration=duration,
+            on_status=on_status,
+        )
+        return await supervisor.run()
+
+    return anyio.run(main)
+
+
+def check_source(config: Config, registry, *, source: str = "<config>") -> None:
+    """A storage node's source check (:meth:`Source.check`): one-line ``ValueError``."""
+    type_name, options = validate_source(config, registry)
+    try:
+        registry.source(type_name).check(options)
+    except ValueError as exc:
+        raise ValueError(f"{source}: source: {exc}") from None
+
+
+#: The plan of a storage node: one source worker feeding every sink of the file.
+STORE_PLAN = "store"
+
+
+def store(
+    config: Config,
+    enabled_plugins: Iterable[str] | None = None,
+    *,
+    extra_plugin_modules: Sequence[str] = (),
+    duration: float | None = None,
+    log_level: int = logging.INFO,
+    source: str = "<config>",
+    on_status: Callable[[dict], None] | None = None,
+) -> int:
+    """Run a storage node (``streamer store``): ``config.source`` feeds every sink through
+    the same writers, status, health and shutdown as :func:`run`; see :mod:`.source`.
+    Same arguments and exit codes as :func:`run`."""
+    plugins = PluginSelection(
+        enabled=None if enabled_plugins is None else tuple(enabled_plugins),
+        extra_modules=tuple(extra_plugin_modules),
+    )
+    if config.source is None or config.pipelines:
+        raise ConfigError(f"{source}: a storage node's file names a 'source' and no pipelines")
+
+    async def main() -> int:
+        registry = plugins.registry()
+        _, sinks = validate_components(config, registry, source=source)
+        check_source(config, registry, source=source)
+        check_sinks(sinks, registry)
+        for name, writers in sink_writers(config).items():
+            if writers is not None and writers > 1:
+                raise ConfigError(
+                    f"{source}: sinks.{name}.writers: a storage node runs each sink as one "
+                    f"writer, got {writers}"
+                )
+        plan = PipelinePlan(
+            index=-1,
+            name=STORE_PLAN,
+            exchange="",
+            market="",
+            symbols=[],
+            groups=[[]],
+            source=True,
+            sinks=sorted(sinks),
+        )
+        supervisor = Supervisor(
+            config,
+            plugins,
+            [plan],
+            sink_types={name: type_name for name, (type_name, _) in sinks.items()},
             log_level=log_level,
             duration=duration,
             on_status=on_status,

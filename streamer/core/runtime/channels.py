@@ -9,6 +9,13 @@ bytes (records), or, for a sink with a worker-side encoder,
 (:data:`~streamer.core.records.ENCODED_TAG`, never the first byte of MessagePack) tells
 them apart; control frames carry one of the msgspec messages below.
 
+Flush receipts (``streamer store``): a worker whose first frame on a data connection is
+empty (:data:`WANT_RECEIPTS`; never a valid batch) asks the writer to report back on that
+same connection, as :class:`Flushed` control frames, how many of the connection's data
+frames (after that first one) the sink has flushed: sent after a flush tick that left the
+sink with nothing pending, whenever the count grew. Frames dropped as duplicates or as
+corrupt count as flushed. A collector worker never asks, and never reads its data socket.
+
 The sockets live in a private folder of the temporary directory, named
 ``streamer-<supervisor pid>-<random>`` (:func:`make_socket_dir`). The supervisor removes it
 when it exits; after a ``kill -9`` of the supervisor its children remove it on their way
@@ -67,7 +74,17 @@ class Stop(msgspec.Struct, tag="stop"):
     """Supervisor to child: finish what you hold and exit 0."""
 
 
-Control = Hello | Ready | Status | Stop
+class Flushed(msgspec.Struct, tag="flushed"):
+    """Writer to a worker that asked for receipts: the first ``frames`` data frames it sent
+    on this connection are flushed (durable in the sink, or dropped as held)."""
+
+    frames: int
+
+
+Control = Hello | Ready | Status | Stop | Flushed
+
+#: First frame of a data connection whose worker wants :class:`Flushed` receipts.
+WANT_RECEIPTS = b""
 
 _encoder = msgspec.msgpack.Encoder()
 _control_decoder = msgspec.msgpack.Decoder(Control)

@@ -56,6 +56,7 @@ from .channels import (
     make_socket_dir,
 )
 from .sinklock import PathLocks, check_sinks
+from .source import source_main
 from .status_file import merge_counters, write_status
 from .worker import worker_main
 from .writer import EXIT_SINK_FAILED, writer_main
@@ -76,6 +77,10 @@ class PipelinePlan:
     market: str
     symbols: list[str]
     groups: list[list[str]]
+    #: A storage node's source (``streamer store``, index -1): one source worker feeding
+    #: ``sinks``, instead of collector workers feeding the pipeline's sinks.
+    source: bool = False
+    sinks: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -157,6 +162,7 @@ class Supervisor:
         #: Writers whose sink could not open (the run stops; they are not restarted).
         self._failed: list[_Child] = []
         used = {s for p in config.pipelines for s in p.sinks}
+        used |= {s for plan in plans for s in plan.sinks}
         for name in sorted(used):
             n = self.sink_writers.get(name, 1)
             for i in range(n):
@@ -166,11 +172,11 @@ class Supervisor:
                     )
                 )
         for plan in plans:
-            sinks = list(config.pipelines[plan.index].sinks)
+            sinks = list(plan.sinks if plan.source else config.pipelines[plan.index].sinks)
             for i, group in enumerate(plan.groups):
                 self._add(
                     _Child(
-                        name=f"{plan.name}.worker{i}",
+                        name=f"{plan.name}.source" if plan.source else f"{plan.name}.worker{i}",
                         kind="worker",
                         pipeline=plan.index,
                         symbols=group,
@@ -199,6 +205,8 @@ class Supervisor:
     # -- spawning ------------------------------------------------------------------------
     def _resume_for(self, child: _Child) -> dict[StreamKey, int]:
         plan = next(p for p in self.plans if p.index == child.pipeline)
+        if plan.source:
+            return {}  # the source resumes from its own acknowledgements
         wanted = set(child.symbols)
         resume: dict[StreamKey, int] = {}
         for sink in child.sinks:
@@ -221,7 +229,7 @@ class Supervisor:
             target = writer_main
         else:
             paths = {s: self._sink_paths[s] for s in child.sinks}
-            target = worker_main
+            target = source_main if child.pipeline < 0 else worker_main
         spec = ChildSpec(
             kind=child.kind,
             child=child.name,

@@ -156,9 +156,13 @@ class Worker(ChildLoop):
     def __init__(self, spec: ChildSpec) -> None:
         self.spec = spec
         self.runtime = spec.config.runtime
-        self.pipeline = spec.config.pipelines[spec.pipeline_index]
+        # A storage node's source worker (:mod:`.source`) has no pipeline.
+        self.pipeline = (
+            spec.config.pipelines[spec.pipeline_index] if spec.pipeline_index >= 0 else None
+        )
         self.counters = Counters()
-        self.logger = logging.getLogger(f"streamer.worker.{self.pipeline.name}")
+        name = self.pipeline.name if self.pipeline is not None else spec.child
+        self.logger = logging.getLogger(f"streamer.worker.{name}")
         self._rate_log = RateLimitedLog(self.logger, interval=10.0)
         self._pending: list[Record] = []
         self._batch_size = max(1, self.runtime.batch_size)
@@ -316,6 +320,7 @@ class Worker(ChildLoop):
     async def _flush(self) -> None:
         while self._pending or self._overflow:
             batch, weight = self._take_batch()
+            taken = len(batch)
             if self._overflow:
                 batch = self._overflow_markers() + batch
             counted = False
@@ -355,6 +360,7 @@ class Worker(ChildLoop):
             self.counters.incr("batches_sent")
             self._pending_bytes -= weight
             self._relieved()
+            self._batch_sent(taken)
 
     async def _enqueue(self, send, data: bytes | bytearray) -> None:
         """Queue ``data`` for a sender (counted in the held bytes until it is sent)."""
@@ -381,6 +387,9 @@ class Worker(ChildLoop):
                 i = owner[symbol] = writer_of(symbol, writers)
             parts[i].append(record)
         return parts
+
+    def _batch_sent(self, records: int) -> None:
+        """One more batch (``records`` emitted records) was queued for every sink."""
 
     def _encode(self, sink: str, encoder: SinkEncoder, batch: list[Record]) -> EncodedBatch | None:
         """``encoder``'s output, or ``None`` (counted, logged) when it failed: that batch
@@ -589,13 +598,18 @@ def _cadence_of(options: object) -> float | None:
 
 def worker_main(spec: ChildSpec) -> None:
     """Entry point of a spawned worker process."""
+    run_child(spec, Worker)
+
+
+def run_child(spec: ChildSpec, worker_cls: type[Worker]) -> None:
+    """Run a spawned worker of class ``worker_cls`` (a collector or a store's source)."""
     from .bootstrap import setup_logging
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor decides when to stop
     setup_logging(spec.log_level)
     logger = logging.getLogger(f"streamer.worker.{spec.child}")
     try:
-        anyio.run(Worker(spec).run)
+        anyio.run(worker_cls(spec).run)
     except* SupervisorGone:
         # Orphaned before it could connect (or a sink it feeds went with the supervisor).
         logger.warning("the supervisor is gone; exiting")

@@ -15,6 +15,13 @@ held), and ``sink.flush`` every flush interval (the sink's ``flush_interval`` op
 it has one, else one second). Counting is done by the filters as they go: once per chunk,
 once per kept record on the record path.
 
+A worker may ask for flush receipts on its connection (``streamer store`` does, to
+acknowledge its source only once every sink flushed: :data:`~.channels.WANT_RECEIPTS`):
+the writer counts that connection's frames as it writes them and, after a flush tick that
+leaves the sink with nothing pending, sends a :class:`~.channels.Flushed` with the count.
+When such a worker ends its side of the connection (closing), the writer writes what it
+received, flushes at once and sends the last receipt before closing the connection.
+
 On ``Stop`` (sent once every worker has exited) it stops accepting, reads every connection
 to its end, drains the queue, flushes, closes the sink and exits 0. Rows the sink still
 holds after ``close`` are lost: they are counted as ``rows_lost_at_close`` in the final
@@ -52,7 +59,15 @@ from ..logs import RateLimitedLog
 from ..records import Chunk, decode_batch, decode_encoded, is_encoded
 from ..units import parse_duration
 from .bootstrap import ChildSpec, paths_of
-from .channels import FrameReader, Hello, Ready, Status
+from .channels import (
+    WANT_RECEIPTS,
+    Flushed,
+    FrameReader,
+    Hello,
+    Ready,
+    Status,
+    encode_control,
+)
 from .child import ChildLoop, SupervisorGone, leave_socket_dir, tune_gc
 from .keys import HighWater, Tally
 from .worker import connect_unix_retry
@@ -60,6 +75,18 @@ from .worker import connect_unix_retry
 DEFAULT_FLUSH_INTERVAL = 1.0
 #: Exit code of a writer whose sink could not open: the supervisor stops the run.
 EXIT_SINK_FAILED = 3
+
+
+class _Receipts:
+    """A data connection whose worker wants :class:`Flushed` receipts."""
+
+    __slots__ = ("ended", "reported", "stream", "written")
+
+    def __init__(self, stream: ByteStream) -> None:
+        self.stream = stream
+        self.written = 0  # data frames handed to the sink (or dropped as held)
+        self.reported = 0  # the count last sent
+        self.ended = anyio.Event()  # the worker's end was flushed and answered
 
 
 def flush_interval_of(options: object) -> float:
@@ -81,9 +108,11 @@ class Writer(ChildLoop):
         self._rate_log = RateLimitedLog(self.logger, interval=10.0)
         self._stop = anyio.Event()
         self._high_water = HighWater()
-        self._send, self._receive = anyio.create_memory_object_stream[bytes](
-            self.runtime.queue_batches
-        )
+        self._send, self._receive = anyio.create_memory_object_stream[
+            tuple[bytes | None, _Receipts | None]
+        ](self.runtime.queue_batches)  # (None, receipts): that worker ended its side
+        #: Connections that asked for flush receipts.
+        self._receipts: list[_Receipts] = []
         self._connections = 0
         #: Bytes of the payloads in the queue, bounded by ``writer_buffer``.
         self._queued_bytes = 0
@@ -133,12 +162,25 @@ class Writer(ChildLoop):
 
     async def _read(self, stream: ByteStream, send) -> None:
         reader = FrameReader(stream)
+        receipts: _Receipts | None = None
+        first = True
         async with stream, send:
             try:
                 while True:
                     payload = await reader.receive()
                     if payload is None:
+                        if receipts is not None:
+                            # Closing: flush what it sent and answer before closing.
+                            await send.send((None, receipts))
+                            with anyio.move_on_after(30):
+                                await receipts.ended.wait()
                         return
+                    if first:
+                        first = False
+                        if payload == WANT_RECEIPTS:
+                            receipts = _Receipts(stream)
+                            self._receipts.append(receipts)
+                            continue
                     self.counters.incr("batches_received")
                     size = len(payload)
                     waited = False
@@ -149,15 +191,18 @@ class Writer(ChildLoop):
                             self._room = anyio.Event()
                         await self._room.wait()
                     self._queued_bytes += size
+                    item = (payload, receipts)
                     try:
-                        send.send_nowait(payload)
+                        send.send_nowait(item)
                     except anyio.WouldBlock:
                         waited = True
-                        await send.send(payload)
+                        await send.send(item)
                     if waited:
                         self.counters.incr("backpressure_waits")
             finally:
                 self._connections -= 1
+                if receipts is not None:
+                    self._receipts.remove(receipts)
 
     async def _consume(self, sink: Sink, flush_every: float) -> None:
         # Writes and timed flushes share a lock so the sink never sees them concurrently;
@@ -165,9 +210,14 @@ class Writer(ChildLoop):
         lock = anyio.Lock()
         async with anyio.create_task_group() as tg:
             tg.start_soon(self._flush_timer, sink, flush_every, lock)
-            async for payload in self._receive:
+            async for payload, receipts in self._receive:
                 async with lock:
+                    if payload is None:
+                        await self._flush_ended(sink, receipts)
+                        continue
                     self._dirty = await self._write(sink, payload) or self._dirty
+                    if receipts is not None:
+                        receipts.written += 1
                 self._queued_bytes -= len(payload)
                 if self._room is not None:
                     self._room.set()
@@ -185,6 +235,32 @@ class Writer(ChildLoop):
                     self.counters.incr("flushes")
                     self._dirty = False
                 await self._flushed(sink)
+                if self._receipts and not sink.pending_rows:
+                    await self._send_receipts()
+
+    async def _flush_ended(self, sink: Sink, receipts: _Receipts | None) -> None:
+        """A worker that wants receipts ended its side: flush now and answer it."""
+        if self._dirty or sink.pending_rows:
+            await sink.flush()
+            self.counters.incr("flushes")
+            self._dirty = False
+        await self._flushed(sink)
+        if not sink.pending_rows:
+            await self._send_receipts()
+        if receipts is not None:
+            receipts.ended.set()
+
+    async def _send_receipts(self) -> None:
+        """Tell each worker that asked how many of its frames are now flushed."""
+        for receipts in list(self._receipts):
+            if receipts.written <= receipts.reported:
+                continue
+            receipts.reported = receipts.written
+            try:
+                with anyio.CancelScope(shield=True):
+                    await receipts.stream.send(encode_control(Flushed(receipts.written)))
+            except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
+                self.counters.incr("receipts_undelivered")
 
     async def _flushed(self, sink: Sink, *, closed: bool = False) -> None:
         """After a flush tick: publish its time and what is now known to be in the files."""
