@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import calendar
+import io
 import json
 import logging
 from pathlib import Path
@@ -17,6 +18,7 @@ from typer.testing import CliRunner
 from streamer.cli import build_app
 from streamer.core.api import SinkContext
 from streamer.core.counters import Counters
+from streamer.core.quality import Progress
 from streamer.core.records import BookSnapshot, DepthUpdate, Kline, Marker, Trade
 from streamer.plugins.sinks import _parquet_verify, csv_batch, parquet_sink
 
@@ -217,3 +219,13 @@ def test_empty_folder_as_parquet_tree_gives_one_clear_line(tmp_path: Path) -> No
     code, _, err, doc, _ = report(tmp_path, tmp_path / "empty", "--sink", "parquet")
     assert code == 2 and doc is None
     assert err.startswith("error: ") and "no files of the parquet sink's layout" in err
+
+
+def test_progress_counts_every_parquet_file_row_and_byte(trees) -> None:
+    _, pq_root = trees
+    progress = Progress(io.StringIO(), interval=0.0)
+    facts = list(parquet_sink.ParquetSink.report_facts(pq_root, progress=progress))
+    files = [p for p in pq_root.rglob("*") if p.name.startswith(("part-", "_open-"))]
+    assert progress.total_files == progress.files == len(files) == 8
+    assert progress.total_bytes == progress.bytes == sum(p.stat().st_size for p in files)
+    assert progress.rows == sum(f.rows for f in facts) == 95 + 88 + 9 + 40
