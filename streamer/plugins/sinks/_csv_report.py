@@ -7,6 +7,11 @@ block adds what the report needs: rows and messages per minute, a latency histog
 hour (exchange event time to ``receive_time``), bytes per day, and the time range of every
 gap and marker (the rows around it).
 
+The walk (:func:`select`, :func:`facts_of`) and the per-stream facts (:class:`_StreamReader`:
+one call of ``on_block`` per block of csv rows a checker has seen) do not care where the rows
+come from: the parquet sink's report (:mod:`._parquet_report`) feeds them its own files'
+rows, rendered as csv rows as its verify does.
+
 Memory: the tree is read symbol by symbol (its markers first, then each stream), and only
 one stream's per-day aggregates are held at a time; rows are never kept.
 """
@@ -19,7 +24,7 @@ import contextlib
 import csv
 import io
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import msgspec
 
@@ -67,31 +72,34 @@ def cause_of(kind: str, reason: str) -> str:
     return kind
 
 
-def _period_start(name: str) -> tuple[int, int] | None:
-    """``(start, end)`` in ms of the period a file name labels (a day or an hour)."""
-    key = layout.period_sort_key(name)
-    if key is None:
-        return None
-    y, m, d = (int(x) for x in key[0].split("-"))
+def period_span(date: str, hour: int) -> tuple[int, int]:
+    """``(start, end)`` in ms of a rotation period: the UTC day ``date`` (``YYYY-MM-DD``),
+    or one hour of it (``hour`` 0-23; 24: the whole day)."""
+    y, m, d = (int(x) for x in date.split("-"))
     day = calendar.timegm((y, m, d, 0, 0, 0)) * 1000
-    if key[1] == 24:
+    if hour == 24:
         return day, day + _MS_DAY
-    return day + key[1] * 3_600_000, day + (key[1] + 1) * 3_600_000
+    return day + hour * 3_600_000, day + (hour + 1) * 3_600_000
 
 
-def _listing(folder: str, start: int | None, end: int | None) -> list[tuple[str, int]]:
+def _period_start(name: str) -> tuple[int, int] | None:
+    """``(start, end)`` in ms of the period a csv file name labels (a day or an hour)."""
+    key = layout.period_sort_key(name)
+    return None if key is None else period_span(*key)
+
+
+def _listing(folder: str) -> list[tuple[str, int, tuple[int, int]]]:
+    """``(name, size, period span)`` of the data files of a csv stream folder."""
     out = []
     for name in verify._data_files(folder):
         span = _period_start(name)
-        if span is None or (start is not None and span[1] <= start):
-            continue
-        if end is not None and span[0] >= end:
+        if span is None:
             continue
         try:
             size = os.stat(os.path.join(folder, name)).st_size
         except OSError:
             size = 0
-        out.append((name, size))
+        out.append((name, size, span))
     return out
 
 
@@ -111,29 +119,57 @@ def report_facts(
         folders = list(layout.stream_folders(root, verify._subdirs))
     except OSError as exc:
         raise verify.VerifyError(f"{root}: {exc.strerror or exc}") from None
+
+    def entries() -> Iterator[Entry]:
+        for kind, ex, mk, sym, interval, folder in folders:
+            try:
+                files = _listing(folder)
+            except OSError:
+                continue
+            yield kind, ex, mk, sym, interval, folder, files
+
+    groups = select(root, entries(), start, end, symbols, verify.no_files_error)
+    return facts_of(groups, start, end, progress, _read_markers, _read_stream)
+
+
+#: ``(kind, exchange, market, symbol, interval, folder, files)`` of one stream folder, each
+#: file as ``(name relative to the folder, size, (start, end) ms of its period)``.
+Entry = tuple[str, str, str, str, str, str, list[tuple[str, int, tuple[int, int]]]]
+#: Reads one symbol's marker files (folder, files, out by stream name, progress).
+MarkerReader = Callable[[str, list, dict[str, list["_Marker"]], "Progress | None"], None]
+#: Reads one stream's files into a :class:`_StreamReader` and returns its facts.
+StreamRead = Callable[["_StreamReader", str, list, "Progress | None"], StreamFacts]
+
+
+def select(
+    root: str,
+    entries: Iterable[Entry],
+    start: int | None,
+    end: int | None,
+    symbols: Sequence[str] | None,
+    no_files: Callable[[str], Exception],
+) -> dict[tuple[str, str, str], list[Entry]]:
+    """The stream folders to read, by ``(exchange, market, symbol)``, keeping only
+    ``symbols`` and files whose period overlaps ``[start, end)``. Raises ``no_files(root)``
+    when the tree holds no data file, a one-line ``ValueError`` when the filters leave
+    none."""
     wanted = {s.upper() for s in symbols} if symbols else None
-    groups: dict[tuple[str, str, str], list] = {}
+    groups: dict[tuple[str, str, str], list[Entry]] = {}
     seen_symbols: set[str] = set()
     any_file = False
-    total_files = total_bytes = 0
-    for kind, ex, mk, sym, interval, folder in folders:
-        try:
-            files = _listing(folder, None, None)
-        except OSError:
-            continue
+    for kind, ex, mk, sym, interval, folder, files in entries:
         any_file = any_file or bool(files)
         if files:
             seen_symbols.add(sym)
         if wanted is not None and sym.upper() not in wanted:
             continue
-        files = [f for f in files if _overlaps(f[0], start, end)]
-        if not files:
-            continue
-        total_files += len(files)
-        total_bytes += sum(size for _, size in files)
-        groups.setdefault((ex, mk, sym), []).append((kind, interval, folder, files))
+        files = [f for f in files if _overlaps(f[2], start, end)]
+        if files:
+            groups.setdefault((ex, mk, sym), []).append(
+                (kind, ex, mk, sym, interval, folder, files)
+            )
     if not any_file:
-        raise verify.no_files_error(root)
+        raise no_files(root)
     if not groups:
         if wanted is not None and not wanted & {s.upper() for s in seen_symbols}:
             have = ", ".join(sorted(seen_symbols)[:10]) + (
@@ -144,58 +180,104 @@ def report_facts(
                 f"(the tree holds {have})"
             )
         raise verify.VerifyError(f"{root}: no files in the period asked for (--from/--to)")
+    return groups
+
+
+def facts_of(
+    groups: dict[tuple[str, str, str], list[Entry]],
+    start: int | None,
+    end: int | None,
+    progress: Progress | None,
+    read_markers: MarkerReader,
+    read_stream: StreamRead,
+) -> Iterator[StreamFacts]:
+    """The facts of every stream of :func:`select`'s ``groups``, symbol by symbol (its
+    markers first, then each stream), reading files with the sink's own readers."""
     if progress is not None:
-        progress.begin(total_files, total_bytes)
+        files = [f for entries in groups.values() for e in entries for f in e[6]]
+        progress.begin(len(files), sum(size for _, size, _ in files))
     try:
-        for (ex, mk, sym), entries in sorted(groups.items()):
-            yield from _symbol(ex, mk, sym, entries, start, end, progress)
+        for _key, entries in sorted(groups.items()):
+            yield from _symbol(entries, start, end, progress, read_markers, read_stream)
     finally:
         if progress is not None:
             progress.done()
 
 
-def _overlaps(name: str, start: int | None, end: int | None) -> bool:
-    span = _period_start(name)
-    if span is None:
-        return False
+def _overlaps(span: tuple[int, int], start: int | None, end: int | None) -> bool:
     return (start is None or span[1] > start) and (end is None or span[0] < end)
 
 
-def _symbol(ex, mk, sym, entries, start, end, progress) -> Iterator[StreamFacts]:
+def _symbol(entries, start, end, progress, read_markers, read_stream) -> Iterator[StreamFacts]:
     markers: dict[str, list[_Marker]] = {}
-    for kind, _interval, folder, files in entries:
+    for kind, _ex, _mk, _sym, _interval, folder, files in entries:
         if kind == layout.MARKERS:
-            for name, _size in files:
-                _read_markers(os.path.join(folder, name), name, markers)
-                if progress is not None:
-                    progress.advance(files=1)
+            read_markers(folder, files, markers, progress)
     done = set()
-    for kind, interval, folder, files in entries:
+    ex, mk, sym = entries[0][1:4]
+    for kind, _ex, _mk, _sym, interval, folder, files in entries:
         if kind == layout.MARKERS:
             continue
         name = layout.stream_name(kind, interval)
         done.add(name)
         reader = _StreamReader(ex, mk, sym, kind, interval, markers.get(name, []), start, end)
-        yield reader.read(folder, files, progress)
+        yield read_stream(reader, folder, files, progress)
     for name in sorted(set(markers) - done):  # markers of a stream without any file
         reader = _StreamReader(ex, mk, sym, "", "", markers[name], start, end, stream=name)
         yield reader.finish()
 
 
-def _read_markers(path: str, name: str, out: dict[str, list[_Marker]]) -> None:
-    scan = verify._FileScan(path, name.endswith(".gz"))
-    with contextlib.suppress(OSError):
-        for block in scan.blocks():
-            text = block.decode("utf-8", "replace")
-            for cells in csv.reader(io.StringIO(text, newline="")):
-                if len(cells) != len(layout.MARKER_COLUMNS):
-                    continue
-                t, stream, kind, first, last, reason = cells
-                try:
-                    m = _Marker(layout.ms_time(int(t)), kind, int(first), int(last), reason)
-                except ValueError:
-                    continue
-                out.setdefault(stream, []).append(m)
+def new_marker(time: int, kind: str, first: int, last: int, reason: str) -> _Marker:
+    """A marker row as the report keeps it (``time`` in ms, microseconds converted)."""
+    return _Marker(layout.ms_time(time), kind, first, last, reason)
+
+
+def _read_markers(folder: str, files, out: dict[str, list[_Marker]], progress) -> None:
+    for name, _size, _span in files:
+        scan = verify._FileScan(os.path.join(folder, name), name.endswith(".gz"))
+        with contextlib.suppress(OSError):
+            for block in scan.blocks():
+                text = block.decode("utf-8", "replace")
+                for cells in csv.reader(io.StringIO(text, newline="")):
+                    if len(cells) != len(layout.MARKER_COLUMNS):
+                        continue
+                    t, stream, kind, first, last, reason = cells
+                    try:
+                        m = new_marker(int(t), kind, int(first), int(last), reason)
+                    except ValueError:
+                        continue
+                    out.setdefault(stream, []).append(m)
+        if progress is not None:
+            progress.advance(files=1)
+
+
+def _read_stream(reader: _StreamReader, folder: str, files, progress) -> StreamFacts:
+    """A csv stream's files, block by block through verify's reader and checker."""
+    sf = reader.facts
+    report = verify.StreamReport(sf.exchange, sf.market, sf.symbol, sf.stream)
+    checkers: dict = {}
+    key = (sf.exchange, sf.market, sf.symbol, sf.stream)
+    hook = reader.on_block
+    progress_hook = None if progress is None else verify._progress_hook(progress)
+
+    def on_block(scan, block, line0, chk, before, rows):
+        hook(block, line0, chk, before)
+        if progress_hook is not None:
+            progress_hook(scan, block, line0, chk, before, rows)
+
+    for name, size, span in files:
+        reader.add_file(size, span)
+        path = os.path.join(folder, name)
+        verify._data_file(reader.kind, reader.interval, path, name, report, checkers, key, on_block)
+        if progress is not None:
+            progress.advance(files=1)
+    chk = checkers.get(key)
+    problems = list(report.problems)
+    if chk is not None:
+        problems += chk.problems
+        report.problems_omitted += chk.omitted
+    problems.sort(key=verify._file_order)
+    return reader.finish(problems, report.problems_omitted)
 
 
 class _Track:
@@ -260,41 +342,19 @@ class _StreamReader:
             self.day_of[d] = facts
         return facts
 
-    def read(self, folder: str, files: list[tuple[str, int]], progress) -> StreamFacts:
+    def add_file(self, size: int, span: tuple[int, int]) -> None:
+        """Count one file of ``size`` bytes holding the period ``span``."""
         sf = self.facts
-        report = verify.StreamReport(sf.exchange, sf.market, sf.symbol, sf.stream)
-        checkers: dict = {}
-        key = (sf.exchange, sf.market, sf.symbol, sf.stream)
-        hook = self._on_block
-        progress_hook = None if progress is None else verify._progress_hook(progress)
-
-        def on_block(scan, block, line0, chk, before, rows):
-            hook(block, line0, chk, before)
-            if progress_hook is not None:
-                progress_hook(scan, block, line0, chk, before, rows)
-
-        for name, size in files:
-            sf.files += 1
-            sf.bytes += size
-            span = _period_start(name)
-            if span is not None:
-                day = self._day(span[0] // _MS_DAY)
-                day.files += 1
-                day.bytes += size
-            path = os.path.join(folder, name)
-            verify._data_file(self.kind, self.interval, path, name, report, checkers, key, on_block)
-            if progress is not None:
-                progress.advance(files=1)
-        chk = checkers.get(key)
-        problems = list(report.problems)
-        if chk is not None:
-            problems += chk.problems
-            report.problems_omitted += chk.omitted
-        problems.sort(key=verify._file_order)
-        return self.finish(problems, report.problems_omitted)
+        sf.files += 1
+        sf.bytes += size
+        day = self._day(span[0] // _MS_DAY)
+        day.files += 1
+        day.bytes += size
 
     # -- per block ------------------------------------------------------------------------
-    def _on_block(self, block: bytes, line0: int, chk, before: int) -> None:
+    def on_block(self, block: bytes, line0: int, chk, before: int) -> None:
+        """Take the facts of one block of csv rows (first at file line ``line0``) that
+        ``chk`` has just checked (its problems from index ``before`` on are this block's)."""
         if b'"' in block:
             lines, _ = verify._unquoted_lines(block)
         else:

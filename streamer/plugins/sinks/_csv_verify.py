@@ -632,7 +632,14 @@ def check_root(root: str | os.PathLike[str]) -> str:
 
 
 def no_files_error(root: str) -> VerifyError:
-    """The error for a folder holding no file of the csv sink's layout."""
+    """The error for a folder holding no file of the csv sink's layout (naming the parquet
+    sink when ``root`` holds its ``exchange=...`` folders)."""
+    with contextlib.suppress(OSError):
+        if any(d.startswith("exchange=") for d in _subdirs(root)):
+            return VerifyError(
+                f"{root}: a parquet sink's tree (exchange=... folders), not a csv one: "
+                "add --sink parquet"
+            )
     return VerifyError(
         f"{root}: no files of the csv sink's layout found (give the sink's path, the "
         "folder holding <exchange>/<market>/aggTrades|klines|depth|orderbook|markers)"

@@ -37,7 +37,7 @@ import errno
 import logging
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from itertools import pairwise
 from typing import Annotated, Literal
 
@@ -49,10 +49,12 @@ from streamer import (
     Duration,
     Kline,
     Marker,
+    Progress,
     RateLimitedLog,
     Record,
     Sink,
     SinkContext,
+    StreamFacts,
     StreamKey,
     Trade,
     check_duration,
@@ -225,6 +227,23 @@ class ParquetSink(Sink):
         from ._parquet_verify import verify_tree
 
         return verify_tree(path, as_json=as_json)
+
+    @classmethod
+    def report_facts(
+        cls,
+        path: str | os.PathLike[str],
+        *,
+        start: int | None = None,
+        end: int | None = None,
+        symbols: Sequence[str] | None = None,
+        progress: Progress | None = None,
+    ) -> Iterator[StreamFacts]:
+        """``streamer report --sink parquet``: the facts of every stream in the tree at
+        ``path``, the csv report's for the same records (see :mod:`._parquet_report`)."""
+        require_pyarrow()
+        from ._parquet_report import report_facts
+
+        return report_facts(path, start=start, end=end, symbols=symbols, progress=progress)
 
     @classmethod
     def check(cls, options: Options) -> None:
