@@ -169,12 +169,12 @@ def test_runtime_settings_must_be_positive(tmp_path, key, rule):
 
 
 def test_unknown_sink_type_lists_available(tmp_path):
-    sinks = {"a": {"type": "parquet"}, "b": {"type": "lines", "path": "x"}}
+    sinks = {"a": {"type": "orc"}, "b": {"type": "lines", "path": "x"}}
     data = synth_config(tmp_path, sinks=sinks)
     assert_one_line_error(
         invoke("config", "check", str(write_yaml(tmp_path, data))),
         "sinks.a.type",
-        "unknown sink 'parquet'",
+        "unknown sink 'orc'",
         "lines",
     )
 

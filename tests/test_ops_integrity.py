@@ -561,7 +561,10 @@ def test_verify_defaults_to_the_csv_sink(tmp_path: Path, monkeypatch) -> None:
     ("sink", "message"),
     [
         ("mute", "error: sink type 'mute' cannot check its files\n"),
-        ("nope", "error: unknown sink 'nope'; available: csv, mute, probe\n"),
+        (
+            "nope",
+            "error: unknown sink 'nope'; available: csv, mute, nats, parquet, postgres, probe\n",
+        ),
     ],
 )
 def test_verify_with_a_sink_type_that_cannot_check_is_bad_input(
