@@ -37,6 +37,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _proc import TreeSampler
+from _replay import CAPTURE, capture_counts, replay_case
 from _subjects import (
     BareSubject,
     BaselineSubject,
@@ -112,6 +113,8 @@ class Plan:
     feed: str = "sim"
     micro: bool = True
     full: bool = True
+    #: The real-traffic case: the recorded USD-M BTCUSDT capture replayed flat out.
+    replay: bool = True
     #: Whole-run budget in seconds (``make bench`` must stay under 15 minutes): the
     #: full-market case is shortened (to no less than 30 s) when the rounds ran long.
     budget_s: float = 12 * 60
@@ -564,6 +567,39 @@ def full_market(
     return result
 
 
+def run_replay(plan: Plan, workdir: Path, log: Any) -> dict[str, dict[str, Any]]:
+    """The real-traffic case for each collector (``max(1, runs)`` times each, the
+    collectors alternating); per label the runs and their medians."""
+    labels = ["collector", BEFORE] if plan.compare else ["collector"]
+    expected = capture_counts()
+    runs: dict[str, list[dict[str, Any]]] = {label: [] for label in labels}
+    for i in range(max(1, plan.runs)):
+        for label in labels if i % 2 == 0 else labels[::-1]:
+            streamer = (
+                Path(plan.before_streamer) if label == BEFORE and plan.before_streamer else None
+            )
+            try:
+                r = replay_case(label, workdir, expected, streamer)
+                log(
+                    f"  replay {label}: {r['rate']:.0f} msg/s ({r['levels_rate']:.0f} levels/s), "
+                    f"{r['cpu_s']:.2f} CPU-s = {r['cpu_per_m']:.0f} s/M, exit {r['exit_code']}"
+                )
+            except Exception as exc:  # one failed run must not lose the others
+                log(f"  replay {label}: FAILED: {exc}")
+                r = {"subject": label, "error": str(exc)}
+            runs[label].append(r)
+    out: dict[str, dict[str, Any]] = {}
+    for label, rs in runs.items():
+        ok = [r for r in rs if "rate" in r]
+        out[label] = {"runs": rs, **expected}
+        if ok:
+            for key in ("seconds", "rate", "levels_rate", "cpu_s", "cpu_per_m", "peak_rss"):
+                out[label][key] = _median([r[key] for r in ok])
+        else:
+            out[label]["error"] = rs[-1].get("error", "no run") if rs else "no run"
+    return out
+
+
 def split_bursts(rows: list[Any], bursts: list[tuple[int, int]]) -> tuple[list[Any], list[Any]]:
     """Rows whose event time falls in a burst (or ``BURST_TAIL_MS`` after it), and the rest."""
     inside, outside = [], []
@@ -857,11 +893,18 @@ def _check(value: float | None, test: Any) -> bool | None:
 
 
 def evaluate_targets(
-    summary: dict[str, Any], full: dict[str, Any] | None, plan: dict[str, Any], label: str
+    summary: dict[str, Any],
+    full: dict[str, Any] | None,
+    plan: dict[str, Any],
+    label: str,
+    replay: dict[str, Any] | None = None,
 ) -> list[Target]:
     """Every target of issue 12 for the collector ``label`` (``collector`` or the
-    ``--compare`` revision's), from the round summary and its full-market result."""
+    ``--compare`` revision's), from the round summary, its full-market result and its
+    replay of the recorded capture."""
     med = summary["median"].get(label, {})
+    replay = replay or {}
+    replayed = "rate" in replay
     ratios = summary["ratios"]
     suffix = label[len("collector") :]
     full = full or {}
@@ -966,11 +1009,19 @@ def evaluate_targets(
         ),
         Target(
             "real traffic: USD-M BTCUSDT replay",
-            "msg/s, CPU per M",
+            "msg/s (reported)",
+            replay.get("rate"),
+            ".0f",
             None,
-            "",
+            "info" if replayed else "not measured",
+        ),
+        Target(
+            "real traffic: replay CPU per M msgs (tree)",
+            "(reported)",
+            replay.get("cpu_per_m"),
+            ".1f",
             None,
-            "not measured by bench/run.py yet",
+            "info" if replayed else "not measured",
         ),
     ]
     return out
@@ -996,10 +1047,19 @@ def full_results(report: dict[str, Any]) -> dict[str, dict[str, Any]]:
 def target_table(report: dict[str, Any]) -> list[tuple[Target, Target | None]]:
     """Each target for this checkout's collector, with the ``--compare`` one's beside it."""
     fulls = full_results(report)
-    after = evaluate_targets(report["summary"], fulls.get("collector"), report["plan"], "collector")
+    replays = report.get("replay_by_label") or {}
+    after = evaluate_targets(
+        report["summary"],
+        fulls.get("collector"),
+        report["plan"],
+        "collector",
+        replays.get("collector"),
+    )
     if not report["plan"].get("compare"):
         return [(t, None) for t in after]
-    before = evaluate_targets(report["summary"], fulls.get(BEFORE), report["plan"], BEFORE)
+    before = evaluate_targets(
+        report["summary"], fulls.get(BEFORE), report["plan"], BEFORE, replays.get(BEFORE)
+    )
     return list(zip(after, before, strict=True))
 
 
@@ -1065,6 +1125,42 @@ def _render_full(label: str, full: dict[str, Any]) -> list[str]:
         )
         + " |",
     ]
+
+
+def _render_replay(replays: dict[str, dict[str, Any]]) -> list[str]:
+    """The real-traffic section: one row per collector."""
+    if not replays:
+        return []
+    first = next(iter(replays.values()))
+    nan = float("nan")
+    lines = [
+        "",
+        f"### Real traffic: `{CAPTURE}` replayed flat out",
+        "",
+        f"`streamer sim --replay {CAPTURE} --speed 0` serves the capture's "
+        f"{first.get('events', 0)} USD-M BTCUSDT `depth@0ms` events "
+        f"({first.get('levels', 0)} levels, "
+        f"{first.get('levels', 0) / max(1, first.get('events', 1)):.0f} per event) as fast as "
+        "the collector reads them; the collector runs depth, orderbook (20 levels, 1 s) and "
+        "aggtrade (not in the capture) to CSV, flushing every 100 ms. Measured from its first "
+        "connection to the simulator (start-up excluded) until every depth row is on disk; "
+        "CPU of its whole process tree; medians of the runs.",
+        "",
+        "| subject | runs | msg/s | levels/s | seconds | CPU s | CPU s per M msgs "
+        "| peak RSS (tree) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for label, r in replays.items():
+        if "rate" not in r:
+            lines.append(f"| {label} | failed: `{r.get('error', '?')}` |||||||")
+            continue
+        n_ok = sum(1 for x in r["runs"] if "rate" in x)
+        lines.append(
+            f"| {label} | {n_ok}/{len(r['runs'])} | {_f(r['rate'])} | {_f(r['levels_rate'])} "
+            f"| {_f(r['seconds'], '.2f')} | {_f(r['cpu_s'], '.2f')} "
+            f"| {_f(r['cpu_per_m'], '.1f')} | {_mib(r.get('peak_rss', nan))} |"
+        )
+    return lines
 
 
 def render(report: dict[str, Any]) -> str:
@@ -1171,6 +1267,7 @@ def render(report: dict[str, Any]) -> str:
     lines += ["", " ".join(ratio_text), ""]
     for label, full in full_results(report).items():
         lines += _render_full(label, full)
+    lines += _render_replay(report.get("replay_by_label") or {})
     lines += ["", "### Ramps, round by round", ""]
     lines += [
         "Each cell: achieved msg/s, then the CPU (cores) of the subject / the feed / the "
@@ -1264,7 +1361,8 @@ def estimate_seconds(plan: Plan) -> float:
     full = collectors * (plan.full_s + 40) if plan.full else 0
     micro = (20 if plan.quick else 60) if plan.micro else 0
     setup = 90 if plan.compare else 0
-    return setup + micro + rounds + full
+    replay = collectors * max(1, plan.runs) * 9 if plan.replay else 0
+    return setup + micro + rounds + full + replay
 
 
 def describe(plan: Plan, compare_rev: str | None = None) -> str:
@@ -1291,6 +1389,12 @@ def describe(plan: Plan, compare_rev: str | None = None) -> str:
             f"full market: {plan.full_symbols} symbols, {plan.full_s:.0f} s at "
             f"{plan.base_rate / 1000:.0f}k msg/s, {plan.burst_s:.0f} s bursts at "
             f"{plan.burst_rate / 1000:.0f}k every {plan.burst_every:.0f} s, x{n}"
+        )
+    if plan.replay:
+        n = 2 if plan.compare else 1
+        out.append(
+            f"real traffic: {CAPTURE} (USD-M BTCUSDT depth@0ms) replayed flat out through "
+            f"streamer sim, depth + orderbook + aggtrade to CSV, {max(1, plan.runs)} run(s) x{n}"
         )
     out.append(f"micro-benchmarks: {', '.join(MICRO) if plan.micro else 'skipped'}")
     out.append("targets:")
@@ -1373,6 +1477,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--only", help="comma-separated subjects: bare,baseline,collector")
     ap.add_argument("--no-micro", action="store_true", help="skip the micro-benchmarks")
     ap.add_argument("--no-full", action="store_true", help="skip the full-market case")
+    ap.add_argument("--no-replay", action="store_true", help="skip the real-traffic replay case")
     ap.add_argument(
         "--feed",
         choices=("sim", "own"),
@@ -1424,6 +1529,7 @@ def main(argv: list[str] | None = None) -> int:
         plan.book_interval = args.book_interval
     plan.micro = not args.no_micro
     plan.full = not args.no_full
+    plan.replay = not args.no_replay
     if args.compare:
         try:
             plan.compare = resolve_rev(args.compare)
@@ -1473,6 +1579,11 @@ def main(argv: list[str] | None = None) -> int:
             log("micro-benchmarks")
             report["micro"] = run_micro(plan.quick, log)
         status = run_rounds(plan, workdir, log, report)
+        if plan.replay:
+            log(f"real traffic: {CAPTURE} replayed flat out")
+            report["replay_by_label"] = run_replay(plan, workdir, log)
+            if any("error" in r for r in report["replay_by_label"].values()):
+                status = 1
         if plan.full:
             labels = ["collector"]
             if plan.compare:
@@ -1499,7 +1610,7 @@ def main(argv: list[str] | None = None) -> int:
         report["summary"] = summarize(report["rounds"])
         json_path = args.json or workdir / "results.json"
         json_path.write_text(json.dumps(report, indent=1, default=str))
-        if report["rounds"] or report.get("full"):
+        if report["rounds"] or report.get("full") or report.get("replay_by_label"):
             write_markdown(output, render(report))
         print_summary(report, output, json_path)
         if not args.keep and not plan.quick:
@@ -1568,6 +1679,9 @@ def print_summary(report: dict[str, Any], output: Path, json_path: Path) -> None
                 f"{full['average_rate']:.0f} msg/s avg, {full['cpu_share']:.2f} cores, "
                 f"RSS {_mib(full['peak_rss'])}, PSS {_mib(full.get('peak_pss', float('nan')))}"
             )
+    for label, r in (report.get("replay_by_label") or {}).items():
+        if "rate" in r:
+            print(f"replay {label}: {r['rate']:.0f} msg/s, {r['cpu_per_m']:.1f} CPU-s per M msgs")
     rows = target_table(report)
     print("\n== targets (issue 12) ==")
     if compare:

@@ -43,6 +43,7 @@ TARGET_LABELS = [
     "full: row p99 inside bursts",
     "full: records overflowed",
     "real traffic: USD-M BTCUSDT replay",
+    "real traffic: replay CPU per M msgs (tree)",
 ]
 
 
@@ -67,6 +68,7 @@ def test_dry_run_plans_the_default_run_and_lists_every_target():
         assert label in out
     assert "round 3: " in out
     assert "full market: 2000 symbols" in out
+    assert "real traffic: usdm_btcusdt_20240808.gz" in out and "flat out" in out
     minutes = float(out.split("estimated wall time: ")[1].split()[0])
     assert minutes <= 12.5  # the default `make bench` stays within its budget
 
@@ -247,8 +249,44 @@ def test_targets_are_met_or_missed_from_the_measured_figures():
         "n/a",
         "info",
         "not measured",
-        "not measured by bench/run.py yet",
     }
+
+
+def test_replay_figures_reach_the_targets_and_the_report():
+    replay = {
+        "events": 6551,
+        "levels": 443521,
+        "runs": [{"rate": 5000.0}],
+        "rate": 5000.0,
+        "levels_rate": 338_000.0,
+        "seconds": 1.31,
+        "cpu_s": 1.2,
+        "cpu_per_m": 183.2,
+        "peak_rss": 200e6,
+    }
+    targets = {
+        t.label: t
+        for t in run.evaluate_targets(
+            {"median": {}, "ratios": {}}, None, _plan(), "collector", replay
+        )
+    }
+    assert targets["real traffic: USD-M BTCUSDT replay"].shown() == "5000"
+    assert targets["real traffic: replay CPU per M msgs (tree)"].shown() == "183.2"
+    report = {
+        "machine": run.machine(),
+        "plan": _plan("a" * 40),
+        "load_before": "0",
+        "load_after": "0",
+        "wall_s": 60,
+        "rounds": [],
+        "summary": run.summarize([]),
+        "replay_by_label": {"collector": replay, run.BEFORE: {**replay, "rate": 2500.0}},
+    }
+    section = run.render(report)
+    assert "| real traffic: USD-M BTCUSDT replay | msg/s (reported) | 2500 | 5000 | 2.00x |" in (
+        section
+    )
+    assert "| collector | 1/1 | 5000 | 338000 |" in section
 
 
 def test_compare_report_shows_before_after_and_keeps_the_profile_section(tmp_path: Path):
