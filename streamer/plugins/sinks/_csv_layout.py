@@ -37,6 +37,7 @@ from ._sink_layout import (  # noqa: F401
     check_component,
     depth_rows,
     group_by_file,
+    group_records,
     ms_time,
     stream_name,
 )

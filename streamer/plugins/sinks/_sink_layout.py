@@ -17,7 +17,10 @@ from streamer import (
     AGGTRADE_STREAM,
     DEPTH_STREAM,
     ORDERBOOK_STREAM,
+    BookSnapshot,
     DepthUpdate,
+    Kline,
+    Marker,
     Trade,
     kline_stream,
 )
@@ -211,3 +214,30 @@ def group_by_file(
         else:
             group.append(r)
     return groups, rest
+
+
+def group_records(batch: Sequence, span: int) -> tuple[dict[FileTarget, list], int, int]:
+    """:func:`group_by_file` with a file sink's placement of every record: trades, depth,
+    order books and markers by their time (a marker without one: now), closed klines by
+    their open time. Also returns how many records have no file: unclosed klines, and
+    records of an unknown type."""
+    now_ms = 0
+
+    def place(r) -> tuple[str, int, str] | None:
+        nonlocal now_ms
+        cls = r.__class__
+        if cls is DepthUpdate:
+            return DEPTH, r.event_time, ""
+        if cls is BookSnapshot:
+            return ORDERBOOK, r.event_time or r.receive_time, ""
+        if cls is Kline:
+            return (KLINE, r.open_time, r.interval) if r.closed else None
+        if cls is Marker:
+            if not r.time:
+                now_ms = now_ms or time.time_ns() // 1_000_000
+            return MARKERS, r.time or now_ms, ""
+        return None
+
+    groups, rest = group_by_file(batch, span, place)
+    unclosed = sum(1 for r in rest if r.__class__ is Kline)
+    return groups, unclosed, len(rest) - unclosed

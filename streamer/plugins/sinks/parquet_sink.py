@@ -415,26 +415,7 @@ class ParquetSink(Sink):
     def _write_sync(self, batch: Sequence[Record]) -> None:
         if not self._opened:
             self._open_sync()
-        now_ms = 0
-
-        def place(r: Record) -> tuple[str, int, str] | None:
-            nonlocal now_ms
-            cls = r.__class__
-            if cls is DepthUpdate:
-                return layout.DEPTH, r.event_time, ""
-            if cls is BookSnapshot:
-                return layout.ORDERBOOK, r.event_time or r.receive_time, ""
-            if cls is Kline:
-                return (layout.KLINE, r.open_time, r.interval) if r.closed else None
-            if cls is Marker:
-                if not r.time:
-                    now_ms = now_ms or time.time_ns() // 1_000_000
-                return layout.MARKERS, r.time or now_ms, ""
-            return None
-
-        groups, rest = layout.group_by_file(batch, self._periods.span, place)
-        unclosed = sum(1 for r in rest if r.__class__ is Kline)
-        unknown = len(rest) - unclosed
+        groups, unclosed, unknown = layout.group_records(batch, self._periods.span)
         if unclosed:
             self._counters.incr("klines_unclosed", n=unclosed)
         if unknown:
