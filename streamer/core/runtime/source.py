@@ -34,10 +34,10 @@ from collections import deque
 
 import anyio
 
-from ..api import EncoderContext, Source, SourceContext
+from ..api import Source, SourceContext
 from ..config import validate_components, validate_source
 from ..records import Record
-from .bootstrap import ChildSpec, paths_of
+from .bootstrap import ChildSpec
 from .channels import WANT_RECEIPTS, Flushed, FrameReader, Hello, decode_control, frame
 from .worker import SinkLost, Worker, connect_unix_retry, record_weight, run_child
 
@@ -75,19 +75,7 @@ class SourceWorker(Worker):
     def _build_source(self) -> Source:
         registry = self.spec.plugins.registry()
         _, sinks = validate_components(self.spec.config, registry)
-        for sink in self.spec.sink_paths:
-            type_name, sink_options = sinks[sink]
-            encoder_cls = registry.sink(type_name).Encoder
-            if encoder_cls is not None:
-                self._encoders[sink] = encoder_cls(
-                    sink_options,
-                    EncoderContext(
-                        sink=sink,
-                        pipeline="source",
-                        counters=self.counters,
-                        logger=logging.getLogger(f"streamer.encoder.{sink}"),
-                    ),
-                )
+        self._attach_sinks(registry, sinks, "source")
         type_name, options = validate_source(self.spec.config, registry)
         context = SourceContext(
             name=type_name, counters=self.counters, logger=logging.getLogger("streamer.source")
@@ -233,12 +221,11 @@ class SourceWorker(Worker):
         """Receive until told to stop, then send everything held and return."""
         source = self._build_source()
         self._source = source
-        for sink, paths in self.spec.sink_paths.items():
+        for sink, lanes in self._lanes.items():
             # One writer per sink (the store plans no more): batch i is frame i on every
             # connection, which the receipts count on.
-            if len(paths_of(paths)) != 1:
+            if lanes != [sink]:
                 raise RuntimeError(f"a storage node runs sink {sink!r} as one writer")
-            self._lanes[sink] = [sink]
             send, receive = anyio.create_memory_object_stream[bytes](self.runtime.queue_batches)
             self._queues[sink] = (send, receive)
         ctl = await connect_unix_retry(self.spec.control_path, timeout=30)
@@ -251,8 +238,7 @@ class SourceWorker(Worker):
                 outer.start_soon(self._signals)
                 outer.start_soon(self._acker, source)
                 async with anyio.create_task_group() as io:
-                    for sink, paths in self.spec.sink_paths.items():
-                        path = paths_of(paths)[0]
+                    for sink, path in self._lane_paths.items():
                         io.start_soon(self._sender, sink, path, self._queues[sink][1])
                     io.start_soon(self._flusher)
                     async with anyio.create_task_group() as reading:

@@ -469,10 +469,9 @@ class Worker(ChildLoop):
                 self._relieved()
 
     # -- lifecycle ---------------------------------------------------------------------
-    def _build(self) -> tuple[ExchangeAdapter, list[StreamType]]:
-        registry = self.spec.plugins.registry()
-        pipelines, sinks = validate_components(self.spec.config, registry)
-        resolved = pipelines[self.spec.pipeline_index]
+    def _attach_sinks(self, registry, sinks: dict, pipeline: str) -> None:
+        """The lanes (one per writer process) and the worker-side encoders of the sinks
+        this worker feeds; ``sinks`` as :func:`validate_components` returns them."""
         for sink, value in self.spec.sink_paths.items():
             paths = paths_of(value)
             lanes = [sink] if len(paths) == 1 else [f"{sink}#{i}" for i in range(len(paths))]
@@ -485,11 +484,17 @@ class Worker(ChildLoop):
                     sink_options,
                     EncoderContext(
                         sink=sink,
-                        pipeline=self.pipeline.name,
+                        pipeline=pipeline,
                         counters=self.counters,
                         logger=logging.getLogger(f"streamer.encoder.{sink}"),
                     ),
                 )
+
+    def _build(self) -> tuple[ExchangeAdapter, list[StreamType]]:
+        registry = self.spec.plugins.registry()
+        pipelines, sinks = validate_components(self.spec.config, registry)
+        resolved = pipelines[self.spec.pipeline_index]
+        self._attach_sinks(registry, sinks, self.pipeline.name)
         adapter_cls = registry.exchange(self.pipeline.exchange)
         adapter = adapter_cls(
             resolved.exchange_options,
