@@ -36,6 +36,8 @@ from ._sink_layout import (  # noqa: F401
     aggtrade_columns,
     check_component,
     depth_rows,
+    files_in,
+    folders_in,
     group_by_file,
     group_records,
     ms_time,

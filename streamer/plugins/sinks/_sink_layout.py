@@ -241,3 +241,21 @@ def group_records(batch: Sequence, span: int) -> tuple[dict[FileTarget, list], i
     groups, rest = group_by_file(batch, span, place)
     unclosed = sum(1 for r in rest if r.__class__ is Kline)
     return groups, unclosed, len(rest) - unclosed
+
+
+def folders_in(path: str) -> list[str]:
+    """The sorted names of the folders in ``path`` (none when it cannot be listed)."""
+    try:
+        with os.scandir(path) as it:
+            return sorted(e.name for e in it if e.is_dir(follow_symlinks=False))
+    except OSError:
+        return []
+
+
+def files_in(path: str) -> list[str]:
+    """The names of the files in ``path`` (none when it cannot be listed)."""
+    try:
+        with os.scandir(path) as it:
+            return [e.name for e in it if e.is_file(follow_symlinks=False)]
+    except OSError:
+        return []

@@ -347,7 +347,7 @@ class CsvSink(Sink):
         the symbols this writer owns (another writer may be appending to the others)."""
         owns = self.context.owns
         for kind, exchange, market, symbol, interval, folder in layout.stream_folders(
-            self._root, _subdirs
+            self._root, layout.folders_in
         ):
             if not owns(symbol):
                 continue
@@ -356,7 +356,7 @@ class CsvSink(Sink):
             else:
                 stream = f"kline_{interval}" if kind == layout.KLINE else kind
                 key = StreamKey(exchange, market, symbol, stream)
-            yield kind, key, folder, _files_in(folder)
+            yield kind, key, folder, layout.files_in(folder)
 
     def _read_newest(self, kind: str, key: StreamKey | None, folder: str, names: list[str]) -> None:
         """Repair the newest file(s) of a stream and record the last key they hold."""
@@ -1094,22 +1094,6 @@ def _kind_of_stream(stream: str) -> tuple[str, str]:
 
 def _stream_of(f: _File) -> str:
     return f.stream.stream if f.stream is not None else layout.MARKERS
-
-
-def _subdirs(path: str) -> list[str]:
-    try:
-        with os.scandir(path) as it:
-            return sorted(e.name for e in it if e.is_dir(follow_symlinks=False))
-    except OSError:
-        return []
-
-
-def _files_in(path: str) -> list[str]:
-    try:
-        with os.scandir(path) as it:
-            return [e.name for e in it if e.is_file(follow_symlinks=False)]
-    except OSError:
-        return []
 
 
 @hookimpl

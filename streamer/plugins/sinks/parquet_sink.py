@@ -329,12 +329,12 @@ class ParquetSink(Sink):
         os.makedirs(self._root, exist_ok=True)
         pf = self._pf
         for kind, _interval, ex, mk, stream, symbol, folder in pf.stream_partitions(
-            self._root, _subdirs
+            self._root, layout.folders_in
         ):
             key = None if kind == layout.MARKERS else StreamKey(ex, mk, symbol, stream)
             best = None
-            for date_dir in reversed(pf.date_dirs(folder, _subdirs)):
-                names = _files_in(date_dir)
+            for date_dir in reversed(pf.date_dirs(folder, layout.folders_in)):
+                names = layout.files_in(date_dir)
                 for name in names:
                     if name.startswith(pf.TMP_PREFIX):
                         self._io.unlink(os.path.join(date_dir, name))  # a crashed compaction
@@ -344,7 +344,7 @@ class ParquetSink(Sink):
                         best = value if best is None else max(best, value)
                 if key is None:
                     continue
-                for name in _files_in(date_dir):
+                for name in layout.files_in(date_dir):
                     if name.startswith(pf.PART_PREFIX) and name.endswith(pf.PART_SUFFIX):
                         value = self._max_key(os.path.join(date_dir, name), kind)
                         if value is not None:
@@ -879,22 +879,6 @@ class ParquetSink(Sink):
 
 def _stream_of(seg: _Seg) -> str:
     return seg.stream.stream if seg.stream is not None else layout.MARKERS
-
-
-def _subdirs(path: str) -> list[str]:
-    try:
-        with os.scandir(path) as it:
-            return sorted(e.name for e in it if e.is_dir(follow_symlinks=False))
-    except OSError:
-        return []
-
-
-def _files_in(path: str) -> list[str]:
-    try:
-        with os.scandir(path) as it:
-            return [e.name for e in it if e.is_file(follow_symlinks=False)]
-    except OSError:
-        return []
 
 
 @hookimpl
